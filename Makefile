@@ -1,0 +1,55 @@
+# Phalanx developer entry points. Everything runs from the project's virtualenv (.venv).
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PHALANX := $(VENV)/bin/phalanx
+
+.PHONY: help venv install test test-unit lint format crds dev-build demo demo-down bench clean
+
+help:  ## List the targets
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --upgrade pip
+
+venv: $(PY)  ## Create the virtualenv
+
+install: $(PY)  ## Install Phalanx with every extra (torch is large: pip keeps it cached)
+	$(VENV)/bin/pip install -e '.[train,serve,dev]'
+
+test: $(PY)  ## Run the whole test suite (unit, integration on the local control plane, e2e)
+	$(PY) -m pytest
+
+test-unit: $(PY)  ## Run the unit tests only (no control plane needed)
+	$(PY) -m pytest tests/unit
+
+lint: $(PY)  ## ruff + mypy (strict on operator/phalanx) + CRD drift check
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy operator/phalanx
+	$(VENV)/bin/mypy images/trainer/phalanx_trainer images/inference/phalanx_serve
+
+format: $(PY)  ## Format the code
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+crds: $(PY)  ## Regenerate crds/ (and the chart's copy) from the API models
+	$(PHALANX) crds
+	@if [ -d charts/phalanx/crds ]; then cp crds/*.yaml charts/phalanx/crds/; fi
+
+dev-build: $(PY)  ## Build the local control plane binaries (cached under ~/.cache/phalanx/bin)
+	$(PHALANX) dev build
+
+demo: dev-build  ## Start the local control plane with 64 fake H100 nodes and show them
+	$(PHALANX) dev up
+	$(PHALANX) dev status
+
+demo-down:  ## Stop the local control plane
+	$(PHALANX) dev down
+
+bench: $(PY)  ## Run the benchmarks; results land in bench/results/
+	$(PY) bench/run_all.py
+
+clean:  ## Remove caches (not the virtualenv)
+	rm -rf .pytest_cache .mypy_cache .ruff_cache .hypothesis

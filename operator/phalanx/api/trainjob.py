@@ -1,0 +1,429 @@
+"""LLMTrainJob: a gang of pods running one distributed training run."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, StringConstraints
+
+from phalanx.constants import DEFAULT_MASTER_PORT, DEFAULT_METRICS_PORT, TRAINER_IMAGE
+
+from .base import ApiModel, Rule, section
+from .common import (
+    Accelerator,
+    ConditionList,
+    DnsName,
+    EnvList,
+    PodTemplateOverlay,
+    Quantity,
+    Topology,
+    conditions_field,
+    env_field,
+    reserved_env_rule,
+)
+
+Str = Annotated[str, StringConstraints(max_length=4096)]
+ArgList = Annotated[list[Str], Field(max_length=256)]
+AccessMode = Literal["ReadWriteOnce", "ReadWriteMany", "ReadWriteOncePod", "ReadOnlyMany"]
+
+
+class TrainerSettings(ApiModel):
+    """Settings for the Phalanx trainer image, turned into its command-line flags.
+
+    Ignored when `command` or `args` are given.
+    """
+
+    preset: Literal["nano", "gpt2-small", "1b"] = Field(
+        default="nano", description="Model size preset of the built-in decoder-only transformer."
+    )
+    steps: int = Field(default=1000, ge=1, le=10_000_000, description="Optimizer steps to run.")
+    batch_size: int = Field(
+        default=8, ge=1, le=4096, description="Micro-batch size per process (sequences)."
+    )
+    seq_len: int = Field(default=256, ge=8, le=131072, description="Tokens per sequence.")
+    grad_accum: int = Field(
+        default=1, ge=1, le=1024, description="Micro-batches accumulated per optimizer step."
+    )
+    learning_rate: float = Field(default=3e-4, ge=0, le=1, description="Peak AdamW learning rate.")
+    parallelism: Literal["ddp", "fsdp"] = Field(
+        default="ddp", description="ddp replicates the model; fsdp shards it (FSDP2)."
+    )
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        default="auto", description="auto uses bf16 on GPUs and fp32 on CPUs."
+    )
+    compile: bool = Field(default=False, description="Compile the model with torch.compile.")
+    data: Str = Field(
+        default="builtin",
+        description="Token shard directory under the checkpoint volume, or `builtin` for the shipped corpus.",
+    )
+    checkpoint_every: int = Field(
+        default=100, ge=1, le=10_000_000, description="Save a checkpoint every N steps."
+    )
+    extra_args: ArgList = Field(
+        default_factory=list, description="Extra flags appended to the trainer command line."
+    )
+    metrics_port: int = Field(
+        default=DEFAULT_METRICS_PORT,
+        ge=1024,
+        le=65535,
+        description="Port of rank 0's /metrics and /progress endpoints (polled by the operator).",
+    )
+
+
+class NcclSettings(ApiModel):
+    """NCCL tuning passed to every process as NCCL_* variables (NCCL_ALGO is never set)."""
+
+    socket_ifname: Str | None = Field(
+        default=None, description="NCCL_SOCKET_IFNAME: interfaces for bootstrap, e.g. eth0."
+    )
+    ib_hca: Str | None = Field(default=None, description="NCCL_IB_HCA: InfiniBand HCAs to use.")
+    ib_gid_index: int | None = Field(
+        default=None, ge=0, le=255, description="NCCL_IB_GID_INDEX (RoCE needs this)."
+    )
+    cross_nic: Literal[0, 1, 2] | None = Field(
+        default=None, description="NCCL_CROSS_NIC: 0, 1 or 2."
+    )
+    net_gdr_level: Str | None = Field(default=None, description="NCCL_NET_GDR_LEVEL.")
+    debug: Literal["VERSION", "WARN", "INFO", "TRACE"] | None = Field(
+        default=None, description="NCCL_DEBUG verbosity."
+    )
+
+
+class HcclSettings(ApiModel):
+    """HCCL settings for Ascend NPUs."""
+
+    connect_timeout_seconds: int = Field(
+        default=1800, ge=120, le=7200, description="HCCL_CONNECT_TIMEOUT in seconds."
+    )
+    if_ip: Str | None = Field(default=None, description="HCCL_IF_IP: the NIC address HCCL binds.")
+
+
+class Communication(ApiModel):
+    """How the ranks talk to each other."""
+
+    checks = (
+        Rule(
+            cel="!has(self.backend) || self.backend != 'hccl' || !has(self.nccl)",
+            message="communication.nccl is only valid with backend nccl; remove it or change the backend.",
+            field=".nccl",
+            check=lambda m: m.backend != "hccl" or m.nccl is None,
+        ),
+        reserved_env_rule(".env"),
+    )
+
+    backend: Literal["nccl", "hccl", "gloo"] | None = Field(
+        default=None,
+        description="Collective backend; defaults to nccl (nvidia), hccl (ascend) or gloo (cpu).",
+    )
+    master_port: int = Field(
+        default=DEFAULT_MASTER_PORT, ge=1024, le=65535, description="Rendezvous port on rank 0."
+    )
+    nccl: NcclSettings | None = Field(default=None, description="NCCL settings.")
+    hccl: HcclSettings | None = Field(default=None, description="HCCL settings.")
+    env: EnvList = env_field("Extra communication variables (e.g. NCCL_* not modelled above).")
+
+
+class Checkpoint(ApiModel):
+    """The volume that holds checkpoints and the exported model, shared by every rank."""
+
+    checks = (
+        Rule(
+            cel="!has(self.existingClaim) || !has(self.storageClassName)",
+            message="checkpoint.storageClassName applies only to a claim Phalanx creates; remove it when existingClaim is set.",
+            field=".storageClassName",
+            check=lambda m: m.existing_claim is None or m.storage_class_name is None,
+        ),
+    )
+
+    enabled: bool = Field(
+        default=True, description="Mount a checkpoint volume (false: an emptyDir per pod)."
+    )
+    existing_claim: DnsName | None = Field(
+        default=None, description="Use this PersistentVolumeClaim instead of creating one."
+    )
+    size: Quantity = Field(default="100Gi", description="Size of the claim Phalanx creates.")
+    storage_class_name: DnsName | None = Field(
+        default=None, description="StorageClass of the claim Phalanx creates."
+    )
+    access_modes: Annotated[
+        list[AccessMode],
+        Field(min_length=1, max_length=4),
+    ] = Field(
+        default_factory=lambda: list[AccessMode](["ReadWriteMany"]),
+        description="Access modes; every rank writes its shard, so multi-node jobs need ReadWriteMany.",
+    )
+    mount_path: Annotated[str, StringConstraints(pattern=r"^/.*", max_length=1024)] = Field(
+        default="/checkpoints", description="Where the volume is mounted ($PHALANX_CHECKPOINT_DIR)."
+    )
+    keep: int = Field(
+        default=3, ge=1, le=1000, description="Newest checkpoints kept by the trainer."
+    )
+
+
+class FailureRule(ApiModel):
+    """What to do when a rank's container ends with one of these exit codes or reasons."""
+
+    checks = (
+        Rule(
+            cel="size(self.onExitCodes) + size(self.onReasons) > 0",
+            message="failurePolicy.rules[]: give onExitCodes or onReasons (or both).",
+            check=lambda m: len(m.on_exit_codes) + len(m.on_reasons) > 0,
+        ),
+    )
+
+    action: Literal["RestartGang", "FailJob", "Ignore"] = Field(
+        description="RestartGang recreates every pod; FailJob fails the job at once; Ignore treats the rank as succeeded."
+    )
+    on_exit_codes: Annotated[list[Annotated[int, Field(ge=1, le=255)]], Field(max_length=64)] = (
+        Field(default_factory=list, description="Container exit codes this rule matches.")
+    )
+    on_reasons: Annotated[
+        list[Annotated[str, StringConstraints(max_length=64)]], Field(max_length=16)
+    ] = Field(
+        default_factory=list,
+        description="Termination or pod reasons this rule matches, e.g. OOMKilled, Evicted, NodeLost.",
+    )
+
+
+class FailurePolicy(ApiModel):
+    """How the gang reacts to failures."""
+
+    max_restarts: int = Field(
+        default=3, ge=0, le=1000, description="Gang restarts allowed before the job fails."
+    )
+    rules: Annotated[list[FailureRule], Field(max_length=32)] = Field(
+        default_factory=list,
+        description="Exit-code and reason rules, first match wins; unmatched failures restart the gang.",
+    )
+    gang_timeout_seconds: int = Field(
+        default=300,
+        ge=10,
+        le=86400,
+        description="A placed gang not fully running within this time is torn down and re-queued.",
+    )
+
+
+class RunPolicy(ApiModel):
+    """Scheduling and lifetime of the job."""
+
+    checks = (
+        Rule(
+            cel="!has(self.queueName) || self.gangScheduler in ['kueue', 'volcano']",
+            message="runPolicy.queueName is only used by gangScheduler kueue or volcano; remove it or change the scheduler.",
+            field=".queueName",
+            check=lambda m: m.queue_name is None or m.gang_scheduler in ("kueue", "volcano"),
+        ),
+    )
+
+    suspend: bool = Field(
+        default=False, description="Delete the pods but keep the checkpoint; false resumes."
+    )
+    active_deadline_seconds: int | None = Field(
+        default=None, ge=1, description="Fail the job (DeadlineExceeded) after this long running."
+    )
+    ttl_seconds_after_finished: int | None = Field(
+        default=None, ge=0, description="Delete the finished job after this many seconds."
+    )
+    priority_class_name: DnsName | None = Field(
+        default=None, description="PriorityClass of the pods."
+    )
+    priority: int = Field(
+        default=0,
+        ge=-1_000_000,
+        le=1_000_000,
+        description="Admission order among queued gangs: higher first, then oldest first.",
+    )
+    gang_scheduler: Literal["builtin", "none", "volcano", "coscheduling", "kueue"] = Field(
+        default="builtin",
+        description=(
+            "builtin: Phalanx places whole gangs; none: plain kube-scheduler (no gang guarantee); "
+            "volcano, coscheduling, kueue: emit that system's objects and labels instead."
+        ),
+    )
+    scheduler_name: DnsName | None = Field(
+        default=None, description="schedulerName of the pods (defaults per gangScheduler)."
+    )
+    queue_name: DnsName | None = Field(
+        default=None, description="Kueue LocalQueue or Volcano queue name."
+    )
+
+
+class LLMTrainJobSpec(ApiModel):
+    """The desired training run."""
+
+    checks = (
+        reserved_env_rule(".env"),
+        Rule(
+            cel="self.accelerator.type != 'cpu' || !has(self.communication.backend) || self.communication.backend == 'gloo'",
+            message="communication.backend must be gloo for accelerator.type cpu; remove it or set gloo.",
+            field=".communication.backend",
+            check=lambda m: (
+                m.accelerator.type != "cpu" or m.communication.backend in (None, "gloo")
+            ),
+        ),
+        Rule(
+            cel="self.accelerator.type != 'ascend' || !has(self.communication.backend) || self.communication.backend != 'nccl'",
+            message="communication.backend nccl cannot drive Ascend NPUs; use hccl (or leave it unset).",
+            field=".communication.backend",
+            check=lambda m: m.accelerator.type != "ascend" or m.communication.backend != "nccl",
+        ),
+        Rule(
+            cel="self.accelerator.type != 'nvidia' || !has(self.communication.backend) || self.communication.backend != 'hccl'",
+            message="communication.backend hccl needs accelerator.type ascend; use nccl for NVIDIA GPUs.",
+            field=".communication.backend",
+            check=lambda m: m.accelerator.type != "nvidia" or m.communication.backend != "hccl",
+        ),
+        Rule(
+            cel="!has(self.processesPerNode) || self.accelerator.type == 'cpu' || self.processesPerNode <= self.accelerator.perNode",
+            message="processesPerNode cannot exceed accelerator.perNode (one process per device); lower it.",
+            field=".processesPerNode",
+            check=lambda m: (
+                m.processes_per_node is None
+                or m.accelerator.type == "cpu"
+                or m.processes_per_node <= m.accelerator.per_node
+            ),
+        ),
+    )
+
+    image: Annotated[str, StringConstraints(min_length=1, max_length=1024)] = Field(
+        default=TRAINER_IMAGE, description="Container image of every rank."
+    )
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field(
+        default="IfNotPresent", description="Image pull policy."
+    )
+    command: ArgList | None = Field(
+        default=None, description="Entrypoint override; default: the trainer image's torchrun."
+    )
+    args: ArgList | None = Field(
+        default=None, description="Arguments; default: derived from `trainer`."
+    )
+    env: EnvList = env_field("Extra environment variables for every rank.")
+    trainer: TrainerSettings = section(
+        TrainerSettings, "Settings for the Phalanx trainer image (ignored with command/args)."
+    )
+    nodes: int = Field(default=1, ge=1, le=4096, description="Pods in the gang: one per node rank.")
+    processes_per_node: int | None = Field(
+        default=None,
+        ge=1,
+        le=64,
+        description="torchrun processes per pod; defaults to accelerator.perNode (1 for cpu).",
+    )
+    accelerator: Accelerator = section(Accelerator, "Accelerators of each pod.")
+    topology: Topology = section(Topology, "Topology constraints of the gang.")
+    communication: Communication = section(Communication, "Collective communication wiring.")
+    checkpoint: Checkpoint = section(Checkpoint, "Checkpoint volume.")
+    failure_policy: FailurePolicy = section(FailurePolicy, "Failure handling.")
+    run_policy: RunPolicy = section(RunPolicy, "Scheduling and lifetime.")
+    pod_template: PodTemplateOverlay | None = Field(
+        default=None, description="Overlay merged into every pod."
+    )
+
+    def nproc_per_node(self) -> int:
+        if self.processes_per_node is not None:
+            return self.processes_per_node
+        return max(1, self.accelerator.count())
+
+    def backend(self) -> str:
+        from phalanx.constants import DEFAULT_BACKEND
+
+        return self.communication.backend or DEFAULT_BACKEND[self.accelerator.type]
+
+
+class Placement(ApiModel):
+    """Where the current gang runs."""
+
+    level: Str = Field(default="", description="Topology level of the chosen domain.")
+    domain: Str = Field(default="", description="The domain (label value) holding every pod.")
+    nodes: Annotated[list[Str], Field(max_length=4096)] = Field(
+        default_factory=list, description="Node of each rank, in rank order."
+    )
+
+
+class Progress(ApiModel):
+    """Training progress reported by rank 0 (see docs/progress-contract.md)."""
+
+    step: int = Field(default=0, description="Optimizer steps completed.")
+    total_steps: int = Field(default=0, description="Optimizer steps planned.")
+    percent: Str = Field(default="", description="step / totalSteps, for printing.")
+    loss: float | None = Field(default=None, description="Most recent training loss.")
+    tokens_per_second: float | None = Field(default=None, description="Global training throughput.")
+    mfu: float | None = Field(default=None, description="Model FLOPs utilisation, 0..1.")
+    last_checkpoint_step: int | None = Field(
+        default=None, description="Newest complete checkpoint."
+    )
+    eta_seconds: float | None = Field(default=None, description="Estimated seconds to completion.")
+
+
+Phase = Literal[
+    "Pending", "Queued", "Starting", "Running", "Restarting", "Suspended", "Succeeded", "Failed"
+]
+
+
+class LLMTrainJobStatus(ApiModel):
+    """The observed state of the training run, written by the operator."""
+
+    phase: Phase | None = Field(
+        default=None, description="Summary of the conditions, for printing."
+    )
+    conditions: ConditionList = conditions_field()
+    observed_generation: int | None = Field(
+        default=None, description="Last .metadata.generation acted on."
+    )
+    placement: Placement | None = Field(default=None, description="Where the gang runs.")
+    accelerators: int | None = Field(default=None, description="Accelerators held by the gang.")
+    restarts: int = Field(default=0, description="Gang restarts so far.")
+    queued_at: datetime | None = Field(
+        default=None, description="When the current gang was queued."
+    )
+    admitted_at: datetime | None = Field(
+        default=None, description="When the current gang was placed."
+    )
+    start_time: datetime | None = Field(default=None, description="When the job first ran.")
+    completion_time: datetime | None = Field(default=None, description="When the job finished.")
+    progress: Progress | None = Field(default=None, description="Live progress from rank 0.")
+    export_path: Str | None = Field(
+        default=None,
+        description="Path of the exported model inside the checkpoint volume, once written.",
+    )
+
+
+class LLMTrainJob(ApiModel):
+    """A distributed training run: N pods that start together or not at all."""
+
+    api_version: Literal["phalanx.dev/v1alpha1"] = "phalanx.dev/v1alpha1"
+    kind: Literal["LLMTrainJob"] = "LLMTrainJob"
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    spec: LLMTrainJobSpec = Field(default_factory=LLMTrainJobSpec)
+    status: LLMTrainJobStatus | None = None
+
+
+# Immutable while pods exist: the placement and rendezvous are computed from these.
+GANG_SHAPE_RULE = Rule(
+    cel=(
+        "!has(oldSelf.status) || !has(oldSelf.status.phase) || "
+        "!(oldSelf.status.phase in ['Queued', 'Starting', 'Running', 'Restarting']) || "
+        "(self.spec.nodes == oldSelf.spec.nodes && self.spec.accelerator == oldSelf.spec.accelerator"
+        " && self.spec.topology == oldSelf.spec.topology"
+        " && (has(self.spec.processesPerNode) == has(oldSelf.spec.processesPerNode))"
+        " && (!has(self.spec.processesPerNode) || self.spec.processesPerNode == oldSelf.spec.processesPerNode))"
+    ),
+    message=(
+        "spec.nodes, spec.processesPerNode, spec.accelerator and spec.topology are immutable while "
+        "the job is queued or running; suspend the job (spec.runPolicy.suspend: true) first, or "
+        "create a new job."
+    ),
+    field=".spec",
+    reason="FieldValueForbidden",
+)
+
+PRINTER_COLUMNS: list[dict[str, Any]] = [
+    {"name": "State", "type": "string", "jsonPath": ".status.phase"},
+    {"name": "Nodes", "type": "integer", "jsonPath": ".spec.nodes"},
+    {"name": "GPUs", "type": "integer", "jsonPath": ".status.accelerators"},
+    {"name": "Domain", "type": "string", "jsonPath": ".status.placement.domain"},
+    {"name": "Progress", "type": "string", "jsonPath": ".status.progress.percent"},
+    {"name": "Loss", "type": "number", "jsonPath": ".status.progress.loss"},
+    {"name": "Restarts", "type": "integer", "jsonPath": ".status.restarts"},
+    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+]
