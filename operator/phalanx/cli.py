@@ -80,16 +80,81 @@ def validate(
         raise typer.Exit(1)
 
 
-def _mount_optional_commands() -> None:
-    """Sub-commands whose modules pull in heavier dependencies are added when importable."""
+@app.command()
+def render(
+    file: Annotated[Path, typer.Argument(help="An LLMTrainJob manifest.")],
+    generation: Annotated[int, typer.Option(help="Gang generation to render.")] = 1,
+) -> None:
+    """Print the objects an LLMTrainJob would create (pods, Service, claim, ...), as YAML."""
+    from phalanx.render.trainjob import render_job_objects
+
     try:
-        from phalanx.devcluster.cli import app as dev_app
-    except ImportError:
-        return
-    app.add_typer(dev_app, name="dev", help="Run a local control plane with fake GPU nodes.")
+        documents = [obj for _, obj in load_documents(file)]
+    except (OSError, yaml.YAMLError) as exc:
+        typer.echo(f"{file}: cannot read: {str(exc).splitlines()[0]}", err=True)
+        raise typer.Exit(1) from None
+    rendered: list[dict[str, object]] = []
+    for obj in documents:
+        errors = validate_object(obj)
+        if errors:
+            for error in errors:
+                typer.echo(f"{file}: {error}", err=True)
+            raise typer.Exit(1)
+        if obj.get("kind") != "LLMTrainJob":
+            typer.echo(f"{file}: render supports LLMTrainJob manifests only", err=True)
+            raise typer.Exit(1)
+        rendered += render_job_objects(obj, generation)
+    typer.echo(yaml.safe_dump_all(rendered, sort_keys=False, width=100), nl=False)
 
 
-_mount_optional_commands()
+operator_app = typer.Typer(help="Run the Phalanx operator.", no_args_is_help=True)
+app.add_typer(operator_app, name="operator")
+
+
+@operator_app.command("run")
+def operator_run(
+    namespace: Annotated[
+        list[str] | None, typer.Option("--namespace", "-n", help="Watch only these namespaces.")
+    ] = None,
+    topology: Annotated[
+        str,
+        typer.Option(
+            envvar="PHALANX_TOPOLOGY",
+            help="Topology preset (generic, nvidia, gke, eks) or levels like zone=<label>,rack=<label>,host=kubernetes.io/hostname.",
+        ),
+    ] = "generic",
+    metrics_port: Annotated[
+        int, typer.Option(envvar="PHALANX_METRICS_PORT", help="Port of /metrics (0 disables).")
+    ] = 8080,
+    liveness: Annotated[
+        str, typer.Option(help="kopf liveness endpoint URL.")
+    ] = "http://0.0.0.0:8081/healthz",
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+) -> None:
+    """Run the operator (wraps `kopf run --standalone -m phalanx.handlers`)."""
+    import os
+
+    from kopf.cli import main as kopf_main
+
+    from phalanx.placement import Topology
+
+    try:
+        Topology.parse(topology)
+    except ValueError as exc:
+        typer.echo(f"--topology: {exc}", err=True)
+        raise typer.Exit(2) from None
+    os.environ["PHALANX_TOPOLOGY"] = topology
+    os.environ["PHALANX_METRICS_PORT"] = str(metrics_port)
+    args = ["run", "--standalone", "-m", "phalanx.handlers", "--liveness", liveness]
+    args += [f"--namespace={n}" for n in namespace] if namespace else ["--all-namespaces"]
+    if verbose:
+        args.append("--verbose")
+    kopf_main(args=args, prog_name="phalanx operator run")
+
+
+from phalanx.devcluster.cli import app as dev_app  # noqa: E402
+
+app.add_typer(dev_app, name="dev", help="Run a local control plane with fake GPU nodes.")
 
 
 def main() -> None:

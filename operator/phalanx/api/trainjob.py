@@ -338,6 +338,7 @@ class Placement(ApiModel):
     nodes: Annotated[list[Str], Field(max_length=4096)] = Field(
         default_factory=list, description="Node of each rank, in rank order."
     )
+    generation: int | None = Field(default=None, description="The gang generation placed.")
 
 
 class Progress(ApiModel):
@@ -356,7 +357,15 @@ class Progress(ApiModel):
 
 
 Phase = Literal[
-    "Pending", "Queued", "Starting", "Running", "Restarting", "Suspended", "Succeeded", "Failed"
+    "Pending",
+    "Queued",
+    "Starting",
+    "Running",
+    "Restarting",
+    "Suspended",
+    "Succeeded",
+    "Failed",
+    "Invalid",
 ]
 
 
@@ -372,7 +381,11 @@ class LLMTrainJobStatus(ApiModel):
     )
     placement: Placement | None = Field(default=None, description="Where the gang runs.")
     accelerators: int | None = Field(default=None, description="Accelerators held by the gang.")
-    restarts: int = Field(default=0, description="Gang restarts so far.")
+    restarts: int = Field(default=0, description="Gang restarts after rank failures so far.")
+    gang_generation: int | None = Field(
+        default=None,
+        description="Generation of the current gang: 1 at first, +1 on every restart or re-queue.",
+    )
     queued_at: datetime | None = Field(
         default=None, description="When the current gang was queued."
     )

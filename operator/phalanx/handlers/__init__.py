@@ -1,0 +1,180 @@
+"""kopf wiring: watches feed the cache and enqueue work; background tasks do the rest.
+
+Run with `phalanx operator run` (or `kopf run --standalone -m phalanx.handlers`). Settings come
+from the environment (set by the CLI flags or the Helm chart's ConfigMap):
+PHALANX_TOPOLOGY (preset or explicit levels), PHALANX_METRICS_PORT (0 disables /metrics),
+PHALANX_WORKERS, PHALANX_PROGRESS_INTERVAL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import os
+from typing import Any
+
+import kopf
+
+from phalanx import kube, metrics
+from phalanx.constants import GROUP, LABEL_JOB, TRAINJOB_PLURAL, VERSION
+from phalanx.placement import Topology
+
+from . import admission, progress, trainjob
+from .state import Operator, key_of, reset, state
+
+log = logging.getLogger("phalanx")
+_tasks: list[asyncio.Task[None]] = []
+
+
+def topology_from_env() -> Topology:
+    return Topology.parse(os.environ.get("PHALANX_TOPOLOGY", "generic"))
+
+
+@kopf.on.startup()
+async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
+    op = reset()
+    settings.posting.level = logging.WARNING
+    settings.watching.server_timeout = 300
+    settings.persistence.finalizer = f"{GROUP}/finalizer"
+    # The official client is synchronous; give its calls room to run side by side.
+    asyncio.get_running_loop().set_default_executor(
+        concurrent.futures.ThreadPoolExecutor(max_workers=32)
+    )
+    await asyncio.to_thread(kube.connect)
+    port = int(os.environ.get("PHALANX_METRICS_PORT", "8080"))
+    if port:
+        try:
+            metrics.serve(port)
+        except OSError as error:
+            log.warning("metrics endpoint on :%d not started: %s", port, error)
+    topology = topology_from_env()
+    workers = int(os.environ.get("PHALANX_WORKERS", "8"))
+    interval = float(os.environ.get("PHALANX_PROGRESS_INTERVAL", str(progress.INTERVAL_SECONDS)))
+    _tasks.extend(
+        [
+            *(
+                asyncio.create_task(op.trainjobs.worker(lambda k: trainjob.reconcile(op, k)))
+                for _ in range(workers)
+            ),
+            asyncio.create_task(admission.admission_loop(op, topology)),
+            asyncio.create_task(progress.progress_loop(op, interval)),
+            asyncio.create_task(_mark_synced(op)),
+            asyncio.create_task(_export_gauges(op)),
+        ]
+    )
+    log.info("phalanx operator started (topology: %s, %d workers)", topology, workers)
+
+
+@kopf.on.cleanup()
+async def cleanup(**_: Any) -> None:
+    for task in _tasks:
+        task.cancel()
+    await asyncio.gather(*_tasks, return_exceptions=True)
+    _tasks.clear()
+
+
+async def _mark_synced(op: Operator) -> None:
+    """Admit nothing before nodes and pods are known, or the first snapshot would look empty."""
+    nodes, pods = await asyncio.gather(
+        asyncio.to_thread(kube.list_all, "Node"), asyncio.to_thread(kube.list_all, "Pod")
+    )
+    for node in nodes:
+        op.cache.nodes.put(node)
+    for pod in pods:
+        op.cache.put_pod(pod)
+    op.cache.synced.set()
+    op.wake_admission()
+
+
+async def _export_gauges(op: Operator) -> None:
+    while True:
+        counts = trainjob.phase_counts(op)
+        for phase in (
+            "Pending",
+            "Queued",
+            "Starting",
+            "Running",
+            "Restarting",
+            "Suspended",
+            "Succeeded",
+            "Failed",
+            "Invalid",
+        ):
+            metrics.TRAINJOBS.labels(phase=phase).set(counts.get(phase, 0))
+        held = sum(
+            int((j.get("status") or {}).get("accelerators") or 0)
+            for j in op.cache.trainjobs.values()
+        )
+        metrics.GPUS_ALLOCATED.set(held)
+        await asyncio.sleep(5)
+
+
+@kopf.on.event(GROUP, VERSION, TRAINJOB_PLURAL)
+def trainjob_event(event: kopf.RawEvent, **_: Any) -> None:
+    op = state()
+    obj: dict[str, Any] = dict(event["object"])
+    if event.get("type") == "DELETED":
+        op.cache.trainjobs.drop(obj)
+        op.verdicts.pop(key_of(obj), None)
+        op.wake_admission()
+        return
+    op.cache.trainjobs.put(obj)
+    op.trainjobs.add(key_of(obj))
+
+
+@kopf.on.event("", "v1", "pods")
+def pod_event(event: kopf.RawEvent, **_: Any) -> None:
+    op = state()
+    obj: dict[str, Any] = dict(event["object"])
+    owner = op.cache.drop_pod(obj) if event.get("type") == "DELETED" else op.cache.put_pod(obj)
+    labels = obj.get("metadata", {}).get("labels") or {}
+    if owner is not None and LABEL_JOB in labels:
+        op.trainjobs.add(owner)
+    if event.get("type") == "DELETED" or (obj.get("status") or {}).get("phase") in (
+        "Succeeded",
+        "Failed",
+    ):
+        op.wake_admission()
+
+
+@kopf.on.event("", "v1", "nodes")
+def node_event(event: kopf.RawEvent, **_: Any) -> None:
+    op = state()
+    obj: dict[str, Any] = dict(event["object"])
+    if event.get("type") == "DELETED":
+        op.cache.nodes.drop(obj)
+    else:
+        before = op.cache.nodes.get(key_of(obj))
+        op.cache.nodes.put(obj)
+        if (
+            before is not None
+            and _health(before) == _health(obj)
+            and _capacity(before) == _capacity(obj)
+        ):
+            return  # a heartbeat: nothing placement or jobs care about
+    op.wake_admission()
+    # Jobs with pods on this node may have lost a rank.
+    node_name = key_of(obj)[1]
+    for pod in list(op.cache.pods.values()):
+        if pod.get("spec", {}).get("nodeName") == node_name:
+            job = (pod["metadata"].get("labels") or {}).get(LABEL_JOB)
+            if job:
+                op.trainjobs.add((pod["metadata"]["namespace"], job))
+
+
+def _health(node: dict[str, Any]) -> tuple[Any, ...]:
+    spec = node.get("spec") or {}
+    ready = [
+        c.get("status")
+        for c in (node.get("status") or {}).get("conditions") or []
+        if c.get("type") == "Ready"
+    ]
+    return (tuple(ready), bool(spec.get("unschedulable")), str(spec.get("taints")))
+
+
+def _capacity(node: dict[str, Any]) -> Any:
+    return (
+        (node.get("status") or {}).get("allocatable"),
+        (node.get("metadata") or {}).get("labels"),
+    )

@@ -1,0 +1,188 @@
+"""The operator's in-memory view of the cluster, fed by watches, and its work queue.
+
+kopf's watch streams keep `Cache` current (nodes, every pod, our custom objects). Handlers
+never GET what a watch already delivered; after a write they store the server's answer so the
+next reconcile sees at least their own changes even before the watch event arrives.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import defaultdict
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from phalanx.constants import LABEL_JOB, LABEL_SERVICE
+
+Key = tuple[str, str]  # (namespace, name)
+Obj = dict[str, Any]
+
+
+def key_of(obj: Obj) -> Key:
+    meta = obj.get("metadata", {})
+    return str(meta.get("namespace", "")), str(meta.get("name", ""))
+
+
+def _version(obj: Obj) -> int:
+    try:
+        return int(obj.get("metadata", {}).get("resourceVersion") or 0)
+    except ValueError:
+        return 0
+
+
+def _node_ready(node: Obj) -> bool:
+    conditions = node.get("status", {}).get("conditions") or []
+    return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
+
+
+@dataclass
+class Store:
+    """Objects of one kind by key, never replaced by an older resourceVersion."""
+
+    items: dict[Key, Obj] = field(default_factory=dict)
+
+    def put(self, obj: Obj) -> bool:
+        key = key_of(obj)
+        known = self.items.get(key)
+        if known is not None and _version(known) > _version(obj):
+            return False
+        self.items[key] = obj
+        return True
+
+    def drop(self, obj: Obj) -> None:
+        self.items.pop(key_of(obj), None)
+
+    def get(self, key: Key) -> Obj | None:
+        return self.items.get(key)
+
+    def values(self) -> Iterable[Obj]:
+        return self.items.values()
+
+
+@dataclass
+class Cache:
+    nodes: Store = field(default_factory=Store)
+    pods: Store = field(default_factory=Store)
+    trainjobs: Store = field(default_factory=Store)
+    services: Store = field(default_factory=Store)
+    synced: asyncio.Event = field(default_factory=asyncio.Event)
+    # Pods by owning job key, kept in step with `pods`, so reconciles never scan every pod.
+    _by_job: dict[Key, set[Key]] = field(default_factory=lambda: defaultdict(set))
+    _by_service: dict[Key, set[Key]] = field(default_factory=lambda: defaultdict(set))
+
+    def put_pod(self, pod: Obj) -> Key | None:
+        """Store a pod; returns its owning job or service key, if it has one."""
+        self.pods.put(pod)
+        return self._link(pod, add=True)
+
+    def drop_pod(self, pod: Obj) -> Key | None:
+        self.pods.drop(pod)
+        return self._link(pod, add=False)
+
+    def _link(self, pod: Obj, add: bool) -> Key | None:
+        labels = pod.get("metadata", {}).get("labels") or {}
+        namespace, name = key_of(pod)
+        for label, index in ((LABEL_JOB, self._by_job), (LABEL_SERVICE, self._by_service)):
+            owner = labels.get(label)
+            if owner:
+                members = index[(namespace, owner)]
+                (members.add if add else members.discard)((namespace, name))
+                return namespace, owner
+        return None
+
+    def pods_of_job(self, key: Key) -> list[Obj]:
+        return [p for k in sorted(self._by_job.get(key, ())) if (p := self.pods.get(k)) is not None]
+
+    def pods_of_service(self, key: Key) -> list[Obj]:
+        return [
+            p for k in sorted(self._by_service.get(key, ())) if (p := self.pods.get(k)) is not None
+        ]
+
+    def ready_nodes(self) -> frozenset[str]:
+        return frozenset(key_of(n)[1] for n in self.nodes.values() if _node_ready(n))
+
+
+class WorkQueue:
+    """Keys to reconcile: deduplicated, one worker per key at a time, optional delay."""
+
+    def __init__(self) -> None:
+        self._queue: asyncio.Queue[Key] = asyncio.Queue()
+        self._pending: set[Key] = set()
+        self._active: set[Key] = set()
+        self._dirty: set[Key] = set()
+        self._timers: dict[Key, asyncio.TimerHandle] = {}
+
+    def add(self, key: Key) -> None:
+        if key in self._active:
+            self._dirty.add(key)  # reconcile once more after the running pass
+        elif key not in self._pending:
+            self._pending.add(key)
+            self._queue.put_nowait(key)
+
+    def add_after(self, key: Key, seconds: float) -> None:
+        loop = asyncio.get_running_loop()
+        timer = self._timers.get(key)
+        due = loop.time() + seconds
+        if timer is not None and timer.when() <= due:
+            return
+        if timer is not None:
+            timer.cancel()
+        self._timers[key] = loop.call_at(due, self._fire, key)
+
+    def _fire(self, key: Key) -> None:
+        self._timers.pop(key, None)
+        self.add(key)
+
+    async def worker(self, reconcile: Callable[[Key], Awaitable[None]]) -> None:
+        while True:
+            key = await self._queue.get()
+            self._pending.discard(key)
+            self._active.add(key)
+            try:
+                await reconcile(key)
+            finally:
+                self._active.discard(key)
+                if key in self._dirty:
+                    self._dirty.discard(key)
+                    self.add(key)
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+
+@dataclass
+class Operator:
+    """Everything the handlers share within one operator process."""
+
+    cache: Cache = field(default_factory=Cache)
+    trainjobs: WorkQueue = field(default_factory=WorkQueue)
+    services: WorkQueue = field(default_factory=WorkQueue)
+    # Latest admission verdict per waiting gang: (reason, message).
+    verdicts: dict[Key, tuple[str, str]] = field(default_factory=dict)
+    progress: dict[Key, dict[str, Any]] = field(default_factory=dict)
+    # Child objects already created (by owner uid and object kind/name): no repeated creates.
+    ensured: set[tuple[str, str]] = field(default_factory=set)
+    admission_wanted: asyncio.Event = field(default_factory=asyncio.Event)
+    started: float = field(default_factory=time.monotonic)
+
+    def wake_admission(self) -> None:
+        self.admission_wanted.set()
+
+
+STATE: Operator | None = None
+
+
+def state() -> Operator:
+    global STATE
+    if STATE is None:
+        STATE = Operator()
+    return STATE
+
+
+def reset() -> Operator:
+    """A fresh state (each operator start, e.g. under KopfRunner in tests, begins empty)."""
+    global STATE
+    STATE = Operator()
+    return STATE

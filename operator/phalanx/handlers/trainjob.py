@@ -1,0 +1,198 @@
+"""Reconcile one LLMTrainJob: read the cache, ask `lifecycle.plan_trainjob`, apply the plan.
+
+The recipe: parse the spec (a bad spec becomes a condition, never a crash), ensure the
+Service and checkpoint claim exist, delete and create pods as planned, write status once, and
+send events only after that write succeeded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from phalanx import kube, metrics
+from phalanx.api.trainjob import LLMTrainJob
+from phalanx.api.validate import SpecError, parse
+from phalanx.constants import TRAINJOB_PLURAL
+from phalanx.lifecycle import Plan, World, plan_trainjob
+from phalanx.render.trainjob import (
+    JobRef,
+    hccl_configmap_name,
+    render_checkpoint_claim,
+    render_hccl_configmap,
+    render_pod_group,
+    render_service,
+)
+from phalanx.status import ADMITTED, set_condition
+
+from .state import Key, Obj, Operator
+
+log = logging.getLogger("phalanx.trainjob")
+CONTROLLER = "llmtrainjob"
+
+
+def status_patch(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """A JSON merge patch turning `old` into `new` (removed keys become null)."""
+    patch: dict[str, Any] = {k: v for k, v in new.items() if old.get(k) != v}
+    patch.update({k: None for k in old if k not in new})
+    return patch
+
+
+async def reconcile(op: Operator, key: Key) -> None:
+    started = time.perf_counter()
+    result = "success"
+    try:
+        await _reconcile(op, key)
+    except Exception:  # a bug or an API outage must not stop the worker
+        result = "error"
+        log.exception("reconciling LLMTrainJob %s/%s failed; retrying", *key)
+        op.trainjobs.add_after(key, 5)
+    finally:
+        metrics.RECONCILE_TOTAL.labels(controller=CONTROLLER, result=result).inc()
+        metrics.RECONCILE_TIME.labels(controller=CONTROLLER).observe(time.perf_counter() - started)
+
+
+async def _reconcile(op: Operator, key: Key) -> None:
+    obj = op.cache.trainjobs.get(key)
+    if obj is None or obj["metadata"].get("deletionTimestamp"):
+        op.verdicts.pop(key, None)
+        op.progress.pop(key, None)
+        return
+    now = datetime.now(UTC)
+    meta = obj["metadata"]
+    status = dict(obj.get("status") or {})
+    try:
+        job: LLMTrainJob = parse(obj, LLMTrainJob)
+    except SpecError as error:
+        await _report_invalid(op, obj, status, str(error), now)
+        return
+    ref = JobRef(meta["name"], meta["namespace"], meta["uid"])
+    await _ensure_children(op, ref, job)
+    world = World(
+        pods=op.cache.pods_of_job(key),
+        ready_nodes=op.cache.ready_nodes(),
+        verdict=op.verdicts.get(key),
+        progress=op.progress.get(key),
+    )
+    plan = plan_trainjob(ref, job.spec, meta.get("generation"), status, world, now)
+    await _apply(op, key, obj, status, plan)
+
+
+async def _ensure_children(op: Operator, ref: JobRef, job: LLMTrainJob) -> None:
+    """Create the Service, claim, PodGroup and rank-table ConfigMap once per job."""
+    wanted = [
+        render_service(ref, job.spec),
+        render_checkpoint_claim(ref, job.spec),
+        render_pod_group(ref, job.spec),
+    ]
+    if job.spec.backend() == "hccl":
+        wanted.append(
+            render_hccl_configmap(
+                ref,
+                {
+                    "status": "initializing",
+                    "version": "1.0",
+                    "server_count": "0",
+                    "server_list": [],
+                },
+            )
+        )
+    for child in wanted:
+        if child is None:
+            continue
+        marker = (ref.uid, f"{child['kind']}/{child['metadata']['name']}")
+        if marker in op.ensured:
+            continue
+        await asyncio.to_thread(kube.create, child)
+        op.ensured.add(marker)
+
+
+async def _apply(op: Operator, key: Key, obj: Obj, old_status: dict[str, Any], plan: Plan) -> None:
+    namespace = key[0]
+    for name, force in [
+        *((n, False) for n in plan.delete),
+        *((n, True) for n in plan.force_delete),
+    ]:
+        pod = await asyncio.to_thread(kube.delete_pod, namespace, name, force)
+        if pod is not None and not force:
+            op.cache.put_pod(pod)
+        elif (stale := op.cache.pods.get((namespace, name))) is not None:
+            op.cache.drop_pod(stale)  # gone (or going at once): forget it now
+    created = await asyncio.gather(*(asyncio.to_thread(kube.create, pod) for pod in plan.create))
+    for pod in created:
+        if pod is not None:
+            op.cache.put_pod(pod)
+    if plan.create:
+        op.wake_admission()
+    if plan.hccl_table is not None:
+        data = {"hccl.json": json.dumps(plan.hccl_table, indent=2, sort_keys=True)}
+        marker = (obj["metadata"]["uid"], f"hccl:{data['hccl.json']}")
+        if marker not in op.ensured:
+            await asyncio.to_thread(
+                kube.replace_configmap_data, namespace, hccl_configmap_name(key[1]), data
+            )
+            op.ensured.add(marker)
+    patch = status_patch(old_status, plan.status)
+    if patch:
+        updated = await asyncio.to_thread(
+            kube.patch_status, TRAINJOB_PLURAL, namespace, key[1], patch
+        )
+        if updated is None:
+            return
+        op.cache.trainjobs.put(updated)
+        _count_transitions(old_status, plan.status)
+        for kind, reason, message in plan.events:
+            await asyncio.to_thread(kube.event, obj, kind, reason, message)
+    if plan.delete_job:
+        await asyncio.to_thread(kube.delete_custom, TRAINJOB_PLURAL, namespace, key[1])
+        return
+    if plan.requeue_after is not None:
+        op.trainjobs.add_after(key, plan.requeue_after)
+    if plan.delete or plan.force_delete:
+        op.wake_admission()  # freed capacity may admit a waiting gang
+
+
+def _count_transitions(old: dict[str, Any], new: dict[str, Any]) -> None:
+    if int(new.get("restarts") or 0) > int(old.get("restarts") or 0):
+        metrics.RESTARTS.inc(int(new.get("restarts") or 0) - int(old.get("restarts") or 0))
+
+
+async def _report_invalid(
+    op: Operator, obj: Obj, status: dict[str, Any], message: str, now: datetime
+) -> None:
+    """A spec the API server accepted but the operator cannot run (e.g. an older CRD)."""
+    conditions, changed = set_condition(
+        status.get("conditions") or [], ADMITTED, False, "InvalidSpec",
+        f"The spec is invalid: {message}. Fix the spec; nothing was created.", now,
+        obj["metadata"].get("generation"),
+    )  # fmt: skip
+    if not changed and status.get("phase") == "Invalid":
+        return
+    new = {
+        **status,
+        "conditions": conditions,
+        "phase": "Invalid",
+        "observedGeneration": obj["metadata"].get("generation"),
+    }
+    updated = await asyncio.to_thread(
+        kube.patch_status,
+        TRAINJOB_PLURAL,
+        obj["metadata"]["namespace"],
+        obj["metadata"]["name"],
+        status_patch(status, new),
+    )
+    if updated is not None:
+        op.cache.trainjobs.put(updated)
+        await asyncio.to_thread(kube.event, obj, "Warning", "InvalidSpec", message)
+
+
+def phase_counts(op: Operator) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for job in op.cache.trainjobs.values():
+        phase = (job.get("status") or {}).get("phase") or "Pending"
+        counts[phase] = counts.get(phase, 0) + 1
+    return counts

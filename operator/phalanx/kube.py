@@ -1,0 +1,222 @@
+"""The one module that talks to the API server (official `kubernetes` client).
+
+Calls are synchronous; the handlers run them in a thread pool. Every request is counted by
+verb and resource for the operator's metrics and the benchmarks' requests-per-job figure.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
+
+from phalanx import metrics
+from phalanx.constants import GROUP, VERSION
+
+T = TypeVar("T")
+_api: client.ApiClient | None = None
+
+
+def connect() -> client.ApiClient:
+    """Load credentials once: $KUBECONFIG / ~/.kube/config, else the in-cluster service account."""
+    global _api
+    if _api is None:
+        try:
+            config.load_kube_config(config_file=os.environ.get("KUBECONFIG"))  # type: ignore[no-untyped-call]
+        except config.ConfigException:
+            config.load_incluster_config()  # type: ignore[no-untyped-call]
+        configuration = client.Configuration.get_default_copy()
+        configuration.connection_pool_maxsize = 64
+        _api = client.ApiClient(configuration)
+    return _api
+
+
+def _call(verb: str, resource: str, fn: Callable[[], T]) -> T:
+    metrics.API_REQUESTS.labels(verb=verb, resource=resource).inc()
+    return fn()
+
+
+def _sanitize(obj: Any) -> dict[str, Any]:
+    """A client model or raw response as a plain camelCase dict."""
+    result: dict[str, Any] = connect().sanitize_for_serialization(obj)  # type: ignore[no-untyped-call]
+    return result
+
+
+def _object(response: object) -> dict[str, Any]:
+    """Custom-object calls answer with plain dicts already."""
+    return response if isinstance(response, dict) else _sanitize(response)
+
+
+def _absent_ok(error: ApiException) -> None:
+    if error.status != 404:
+        raise error
+
+
+def core() -> client.CoreV1Api:
+    return client.CoreV1Api(connect())
+
+
+def custom() -> client.CustomObjectsApi:
+    return client.CustomObjectsApi(connect())
+
+
+def create(manifest: dict[str, Any]) -> dict[str, Any] | None:
+    """Create a namespaced object; None when it already exists (creation is idempotent)."""
+    obj: Any = manifest  # the client accepts plain dicts wherever it types a model
+    kind = obj["kind"]
+    namespace = obj["metadata"]["namespace"]
+    api = core()
+    creators: dict[str, Callable[[], Any]] = {
+        "Pod": lambda: api.create_namespaced_pod(namespace, obj),
+        "Service": lambda: api.create_namespaced_service(namespace, obj),
+        "ConfigMap": lambda: api.create_namespaced_config_map(namespace, obj),
+        "PersistentVolumeClaim": lambda: api.create_namespaced_persistent_volume_claim(
+            namespace, obj
+        ),
+    }
+    try:
+        if kind in creators:
+            return _sanitize(_call("create", kind.lower(), creators[kind]))
+        group, version = obj["apiVersion"].split("/")
+        plural = kind.lower() + "s"
+        return _object(
+            _call(
+                "create",
+                plural,
+                lambda: custom().create_namespaced_custom_object(
+                    group, version, namespace, plural, obj
+                ),
+            )
+        )
+    except ApiException as error:
+        if error.status == 409:
+            return None
+        raise
+
+
+def delete_pod(namespace: str, name: str, force: bool = False) -> dict[str, Any] | None:
+    """Delete a pod (gracefully, or at once for pods on dead nodes); the pod as it is now, if any."""
+    body = client.V1DeleteOptions(grace_period_seconds=0 if force else None)
+    try:
+        result = _call(
+            "delete", "pod", lambda: core().delete_namespaced_pod(name, namespace, body=body)
+        )
+    except ApiException as error:
+        _absent_ok(error)
+        return None
+    response = _sanitize(result)
+    return response if response.get("kind") == "Pod" else None
+
+
+def patch_pod(namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any] | None:
+    try:
+        return _sanitize(
+            _call("patch", "pod", lambda: core().patch_namespaced_pod(name, namespace, patch))
+        )
+    except ApiException as error:
+        _absent_ok(error)
+        return None
+
+
+def replace_configmap_data(namespace: str, name: str, data: dict[str, str]) -> None:
+    try:
+        _call(
+            "patch",
+            "configmap",
+            lambda: core().patch_namespaced_config_map(name, namespace, {"data": data}),
+        )
+    except ApiException as error:
+        _absent_ok(error)
+
+
+def patch_status(
+    plural: str, namespace: str, name: str, status: dict[str, Any]
+) -> dict[str, Any] | None:
+    """Merge-patch the status subresource; returns the updated object (None if it is gone)."""
+    try:
+        return _object(
+            _call(
+                "patch",
+                f"{plural}/status",
+                lambda: custom().patch_namespaced_custom_object_status(
+                    GROUP, VERSION, namespace, plural, name, {"status": status}
+                ),
+            )
+        )
+    except ApiException as error:
+        _absent_ok(error)
+        return None
+
+
+def delete_custom(plural: str, namespace: str, name: str) -> None:
+    try:
+        _call(
+            "delete",
+            plural,
+            lambda: custom().delete_namespaced_custom_object(
+                GROUP, VERSION, namespace, plural, name, propagation_policy="Background"
+            ),
+        )
+    except ApiException as error:
+        _absent_ok(error)
+
+
+def get_custom(plural: str, namespace: str, name: str) -> dict[str, Any] | None:
+    try:
+        return _object(
+            _call(
+                "get",
+                plural,
+                lambda: custom().get_namespaced_custom_object(
+                    GROUP, VERSION, namespace, plural, name
+                ),
+            )
+        )
+    except ApiException as error:
+        _absent_ok(error)
+        return None
+
+
+def event(involved: dict[str, Any], kind: str, reason: str, message: str) -> None:
+    """Record a Kubernetes Event on an object (best effort: events never block reconciliation)."""
+    meta = involved["metadata"]
+    body: Any = {
+        "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+        "involvedObject": {
+            "apiVersion": involved.get("apiVersion"),
+            "kind": involved.get("kind"),
+            "name": meta["name"],
+            "namespace": meta["namespace"],
+            "uid": meta.get("uid"),
+        },
+        "type": kind,
+        "reason": reason,
+        "message": message[:1024],
+        "source": {"component": "phalanx-operator"},
+        "reportingComponent": "phalanx.dev/operator",
+        "count": 1,
+    }
+    with contextlib.suppress(ApiException):
+        _call("create", "event", lambda: core().create_namespaced_event(meta["namespace"], body))
+
+
+def is_conflict(error: Exception) -> bool:
+    return isinstance(error, ApiException) and error.status == 409
+
+
+def list_all(kind: str) -> list[dict[str, Any]]:
+    """Every Node or Pod in the cluster, as plain dicts (the cache's first fill)."""
+    api = core()
+    listers: dict[str, Callable[[], Any]] = {
+        "Node": lambda: api.list_node(),
+        "Pod": lambda: api.list_pod_for_all_namespaces(),
+    }
+    items = _sanitize(_call("list", kind.lower(), listers[kind])).get("items") or []
+    for item in items:
+        item.setdefault("kind", kind)
+        item.setdefault("apiVersion", "v1")
+    return list(items)

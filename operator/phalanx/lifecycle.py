@@ -1,0 +1,467 @@
+"""The life of an LLMTrainJob, as one pure function: observed world in, a plan out.
+
+`plan_trainjob` answers "what should happen now?" for one job: which pods to create or delete,
+what the status says, whether to restart the gang after a rank died, when to look again. The
+handler shell applies the plan; nothing here talks to the API server or reads the clock.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from phalanx.api.trainjob import FailureRule, LLMTrainJobSpec
+from phalanx.constants import GANG_GATE, LABEL_GENERATION, LABEL_RANK
+from phalanx.render.hccl import rank_table
+from phalanx.render.trainjob import CONTAINER, JobRef, render_pod
+from phalanx.status import (
+    ADMITTED,
+    FAILED,
+    RESTARTING,
+    RUNNING,
+    SUCCEEDED,
+    SUSPENDED,
+    Condition,
+    is_true,
+    progress_status,
+    set_condition,
+    timestamp,
+    trainjob_phase,
+)
+
+# A pod stuck terminating on a node that stopped answering is removed by force after this.
+FORCE_DELETE_AFTER = timedelta(seconds=30)
+
+
+@dataclass(frozen=True)
+class World:
+    """What the shell observed about one job: its pods, node health, admission and progress."""
+
+    pods: Sequence[Mapping[str, Any]]
+    ready_nodes: frozenset[str]
+    verdict: tuple[str, str] | None = None  # (reason, message) from the admission loop
+    progress: Mapping[str, Any] | None = None
+
+
+@dataclass
+class Plan:
+    """What the shell should do for one job, in this order: deletes, creates, status, events."""
+
+    status: dict[str, Any]
+    create: list[dict[str, Any]] = field(default_factory=list)
+    delete: list[str] = field(default_factory=list)
+    force_delete: list[str] = field(default_factory=list)
+    events: list[tuple[str, str, str]] = field(default_factory=list)  # (type, reason, message)
+    hccl_table: dict[str, Any] | None = None
+    requeue_after: float | None = None
+    delete_job: bool = False
+
+    def later(self, seconds: float) -> None:
+        seconds = max(seconds, 0.5)
+        self.requeue_after = (
+            seconds if self.requeue_after is None else min(self.requeue_after, seconds)
+        )
+
+
+@dataclass(frozen=True)
+class RankFailure:
+    rank: int
+    pod: str
+    node: str
+    exit_code: int | None
+    reason: str
+
+    def describe(self) -> str:
+        code = f"exit code {self.exit_code}" if self.exit_code is not None else self.reason
+        where = f" on node {self.node}" if self.node else ""
+        return f"rank {self.rank} (pod {self.pod}{where}) failed: {code}"
+
+
+def _parse_time(value: Any) -> datetime | None:
+    if not isinstance(value, str) or not value:
+        return None
+    return datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+def _generation_of(pod: Mapping[str, Any]) -> int:
+    try:
+        return int(pod["metadata"]["labels"][LABEL_GENERATION])
+    except (KeyError, ValueError, TypeError):
+        return 0
+
+
+def _rank_of(pod: Mapping[str, Any]) -> int:
+    try:
+        return int(pod["metadata"]["labels"][LABEL_RANK])
+    except (KeyError, ValueError, TypeError):
+        return -1
+
+
+def _terminating(pod: Mapping[str, Any]) -> bool:
+    return bool(pod.get("metadata", {}).get("deletionTimestamp"))
+
+
+def _phase(pod: Mapping[str, Any]) -> str:
+    return str(pod.get("status", {}).get("phase", "Pending"))
+
+
+def _gated(pod: Mapping[str, Any]) -> bool:
+    return any(g.get("name") == GANG_GATE for g in pod.get("spec", {}).get("schedulingGates") or [])
+
+
+def _node(pod: Mapping[str, Any]) -> str:
+    return str(pod.get("spec", {}).get("nodeName") or "")
+
+
+def _running(pod: Mapping[str, Any]) -> bool:
+    return _phase(pod) == "Running" and not _terminating(pod)
+
+
+def _termination(pod: Mapping[str, Any]) -> tuple[int | None, str]:
+    """Exit code and reason of the trainer container, else the pod's own reason."""
+    for status in pod.get("status", {}).get("containerStatuses") or []:
+        terminated = (status.get("state") or {}).get("terminated")
+        if status.get("name") == CONTAINER and terminated:
+            return terminated.get("exitCode"), str(terminated.get("reason") or "Error")
+    for status in pod.get("status", {}).get("containerStatuses") or []:
+        terminated = (status.get("state") or {}).get("terminated")
+        if terminated:
+            return terminated.get("exitCode"), str(terminated.get("reason") or "Error")
+    return None, str(pod.get("status", {}).get("reason") or "Failed")
+
+
+def rank_failure(pod: Mapping[str, Any], ready_nodes: frozenset[str]) -> RankFailure | None:
+    """Why this rank can no longer finish, or None while it still can (or already did)."""
+    name = str(pod.get("metadata", {}).get("name", ""))
+    node = _node(pod)
+    if _phase(pod) == "Succeeded":
+        return None
+    if _phase(pod) == "Failed":
+        code, reason = _termination(pod)
+        return RankFailure(_rank_of(pod), name, node, code, reason)
+    if node and node not in ready_nodes:
+        return RankFailure(_rank_of(pod), name, node, None, "NodeLost")
+    if _terminating(pod):
+        return RankFailure(_rank_of(pod), name, node, None, "PodDeleted")
+    return None
+
+
+def failure_action(failure: RankFailure, rules: Sequence[FailureRule]) -> str:
+    """The first matching rule's action; unmatched failures restart the gang."""
+    for rule in rules:
+        if failure.exit_code is not None and failure.exit_code in rule.on_exit_codes:
+            return rule.action
+        if failure.reason in rule.on_reasons:
+            return rule.action
+    return "RestartGang"
+
+
+class _Status:
+    """The status being built, with condition edits that also queue events for real changes."""
+
+    def __init__(self, current: Mapping[str, Any], now: datetime, generation: int | None) -> None:
+        self.data: dict[str, Any] = copy.deepcopy(dict(current))
+        self.data.setdefault("conditions", [])
+        self.now = now
+        self.generation = generation
+        self.events: list[tuple[str, str, str]] = []
+
+    @property
+    def conditions(self) -> list[Condition]:
+        return list(self.data["conditions"])
+
+    def condition(
+        self, kind: str, status: bool, reason: str, message: str, warn: bool = False
+    ) -> None:
+        before = {c["type"]: (c["status"], c.get("reason")) for c in self.data["conditions"]}
+        self.data["conditions"], changed = set_condition(
+            self.data["conditions"], kind, status, reason, message, self.now, self.generation
+        )
+        value = "True" if status else "False"
+        if changed and before.get(kind) != (value, reason) and (status or kind == ADMITTED):
+            self.events.append(("Warning" if warn else "Normal", reason, message))
+
+    def clear(self, kind: str, reason: str, message: str) -> None:
+        if is_true(self.conditions, kind):
+            self.condition(kind, False, reason, message)
+
+
+def plan_trainjob(
+    ref: JobRef,
+    spec: LLMTrainJobSpec,
+    metadata_generation: int | None,
+    current_status: Mapping[str, Any],
+    world: World,
+    now: datetime,
+) -> Plan:
+    """Decide the next step of a job from its spec, its status and the observed world."""
+    st = _Status(current_status, now, metadata_generation)
+    plan = Plan(status=st.data)
+    st.data["observedGeneration"] = metadata_generation
+    st.data.setdefault("restarts", 0)
+    generation = int(st.data.get("gangGeneration") or 1)
+    st.data["gangGeneration"] = generation
+    pods = list(world.pods)
+
+    if is_true(st.conditions, SUCCEEDED) or is_true(st.conditions, FAILED):
+        _finished(spec, pods, st, plan)
+        return _finish(plan, st, pods)
+
+    if spec.run_policy.suspend:
+        plan.delete += [p["metadata"]["name"] for p in pods if not _terminating(p)]
+        _force_stuck(pods, world.ready_nodes, now, plan)
+        st.condition(
+            SUSPENDED,
+            True,
+            "Suspended",
+            "Pods deleted; the checkpoint volume is kept. Set spec.runPolicy.suspend to false to resume.",
+        )
+        st.clear(RUNNING, "Suspended", "The job is suspended.")
+        st.clear(ADMITTED, "Suspended", "The job is suspended.")
+        st.data.pop("placement", None)
+        st.data["accelerators"] = 0
+        return _finish(plan, st, pods)
+    if is_true(st.conditions, SUSPENDED):
+        st.condition(SUSPENDED, False, "Resumed", "The job was resumed; a new gang is queued.")
+        generation = _next_generation(st, generation)
+
+    started = _parse_time(st.data.get("startTime"))
+    deadline = spec.run_policy.active_deadline_seconds
+    if deadline is not None and started is not None:
+        remaining = (started + timedelta(seconds=deadline) - now).total_seconds()
+        if remaining <= 0:
+            _fail(
+                st,
+                plan,
+                pods,
+                "DeadlineExceeded",
+                f"The job ran longer than activeDeadlineSeconds ({deadline}s).",
+            )
+            return _finish(plan, st, pods)
+        plan.later(remaining)
+
+    old = [p for p in pods if _generation_of(p) != generation]
+    current = {_rank_of(p): p for p in pods if _generation_of(p) == generation}
+
+    # A rank that can no longer finish decides the fate of the whole gang.
+    failures = [f for f in (rank_failure(p, world.ready_nodes) for p in current.values()) if f]
+    ignored = {f.rank for f in failures if failure_action(f, spec.failure_policy.rules) == "Ignore"}
+    fatal = [f for f in failures if failure_action(f, spec.failure_policy.rules) == "FailJob"]
+    restart = [f for f in failures if f.rank not in ignored and f not in fatal]
+    if fatal:
+        _fail(
+            st,
+            plan,
+            pods,
+            "PermanentFailure",
+            f"{fatal[0].describe()}; failurePolicy marks this as permanent.",
+        )
+        return _finish(plan, st, pods)
+    admitted_pods = [p for p in current.values() if not _gated(p)]
+    missing = [r for r in range(spec.nodes) if r not in current]
+    if missing and admitted_pods and not old:
+        # A rank vanished from an admitted gang: its peers cannot finish without it.
+        restart.append(RankFailure(missing[0], f"{ref.name}-{missing[0]}", "", None, "PodMissing"))
+    if restart:
+        _restart(spec, st, plan, pods, restart[0], generation)
+        _force_stuck(pods, world.ready_nodes, now, plan)
+        return _finish(plan, st, pods)
+
+    finished = [r for r, p in current.items() if _phase(p) == "Succeeded" or r in ignored]
+    if len(current) == spec.nodes and len(finished) == spec.nodes:
+        st.condition(
+            SUCCEEDED, True, "AllRanksSucceeded", f"All {spec.nodes} ranks completed successfully."
+        )
+        st.clear(RUNNING, "Completed", "The job completed.")
+        st.data["completionTime"] = timestamp(now)
+        _finished(spec, pods, st, plan)
+        return _finish(plan, st, pods)
+
+    if old:
+        # The previous gang must be gone before its names and capacity are reused.
+        plan.delete += [p["metadata"]["name"] for p in old if not _terminating(p)]
+        _force_stuck(old, world.ready_nodes, now, plan)
+        plan.later(1)
+        return _finish(plan, st, pods)
+
+    if missing:
+        plan.create += [render_pod(ref, spec, rank, generation) for rank in missing]
+        st.data.setdefault("startTime", timestamp(now))
+        st.data.setdefault("queuedAt", timestamp(now))
+
+    _admission(spec, st, plan, list(current.values()), world, now, missing, set(finished))
+    if spec.backend() == "hccl":
+        plan.hccl_table = rank_table(
+            [current.get(r) for r in range(spec.nodes)], spec.accelerator.count()
+        )
+    if world.progress is not None and is_true(st.conditions, RUNNING):
+        st.data["progress"] = progress_status(world.progress)
+    return _finish(plan, st, pods)
+
+
+def _admission(
+    spec: LLMTrainJobSpec,
+    st: _Status,
+    plan: Plan,
+    pods: list[Mapping[str, Any]],
+    world: World,
+    now: datetime,
+    missing: list[int],
+    finished: set[int],
+) -> None:
+    """Admitted / Running conditions, and the gang timeout of a placed but stuck gang."""
+    builtin = spec.run_policy.gang_scheduler == "builtin"
+    complete = not missing and len(pods) == spec.nodes
+    gated = [p for p in pods if _gated(p)]
+    if complete and not gated:
+        placement = st.data.get("placement") or {}
+        where = (
+            f" in {placement.get('level')} {placement.get('domain')}"
+            if placement.get("domain")
+            else ""
+        )
+        reason = "GangAdmitted" if builtin else "SchedulerManaged"
+        st.condition(ADMITTED, True, reason, f"{spec.nodes} pods placed{where}.")
+        st.data["accelerators"] = spec.nodes * spec.accelerator.count()
+    elif world.verdict is not None:
+        reason, message = world.verdict
+        st.condition(ADMITTED, False, reason, message, warn=True)
+    else:
+        st.condition(
+            ADMITTED, False, "Queued", f"Waiting for capacity for {spec.nodes} pods in one domain."
+        )
+
+    running = [p for p in pods if _running(p) or _rank_of(p) in finished]
+    if complete and len(running) == spec.nodes:
+        st.condition(RUNNING, True, "AllRanksRunning", f"All {spec.nodes} ranks are running.")
+        st.clear(RESTARTING, "GangRunning", "The restarted gang is running.")
+        return
+    admitted_at = _parse_time(st.data.get("admittedAt"))
+    if builtin and complete and not gated and admitted_at is not None:
+        timeout = spec.failure_policy.gang_timeout_seconds
+        waited = (now - admitted_at).total_seconds()
+        if waited >= timeout:
+            stuck = [p for p in pods if p not in running]
+            names = ", ".join(f"{p['metadata']['name']} ({_pending_reason(p)})" for p in stuck[:5])
+            plan.delete += [p["metadata"]["name"] for p in pods if not _terminating(p)]
+            st.condition(
+                ADMITTED,
+                False,
+                "GangTimeout",
+                f"Not all pods were running {timeout}s after placement: {names}; the gang was re-queued.",
+                warn=True,
+            )
+            _next_generation(st, int(st.data["gangGeneration"]))
+            return
+        plan.later(timeout - waited)
+
+
+def _pending_reason(pod: Mapping[str, Any]) -> str:
+    for condition in pod.get("status", {}).get("conditions") or []:
+        if condition.get("type") == "PodScheduled" and condition.get("status") == "False":
+            return str(condition.get("message") or condition.get("reason") or "unscheduled")
+    return _phase(pod)
+
+
+def _next_generation(st: _Status, generation: int) -> int:
+    st.data["gangGeneration"] = generation + 1
+    for key in ("placement", "admittedAt", "queuedAt"):
+        st.data.pop(key, None)
+    st.data["accelerators"] = 0
+    return generation + 1
+
+
+def _restart(
+    spec: LLMTrainJobSpec,
+    st: _Status,
+    plan: Plan,
+    pods: list[Mapping[str, Any]],
+    failure: RankFailure,
+    generation: int,
+) -> None:
+    restarts = int(st.data.get("restarts") or 0)
+    limit = spec.failure_policy.max_restarts
+    if restarts >= limit:
+        _fail(
+            st,
+            plan,
+            pods,
+            "RestartLimitExceeded",
+            f"{failure.describe()}; the gang already restarted {restarts} times (maxRestarts {limit}).",
+        )
+        return
+    st.data["restarts"] = restarts + 1
+    plan.delete += [p["metadata"]["name"] for p in pods if not _terminating(p)]
+    st.condition(
+        RESTARTING,
+        True,
+        "RankFailed",
+        f"{failure.describe()}; restarting the whole gang from the newest checkpoint (restart {restarts + 1} of {limit}).",
+        warn=True,
+    )
+    st.clear(RUNNING, "RankFailed", failure.describe())
+    st.clear(ADMITTED, "GangRestarting", "The gang is being recreated.")
+    _next_generation(st, generation)
+
+
+def _fail(
+    st: _Status, plan: Plan, pods: list[Mapping[str, Any]], reason: str, message: str
+) -> None:
+    st.condition(FAILED, True, reason, message, warn=True)
+    st.clear(RUNNING, reason, message)
+    st.clear(RESTARTING, reason, message)
+    st.data["completionTime"] = timestamp(st.now)
+    plan.delete += [
+        p["metadata"]["name"]
+        for p in pods
+        if _phase(p) not in ("Succeeded", "Failed") and not _terminating(p)
+    ]
+
+
+def _finished(
+    spec: LLMTrainJobSpec, pods: list[Mapping[str, Any]], st: _Status, plan: Plan
+) -> None:
+    """After the end: stop stragglers (logs of finished pods stay), then honour the TTL."""
+    plan.delete += [
+        p["metadata"]["name"]
+        for p in pods
+        if _phase(p) not in ("Succeeded", "Failed") and not _terminating(p)
+    ]
+    st.data["accelerators"] = 0
+    ttl = spec.run_policy.ttl_seconds_after_finished
+    done = _parse_time(st.data.get("completionTime"))
+    if ttl is None or done is None:
+        return
+    remaining = (done + timedelta(seconds=ttl) - st.now).total_seconds()
+    if remaining <= 0:
+        plan.delete_job = True
+    else:
+        plan.later(remaining)
+
+
+def _force_stuck(
+    pods: Sequence[Mapping[str, Any]], ready_nodes: frozenset[str], now: datetime, plan: Plan
+) -> None:
+    """Terminating pods on dead nodes never finish: no kubelet is left to confirm."""
+    for pod in pods:
+        meta = pod.get("metadata", {})
+        deleted = _parse_time(meta.get("deletionTimestamp"))
+        node = _node(pod)
+        if deleted is None or not node or node in ready_nodes:
+            continue
+        requested = deleted - timedelta(seconds=int(meta.get("deletionGracePeriodSeconds") or 0))
+        if now - requested >= FORCE_DELETE_AFTER:
+            plan.force_delete.append(str(meta["name"]))
+        else:
+            plan.later((requested + FORCE_DELETE_AFTER - now).total_seconds())
+
+
+def _finish(plan: Plan, st: _Status, pods: Sequence[Mapping[str, Any]]) -> Plan:
+    plan.status = st.data
+    st.data["phase"] = trainjob_phase(st.conditions, bool(pods) or bool(plan.create))
+    plan.events = st.events
+    plan.delete = sorted(set(plan.delete))
+    return plan

@@ -1,0 +1,1 @@
+"""Pure renderers: spec (+ placement) in, desired Kubernetes objects out."""

@@ -1,0 +1,348 @@
+"""What an LLMTrainJob should create: one pod per node rank, a headless Service, the
+checkpoint claim and, for HCCL, the rank-table ConfigMap. Pure: spec in, dicts out."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from phalanx.api.trainjob import LLMTrainJobSpec
+from phalanx.constants import (
+    API_VERSION,
+    GANG_GATE,
+    LABEL_GENERATION,
+    LABEL_JOB,
+    LABEL_RANK,
+    TRAINJOB_KIND,
+)
+
+from .env import HCCL_DIR, training_env
+from .overlay import merge
+
+# Long enough for rank 0 to finish writing a sharded checkpoint after SIGTERM.
+TERMINATION_GRACE_SECONDS = 600
+CONTAINER = "trainer"
+CHECKPOINT_VOLUME = "checkpoint"
+GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
+SCHEDULER_NAMES = {"volcano": "volcano", "coscheduling": "scheduler-plugins-scheduler"}
+
+
+@dataclass(frozen=True)
+class JobRef:
+    """Identity of the owning job, enough for names, labels and the owner reference."""
+
+    name: str
+    namespace: str
+    uid: str
+
+    def owner_reference(self) -> dict[str, Any]:
+        return {
+            "apiVersion": API_VERSION,
+            "kind": TRAINJOB_KIND,
+            "name": self.name,
+            "uid": self.uid,
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+
+
+def pod_name(job: str, rank: int) -> str:
+    return f"{job}-{rank}"
+
+
+def checkpoint_claim_name(job: str, spec: LLMTrainJobSpec) -> str | None:
+    if not spec.checkpoint.enabled:
+        return None
+    return spec.checkpoint.existing_claim or f"{job}-checkpoint"
+
+
+def job_labels(job: str) -> dict[str, str]:
+    return {
+        "app.kubernetes.io/name": "phalanx-trainer",
+        "app.kubernetes.io/instance": job,
+        "app.kubernetes.io/component": "worker",
+        "app.kubernetes.io/managed-by": "phalanx",
+        "app.kubernetes.io/part-of": "phalanx",
+        LABEL_JOB: job,
+    }
+
+
+def _metadata(ref: JobRef, name: str, labels: dict[str, str] | None = None) -> dict[str, Any]:
+    return {
+        "name": name,
+        "namespace": ref.namespace,
+        "labels": labels or job_labels(ref.name),
+        "ownerReferences": [ref.owner_reference()],
+    }
+
+
+def trainer_args(spec: LLMTrainJobSpec) -> list[str]:
+    """Flags of the Phalanx trainer derived from spec.trainer."""
+    t = spec.trainer
+    args = [
+        "--preset", t.preset,
+        "--steps", str(t.steps),
+        "--batch-size", str(t.batch_size),
+        "--seq-len", str(t.seq_len),
+        "--grad-accum", str(t.grad_accum),
+        "--lr", repr(t.learning_rate),
+        "--parallelism", t.parallelism,
+        "--precision", t.precision,
+        "--data", t.data,
+        "--checkpoint-every", str(t.checkpoint_every),
+        "--keep", str(spec.checkpoint.keep),
+        "--metrics-port", str(t.metrics_port),
+    ]  # fmt: skip
+    if t.compile:
+        args.append("--compile")
+    return [*args, *t.extra_args]
+
+
+def _resources(spec: LLMTrainJobSpec) -> dict[str, Any]:
+    requests: dict[str, Any] = {}
+    limits: dict[str, Any] = {}
+    accelerator = spec.accelerator
+    if accelerator.resource_name():
+        requests[accelerator.resource_name()] = limits[accelerator.resource_name()] = (
+            accelerator.per_node
+        )
+    if accelerator.cpu is not None:
+        requests["cpu"] = str(accelerator.cpu)
+    if accelerator.memory is not None:
+        requests["memory"] = limits["memory"] = str(accelerator.memory)
+    return {"requests": requests, "limits": limits}
+
+
+def _volumes(
+    ref: JobRef, spec: LLMTrainJobSpec
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    claim = checkpoint_claim_name(ref.name, spec)
+    checkpoint: dict[str, Any] = (
+        {"persistentVolumeClaim": {"claimName": claim}} if claim else {"emptyDir": {}}
+    )
+    volumes = [
+        {"name": CHECKPOINT_VOLUME, **checkpoint},
+        # NCCL and the data loader use shared memory well beyond the container default of 64Mi.
+        {"name": "dshm", "emptyDir": {"medium": "Memory"}},
+    ]
+    mounts: list[dict[str, Any]] = [
+        {"name": CHECKPOINT_VOLUME, "mountPath": spec.checkpoint.mount_path},
+        {"name": "dshm", "mountPath": "/dev/shm"},
+    ]
+    if spec.backend() == "hccl":
+        volumes.append({"name": "hccl", "configMap": {"name": hccl_configmap_name(ref.name)}})
+        mounts.append({"name": "hccl", "mountPath": HCCL_DIR, "readOnly": True})
+    return volumes, mounts
+
+
+def _scheduling(spec: LLMTrainJobSpec) -> dict[str, Any]:
+    policy = spec.run_policy
+    pod: dict[str, Any] = {}
+    if policy.gang_scheduler == "builtin":
+        pod["schedulingGates"] = [{"name": GANG_GATE}]
+    scheduler = policy.scheduler_name or SCHEDULER_NAMES.get(policy.gang_scheduler)
+    if scheduler:
+        pod["schedulerName"] = scheduler
+    if policy.priority_class_name:
+        pod["priorityClassName"] = policy.priority_class_name
+    if spec.accelerator.product:
+        pod["nodeSelector"] = {GPU_PRODUCT_LABEL: spec.accelerator.product}
+    if spec.accelerator.resource_name():
+        # Accelerator nodes are commonly tainted with their resource name.
+        pod["tolerations"] = [
+            {"key": spec.accelerator.resource_name(), "operator": "Exists", "effect": "NoSchedule"}
+        ]
+    return pod
+
+
+def _gang_labels(ref: JobRef, spec: LLMTrainJobSpec) -> dict[str, str]:
+    """Labels external gang schedulers key on."""
+    policy = spec.run_policy
+    if policy.gang_scheduler == "coscheduling":
+        return {"scheduling.x-k8s.io/pod-group": ref.name}
+    if policy.gang_scheduler == "kueue" and policy.queue_name:
+        return {"kueue.x-k8s.io/queue-name": policy.queue_name}
+    return {}
+
+
+def _gang_annotations(ref: JobRef, spec: LLMTrainJobSpec) -> dict[str, str]:
+    if spec.run_policy.gang_scheduler == "volcano":
+        return {"scheduling.k8s.io/group-name": ref.name}
+    return {}
+
+
+def render_pod(ref: JobRef, spec: LLMTrainJobSpec, rank: int, generation: int) -> dict[str, Any]:
+    """The pod of node rank `rank` in gang generation `generation` (gated until admitted)."""
+    labels = {
+        **job_labels(ref.name),
+        LABEL_RANK: str(rank),
+        LABEL_GENERATION: str(generation),
+        **_gang_labels(ref, spec),
+    }
+    volumes, mounts = _volumes(ref, spec)
+    container: dict[str, Any] = {
+        "name": CONTAINER,
+        "image": spec.image,
+        "imagePullPolicy": spec.image_pull_policy,
+        "command": spec.command
+        if spec.command is not None
+        else ["torchrun", "-m", "phalanx_trainer"],
+        "args": spec.args
+        if spec.args is not None
+        else (trainer_args(spec) if spec.command is None else []),
+        "env": training_env(ref.name, ref.namespace, spec, rank, generation),
+        "ports": [
+            {"name": "rendezvous", "containerPort": spec.communication.master_port},
+            {"name": "metrics", "containerPort": spec.trainer.metrics_port},
+        ],
+        "resources": _resources(spec),
+        "volumeMounts": mounts,
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+            "runAsNonRoot": True,
+        },
+    }
+    pod: dict[str, Any] = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {**_metadata(ref, pod_name(ref.name, rank), labels)},
+        "spec": {
+            "hostname": pod_name(ref.name, rank),
+            "subdomain": ref.name,
+            "restartPolicy": "Never",
+            "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
+            "enableServiceLinks": False,
+            "securityContext": {
+                "runAsNonRoot": True,
+                "runAsUser": 1000,
+                "runAsGroup": 1000,
+                "fsGroup": 1000,
+                "seccompProfile": {"type": "RuntimeDefault"},
+            },
+            "containers": [container],
+            "volumes": volumes,
+            **_scheduling(spec),
+        },
+    }
+    annotations = _gang_annotations(ref, spec)
+    if annotations:
+        pod["metadata"]["annotations"] = annotations
+    overlay = spec.pod_template
+    if overlay is not None:
+        pod["metadata"] = merge(pod["metadata"], overlay.metadata.wire())
+        pod["spec"] = merge(pod["spec"], overlay.spec)
+        # The overlay cannot detach a pod from its gang.
+        pod["metadata"]["labels"].update({k: v for k, v in labels.items()})
+    return pod
+
+
+def render_pods(ref: JobRef, spec: LLMTrainJobSpec, generation: int) -> list[dict[str, Any]]:
+    return [render_pod(ref, spec, rank, generation) for rank in range(spec.nodes)]
+
+
+def render_service(ref: JobRef, spec: LLMTrainJobSpec) -> dict[str, Any]:
+    """Headless Service giving every rank a stable DNS name, ready or not (rendezvous comes first)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(ref, ref.name),
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,
+            "selector": {LABEL_JOB: ref.name},
+            "ports": [
+                {"name": "rendezvous", "port": spec.communication.master_port},
+                {"name": "metrics", "port": spec.trainer.metrics_port},
+            ],
+        },
+    }
+
+
+def render_checkpoint_claim(ref: JobRef, spec: LLMTrainJobSpec) -> dict[str, Any] | None:
+    """The claim Phalanx creates, or None when the job brings its own or uses none.
+
+    Not owned by the job: checkpoints outlive it so that an InferenceService can serve them.
+    """
+    checkpoint = spec.checkpoint
+    if not checkpoint.enabled or checkpoint.existing_claim:
+        return None
+    claim: dict[str, Any] = {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": {
+            "name": checkpoint_claim_name(ref.name, spec),
+            "namespace": ref.namespace,
+            "labels": job_labels(ref.name),
+        },
+        "spec": {
+            "accessModes": list(checkpoint.access_modes),
+            "resources": {"requests": {"storage": str(checkpoint.size)}},
+        },
+    }
+    if checkpoint.storage_class_name:
+        claim["spec"]["storageClassName"] = checkpoint.storage_class_name
+    return claim
+
+
+def hccl_configmap_name(job: str) -> str:
+    return f"{job}-hccl"
+
+
+def render_hccl_configmap(ref: JobRef, table: dict[str, Any]) -> dict[str, Any]:
+    import json
+
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _metadata(ref, hccl_configmap_name(ref.name)),
+        "data": {"hccl.json": json.dumps(table, indent=2, sort_keys=True)},
+    }
+
+
+def render_pod_group(ref: JobRef, spec: LLMTrainJobSpec) -> dict[str, Any] | None:
+    """The PodGroup an external gang scheduler needs, or None for builtin/none/kueue."""
+    scheduler = spec.run_policy.gang_scheduler
+    if scheduler == "volcano":
+        group: dict[str, Any] = {
+            "apiVersion": "scheduling.volcano.sh/v1beta1",
+            "kind": "PodGroup",
+            "metadata": _metadata(ref, ref.name),
+            "spec": {"minMember": spec.nodes},
+        }
+        if spec.run_policy.queue_name:
+            group["spec"]["queue"] = spec.run_policy.queue_name
+        return group
+    if scheduler == "coscheduling":
+        return {
+            "apiVersion": "scheduling.x-k8s.io/v1alpha1",
+            "kind": "PodGroup",
+            "metadata": _metadata(ref, ref.name),
+            "spec": {
+                "minMember": spec.nodes,
+                "scheduleTimeoutSeconds": spec.failure_policy.gang_timeout_seconds,
+            },
+        }
+    return None
+
+
+def render_job_objects(obj: dict[str, Any], generation: int = 1) -> list[dict[str, Any]]:
+    """Everything a job manifest leads to, for `phalanx render` and reviews."""
+    from phalanx.api.trainjob import LLMTrainJob
+    from phalanx.api.validate import parse
+    from phalanx.render.hccl import rank_table
+
+    job: LLMTrainJob = parse(obj, LLMTrainJob)
+    meta = obj["metadata"]
+    ref = JobRef(meta["name"], meta.get("namespace") or "default", meta.get("uid") or "<uid>")
+    spec = job.spec
+    children = [
+        render_service(ref, spec),
+        render_checkpoint_claim(ref, spec),
+        render_pod_group(ref, spec),
+    ]
+    if spec.backend() == "hccl":
+        children.append(
+            render_hccl_configmap(ref, rank_table([None] * spec.nodes, spec.accelerator.count()))
+        )
+    return [c for c in children if c is not None] + render_pods(ref, spec, generation)

@@ -1,0 +1,104 @@
+"""Conditions (Kubernetes API conventions), the derived phase, and progress formatting. Pure."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+Condition = dict[str, Any]
+
+# Train job condition types, in the order they are shown.
+ADMITTED = "Admitted"
+RUNNING = "Running"
+RESTARTING = "Restarting"
+SUSPENDED = "Suspended"
+SUCCEEDED = "Succeeded"
+FAILED = "Failed"
+# InferenceService condition types.
+READY = "Ready"
+MODEL_LOADED = "ModelLoaded"
+PROGRESSING = "Progressing"
+SCALING_ACTIVE = "ScalingActive"
+
+
+def timestamp(now: datetime) -> str:
+    return now.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def find(conditions: Sequence[Condition], kind: str) -> Condition | None:
+    return next((c for c in conditions if c.get("type") == kind), None)
+
+
+def is_true(conditions: Sequence[Condition], kind: str) -> bool:
+    found = find(conditions, kind)
+    return found is not None and found.get("status") == "True"
+
+
+def set_condition(
+    conditions: Sequence[Condition],
+    kind: str,
+    status: bool | str,
+    reason: str,
+    message: str,
+    now: datetime,
+    generation: int | None,
+) -> tuple[list[Condition], bool]:
+    """Conditions with `kind` set; lastTransitionTime moves only when the status flips.
+
+    Returns the new list and whether anything changed.
+    """
+    value = status if isinstance(status, str) else ("True" if status else "False")
+    previous = find(conditions, kind)
+    updated: Condition = {
+        "type": kind,
+        "status": value,
+        "reason": reason,
+        "message": message,
+        "lastTransitionTime": (
+            previous["lastTransitionTime"]
+            if previous is not None
+            and previous.get("status") == value
+            and previous.get("lastTransitionTime")
+            else timestamp(now)
+        ),
+    }
+    if generation is not None:
+        updated["observedGeneration"] = generation
+    if previous == updated:
+        return list(conditions), False
+    others = [c for c in conditions if c.get("type") != kind]
+    return [*others, updated], True
+
+
+def trainjob_phase(conditions: Sequence[Condition], has_pods: bool) -> str:
+    """One word for `kubectl get`: the most decisive true condition wins."""
+    for kind in (FAILED, SUCCEEDED, SUSPENDED, RESTARTING, RUNNING):
+        if is_true(conditions, kind):
+            return kind
+    if is_true(conditions, ADMITTED):
+        return "Starting"
+    return "Queued" if has_pods else "Pending"
+
+
+def progress_status(report: Mapping[str, Any]) -> dict[str, Any]:
+    """status.progress from rank 0's /progress JSON, ignoring fields of the wrong type."""
+
+    def number(key: str) -> float | None:
+        value = report.get(key)
+        return (
+            float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+        )
+
+    step = int(number("step") or 0)
+    total = int(number("totalSteps") or 0)
+    progress: dict[str, Any] = {"step": step, "totalSteps": total}
+    progress["percent"] = f"{step}/{total} {100 * step // total}%" if total > 0 else str(step)
+    for key in ("loss", "tokensPerSecond", "mfu", "etaSeconds"):
+        value = number(key)
+        if value is not None:
+            progress[key] = round(value, 4) if key in ("loss", "mfu") else round(value, 1)
+    checkpoint = number("lastCheckpointStep")
+    if checkpoint is not None:
+        progress["lastCheckpointStep"] = int(checkpoint)
+    return progress
