@@ -88,11 +88,13 @@ def trainer_args(spec: LLMTrainJobSpec) -> list[str]:
         "--lr", repr(t.learning_rate),
         "--parallelism", t.parallelism,
         "--precision", t.precision,
-        "--data", t.data,
         "--checkpoint-every", str(t.checkpoint_every),
         "--keep", str(spec.checkpoint.keep),
+        "--checkpoint-dir", spec.checkpoint.mount_path,
         "--metrics-port", str(t.metrics_port),
     ]  # fmt: skip
+    if t.data != "builtin":
+        args += ["--data", t.data]
     if t.compile:
         args.append("--compile")
     return [*args, *t.extra_args]

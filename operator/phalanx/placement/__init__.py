@@ -1,0 +1,59 @@
+"""Gang placement: a capacity snapshot and gang requests in, node assignments or reasons out.
+
+Everything here is a pure function of plain data (no clock, no client, no I/O), so the admission
+loop in ``phalanx.handlers`` can call it on every change and tests can call it on tables.
+"""
+
+from __future__ import annotations
+
+from phalanx.placement.gang import (
+    GANG_EXCEEDS_DOMAIN,
+    INSUFFICIENT_CAPACITY,
+    POD_EXCEEDS_NODE,
+    QUEUED_BEHIND,
+    UNKNOWN_LEVEL,
+    GangRequest,
+    Placement,
+    Unplaceable,
+)
+from phalanx.placement.place import describe_placement, domains, place_gang
+from phalanx.placement.queue import Decision, admit, queue_order, waiting_domain
+from phalanx.placement.snapshot import CapacitySnapshot, NodeInfo, pod_demand, pod_requests
+from phalanx.placement.topology import (
+    CLUSTER,
+    DEFAULT_TOPOLOGY,
+    HOST,
+    HOST_LABEL,
+    PRESETS,
+    Topology,
+    TopologyLevel,
+)
+
+__all__ = [
+    "CLUSTER",
+    "DEFAULT_TOPOLOGY",
+    "GANG_EXCEEDS_DOMAIN",
+    "HOST",
+    "HOST_LABEL",
+    "INSUFFICIENT_CAPACITY",
+    "POD_EXCEEDS_NODE",
+    "PRESETS",
+    "QUEUED_BEHIND",
+    "UNKNOWN_LEVEL",
+    "CapacitySnapshot",
+    "Decision",
+    "GangRequest",
+    "NodeInfo",
+    "Placement",
+    "Topology",
+    "TopologyLevel",
+    "Unplaceable",
+    "admit",
+    "describe_placement",
+    "domains",
+    "place_gang",
+    "pod_demand",
+    "pod_requests",
+    "queue_order",
+    "waiting_domain",
+]

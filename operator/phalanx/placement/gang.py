@@ -1,0 +1,68 @@
+"""What a gang asks for and the two answers placement can give: a Placement or an Unplaceable."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+
+@dataclass(frozen=True)
+class GangRequest:
+    """A gang of ``pods`` identical pods that must all start together.
+
+    ``per_pod`` uses placement units (cpu in millicores, memory in bytes, devices as counts).
+    ``required`` confines the gang to one domain of that level or a finer one; ``preferred`` is a
+    hint that only changes how a placement is explained (placement always tries finest first).
+    """
+
+    key: str
+    pods: int
+    per_pod: Mapping[str, int] = field(default_factory=dict)
+    required: str | None = None
+    preferred: str | None = None
+    priority: int = 0
+    created: float = 0.0
+    avoid_nodes: frozenset[str] = frozenset()
+
+    def __post_init__(self) -> None:
+        if self.pods < 1:
+            raise ValueError(f"gang {self.key!r} needs at least one pod, got {self.pods}")
+        negative = sorted(resource for resource, amount in self.per_pod.items() if amount < 0)
+        if negative:
+            raise ValueError(f"gang {self.key!r} requests negative {', '.join(negative)}")
+        object.__setattr__(self, "per_pod", MappingProxyType(dict(self.per_pod)))
+        object.__setattr__(self, "avoid_nodes", frozenset(self.avoid_nodes))
+
+    def __hash__(self) -> int:
+        return hash(self.key)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a whole gang goes: ``nodes[i]`` runs rank ``i``, all inside ``domain`` of ``level``."""
+
+    level: str
+    domain: str
+    nodes: tuple[str, ...]
+
+
+# Reasons, PascalCase as they appear in the Admitted condition.
+UNKNOWN_LEVEL = "UnknownTopologyLevel"
+POD_EXCEEDS_NODE = "PodExceedsNodeCapacity"
+GANG_EXCEEDS_DOMAIN = "GangExceedsDomainCapacity"
+INSUFFICIENT_CAPACITY = "InsufficientCapacity"
+QUEUED_BEHIND = "QueuedBehindHigherPriority"
+
+
+@dataclass(frozen=True)
+class Unplaceable:
+    """Why a gang was not placed.
+
+    ``permanent`` means it would not fit even in this cluster emptied of every pod, so waiting
+    cannot help; otherwise it may fit once capacity frees up.
+    """
+
+    reason: str
+    message: str
+    permanent: bool
