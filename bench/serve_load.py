@@ -1,0 +1,488 @@
+"""Load benchmark of phalanx-serve, following vLLM's ``bench serve`` method.
+
+Requests with fixed input/output lengths (random token-id prompts, ``ignore_eos``) are sent to a
+server started here on 127.0.0.1, streamed, and timed per chunk: TTFT (arrival to first token),
+TPOT ((e2e - TTFT) / (output tokens - 1)), ITL (gap between streamed chunks) and end-to-end
+latency, as mean/p50/p90/p99, plus request and token throughput. Arrivals are Poisson at
+``--request-rate`` (``inf``: all at once), bounded by the concurrency under test.
+
+CPU (default): throughput at 1, 4 and 16 concurrent clients against the same model served one
+request at a time (``--max-batch-size 1``), in the same run. Target: >= 3x at 16 clients.
+
+CUDA (``--device cuda --model-preset 1b``): a random-weight Llama-architecture model in bf16;
+batch-1 decode tokens/s against the memory-bandwidth roofline, and throughput of 64 concurrent
+requests through the engine against Hugging Face ``generate`` on the same shapes.
+
+Results go to ``bench/results/serve_load.json``; a summary is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import platform
+import random
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+RESULTS = Path(__file__).resolve().parent / "results" / "serve_load.json"
+
+
+# -- client side: one timed streaming request ----------------------------------------------------
+
+
+@dataclass
+class RequestResult:
+    ok: bool
+    ttft: float = 0.0
+    latency: float = 0.0
+    itl: list[float] = field(default_factory=list)
+    output_tokens: int = 0
+    prompt_tokens: int = 0
+    error: str = ""
+
+
+async def timed_request(
+    client: httpx.AsyncClient, prompt: list[int], output_len: int
+) -> RequestResult:
+    body = {
+        "prompt": prompt,
+        "max_tokens": output_len,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    start = time.perf_counter()
+    last = start
+    result = RequestResult(ok=False)
+    try:
+        async with client.stream("POST", "/v1/completions", json=body) as r:
+            if r.status_code != 200:
+                result.error = f"HTTP {r.status_code}"
+                return result
+            async for line in r.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                now = time.perf_counter()
+                if chunk.get("usage"):
+                    result.output_tokens = chunk["usage"]["completion_tokens"]
+                    result.prompt_tokens = chunk["usage"]["prompt_tokens"]
+                if not chunk.get("choices") or not chunk["choices"][0]["text"]:
+                    continue
+                if result.ttft == 0.0:
+                    result.ttft = now - start
+                else:
+                    result.itl.append(now - last)
+                last = now
+        result.latency = time.perf_counter() - start
+        result.ok = result.output_tokens > 0
+    except httpx.HTTPError as exc:
+        result.error = repr(exc)
+    return result
+
+
+def percentiles(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {"mean": 0.0, "p50": 0.0, "p90": 0.0, "p99": 0.0}
+    s = sorted(values)
+
+    def pct(q: float) -> float:
+        # Linear interpolation between closest ranks (numpy's default).
+        pos = (len(s) - 1) * q
+        lo, hi = math.floor(pos), math.ceil(pos)
+        return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+    ms = 1000.0
+    return {
+        "mean": sum(s) / len(s) * ms,
+        "p50": pct(0.5) * ms,
+        "p90": pct(0.9) * ms,
+        "p99": pct(0.99) * ms,
+    }
+
+
+async def run_load(
+    url: str, prompts: list[list[int]], output_len: int, concurrency: int, rate: float, seed: int
+) -> dict[str, Any]:
+    rng = random.Random(seed)
+    gate = asyncio.Semaphore(concurrency)
+    limits = httpx.Limits(
+        max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4
+    )
+
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+
+        async def one(prompt: list[int]) -> RequestResult:
+            async with gate:
+                return await timed_request(client, prompt, output_len)
+
+        start = time.perf_counter()
+        tasks = []
+        for prompt in prompts:
+            tasks.append(asyncio.create_task(one(prompt)))
+            if math.isfinite(rate):
+                await asyncio.sleep(rng.expovariate(rate))
+        results = await asyncio.gather(*tasks)
+        duration = time.perf_counter() - start
+
+    done = [r for r in results if r.ok]
+    out_tokens = sum(r.output_tokens for r in done)
+    in_tokens = sum(r.prompt_tokens for r in done)
+    tpots = [(r.latency - r.ttft) / (r.output_tokens - 1) for r in done if r.output_tokens > 1]
+    return {
+        "concurrency": concurrency,
+        "request_rate": "inf" if not math.isfinite(rate) else rate,
+        "num_prompts": len(prompts),
+        "completed": len(done),
+        "failed": len(results) - len(done),
+        "duration_s": duration,
+        "request_throughput": len(done) / duration,
+        "output_throughput": out_tokens / duration,
+        "total_token_throughput": (in_tokens + out_tokens) / duration,
+        "ttft_ms": percentiles([r.ttft for r in done]),
+        "tpot_ms": percentiles(tpots),
+        "itl_ms": percentiles([x for r in done for x in r.itl]),
+        "e2el_ms": percentiles([r.latency for r in done]),
+    }
+
+
+# -- server side ------------------------------------------------------------------------------------
+
+
+class ServerProcess:
+    def __init__(self, model: str, max_batch_size: int, extra: list[str]) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [
+            sys.executable, "-m", "phalanx_serve", "--model", model, "--host", "127.0.0.1",
+            "--port", str(self.port), "--max-batch-size", str(max_batch_size),
+            "--max-queue", "256", "--log-level", "warning", *extra,
+        ]  # fmt: skip
+        self.proc = subprocess.Popen(cmd)
+
+    def wait_ready(self, timeout: float = 300.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}")
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError("server did not become ready")
+
+    def vocab_size(self) -> int:
+        # Token ids below 256 exist in every byte-level vocabulary; stay well inside it.
+        return 256
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def cpu_scaling(args: argparse.Namespace) -> dict[str, Any]:
+    rng = random.Random(args.seed)
+    extra = ["--device", "cpu", "--dtype", "float32"]
+    if args.threads:
+        extra += ["--threads", str(args.threads)]
+    runs: list[dict[str, Any]] = []
+
+    def serve(max_batch: int, label: str, levels: list[int]) -> None:
+        server = ServerProcess(args.model, max_batch, extra)
+        try:
+            server.wait_ready()
+            vocab = server.vocab_size()
+            for c in levels:
+                n = max(args.prompts_per_client * c, args.min_prompts)
+                prompts = [[rng.randrange(vocab) for _ in range(args.input_len)] for _ in range(n)]
+                # One untimed request per level: connection set-up and first-call costs.
+                asyncio.run(run_load(server.url, prompts[:1], 4, 1, math.inf, args.seed))
+                result = asyncio.run(
+                    run_load(server.url, prompts, args.output_len, c, args.request_rate, args.seed)
+                )
+                result.update(server=label, max_batch_size=max_batch)
+                runs.append(result)
+                _print_run(result)
+        finally:
+            server.stop()
+
+    serve(args.max_batch_size, "continuous-batching", args.concurrency)
+    serve(1, "sequential (max batch 1)", sorted({1, max(args.concurrency)}))
+    top = max(args.concurrency)
+    batched = next(r for r in runs if r["max_batch_size"] > 1 and r["concurrency"] == top)
+    sequential = next(r for r in runs if r["max_batch_size"] == 1 and r["concurrency"] == top)
+    speedup = batched["output_throughput"] / sequential["output_throughput"]
+    return {
+        "suite": "cpu-scaling",
+        "model": args.model,
+        "input_len": args.input_len,
+        "output_len": args.output_len,
+        "runs": runs,
+        f"speedup_output_throughput_at_{top}_clients": speedup,
+        "target_speedup": 3.0,
+        "meets_target": speedup >= 3.0,
+    }
+
+
+def _print_run(r: dict[str, Any]) -> None:
+    print(
+        f"{r['server']:<26} c={r['concurrency']:<3} n={r['num_prompts']:<4} "
+        f"req/s={r['request_throughput']:7.2f}  out tok/s={r['output_throughput']:8.1f}  "
+        f"TTFT p50={r['ttft_ms']['p50']:8.1f}ms  TPOT p50={r['tpot_ms']['p50']:7.2f}ms  "
+        f"ITL p99={r['itl_ms']['p99']:7.2f}ms  E2E p50={r['e2el_ms']['p50']:8.1f}ms  failed={r['failed']}",
+        flush=True,
+    )
+
+
+# -- GPU: roofline and HF generate ------------------------------------------------------------------
+
+
+class NullDecoder:
+    """The engine needs text; the roofline measures the model, so text is skipped."""
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return ""
+
+
+def memory_bandwidth(device: Any) -> float:
+    """Achievable bytes/s, from timing a large device-to-device copy (read + write)."""
+    import torch
+
+    n = 256 * 2**20 if device.type == "cuda" else 32 * 2**20
+    src = torch.empty(n, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    _sync(device)
+    reps = 20
+    t = time.perf_counter()
+    for _ in range(reps):
+        dst.copy_(src)
+    _sync(device)
+    return 2 * n * reps / (time.perf_counter() - t)
+
+
+def _sync(device: Any) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def roofline(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    from phalanx_serve.engine import Engine, EngineConfig, RequestOutput
+    from phalanx_serve.metrics import ServeMetrics
+    from phalanx_serve.sampling import SamplingParams
+    from phalanx_trainer.model import ModelConfig, Transformer
+
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    cfg = ModelConfig.preset(args.model_preset)
+    max_len = args.input_len + args.output_len
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model.to_empty(device=device)
+    model.init_weights()  # random weights: only the shapes matter for speed
+    model.to(dtype).eval()
+
+    def make_engine(batch: int) -> Engine:
+        return Engine(
+            model, NullDecoder(), EngineConfig(max_batch_size=batch, max_model_len=max_len, max_queue=batch),
+            ServeMetrics("bench"), n_layers=cfg.n_layers, n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
+            dtype=dtype, device=device,
+        )  # fmt: skip
+
+    def generate(engine: Engine, n: int) -> tuple[float, float, int]:
+        """Submit n requests at once; return (seconds, seconds to all first tokens, tokens)."""
+        done = threading.Event()
+        remaining = [n]
+        firsts: list[float] = []
+        lock = threading.Lock()
+
+        def sink(out: RequestOutput) -> None:
+            with lock:
+                if out.completion_tokens == 1 and not out.finished:
+                    firsts.append(time.perf_counter())
+                if out.finished:
+                    remaining[0] -= 1
+                    if remaining[0] == 0:
+                        done.set()
+
+        gen = torch.Generator().manual_seed(args.seed)
+        params = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True)
+        t = time.perf_counter()
+        for i in range(n):
+            prompt = torch.randint(0, cfg.vocab_size, (args.input_len,), generator=gen).tolist()
+            engine.submit(f"r{i}", prompt, params, sink)
+        done.wait()
+        elapsed = time.perf_counter() - t
+        return elapsed, (max(firsts) - t) if firsts else 0.0, n * args.output_len
+
+    bandwidth = memory_bandwidth(device)
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    # Per decoded token at batch 1: every weight once (the embedding table only for the output
+    # projection when tied; the input lookup is one row) plus the KV cache at mean context.
+    mean_ctx = args.input_len + args.output_len / 2
+    kv_bytes = (
+        2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * mean_ctx * torch.finfo(dtype).bits / 8
+    )
+    embed_bytes = (
+        0 if cfg.tie_embeddings else cfg.vocab_size * cfg.dim * torch.finfo(dtype).bits / 8
+    )
+    bytes_per_token = param_bytes - embed_bytes + kv_bytes
+    roofline_tps = bandwidth / bytes_per_token
+
+    single = make_engine(1)
+    single.start()
+    generate(single, 1)  # warm-up
+    seconds, ttft, tokens = generate(single, 1)
+    single.shutdown()
+    decode_tps = (tokens - 1) / max(seconds - ttft, 1e-9)
+
+    batch = args.gpu_concurrency
+    batched = make_engine(batch)
+    batched.start()
+    generate(batched, min(batch, 4))  # warm-up
+    b_seconds, _, b_tokens = generate(batched, batch)
+    batched.shutdown()
+    del batched, single
+    model.to("cpu")
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+    hf_tps = hf_generate_throughput(cfg, device, dtype, batch, args) if not args.skip_hf else None
+    result = {
+        "suite": "roofline",
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else platform.processor() or "cpu",
+        "model_preset": args.model_preset,
+        "dtype": str(dtype),
+        "params": cfg.num_params(),
+        "measured_copy_bandwidth_GBps": bandwidth / 1e9,
+        "bytes_per_decoded_token": bytes_per_token,
+        "batch1_decode_tokens_per_s": decode_tps,
+        "batch1_roofline_tokens_per_s": roofline_tps,
+        "batch1_fraction_of_roofline": decode_tps / roofline_tps,
+        f"engine_output_tokens_per_s_at_{batch}": b_tokens / b_seconds,
+        f"hf_generate_output_tokens_per_s_at_{batch}": hf_tps,
+        "speedup_vs_hf_generate": (b_tokens / b_seconds) / hf_tps if hf_tps else None,
+        "input_len": args.input_len,
+        "output_len": args.output_len,
+    }
+    for k, v in result.items():
+        print(f"{k:<44} {v}")
+    return result
+
+
+def hf_generate_throughput(
+    cfg: Any, device: Any, dtype: Any, batch: int, args: argparse.Namespace
+) -> float:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from phalanx_trainer.hf import config_to_hf
+
+    hf_cfg = LlamaConfig(
+        **{k: v for k, v in config_to_hf(cfg).items() if k not in ("architectures", "torch_dtype")}
+    )
+    with torch.device(device):
+        model = LlamaForCausalLM(hf_cfg).to(dtype).eval()
+    ids = torch.randint(0, cfg.vocab_size, (batch, args.input_len), device=device)
+    kwargs = dict(
+        max_new_tokens=args.output_len,
+        min_new_tokens=args.output_len,
+        do_sample=False,
+        pad_token_id=0,
+    )
+    with torch.no_grad():
+        model.generate(
+            ids[:, :8], **{**kwargs, "max_new_tokens": 4, "min_new_tokens": 4}
+        )  # warm-up
+        _sync(device)
+        t = time.perf_counter()
+        model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
+        _sync(device)
+    return batch * args.output_len / (time.perf_counter() - t)
+
+
+# -- entry point ---------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument(
+        "--suite", choices=["scaling", "roofline"], help="default: scaling on cpu, roofline on cuda"
+    )
+    p.add_argument("--model", default="builtin:tiny", help="model served by the scaling suite")
+    p.add_argument("--model-preset", default="1b", help="trainer preset for the roofline suite")
+    p.add_argument("--concurrency", default="1,4,16", help="comma-separated client counts")
+    p.add_argument("--max-batch-size", type=int, default=16)
+    p.add_argument("--prompts-per-client", type=int, default=4)
+    p.add_argument("--min-prompts", type=int, default=8)
+    p.add_argument("--input-len", type=int, default=32)
+    p.add_argument("--output-len", type=int, default=64)
+    p.add_argument(
+        "--request-rate",
+        type=float,
+        default=math.inf,
+        help="Poisson rate (req/s); inf = all at once",
+    )
+    p.add_argument("--gpu-concurrency", type=int, default=64)
+    p.add_argument("--threads", type=int, default=1, help="torch threads of the CPU server")
+    p.add_argument(
+        "--skip-hf", action="store_true", help="roofline suite without the HF generate baseline"
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=RESULTS)
+    args = p.parse_args(argv)
+    args.concurrency = [int(c) for c in args.concurrency.split(",")]
+    suite = args.suite or ("roofline" if args.device == "cuda" else "scaling")
+    if suite == "roofline" and args.device == "cuda":
+        args.input_len, args.output_len = max(args.input_len, 128), max(args.output_len, 128)
+
+    result = roofline(args) if suite == "roofline" else cpu_scaling(args)
+    result["host"] = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+    }
+    result["timestamp"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    if suite == "scaling":
+        top = max(args.concurrency)
+        print(
+            f"speedup at {top} clients vs sequential: {result[f'speedup_output_throughput_at_{top}_clients']:.2f}x (target 3x)"
+        )
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

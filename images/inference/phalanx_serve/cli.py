@@ -1,0 +1,93 @@
+"""``phalanx-serve``: start the OpenAI-compatible server for one model.
+
+Every flag has an environment default ``PHALANX_SERVE_<FLAG>`` (e.g. ``PHALANX_SERVE_API_KEY``),
+so a pod spec can configure the server without rewriting its command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from phalanx_serve.settings import ServerSettings
+
+ENV_PREFIX = "PHALANX_SERVE_"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="phalanx-serve",
+        description="Serve a Llama-format model (trainer export or HF checkpoint) over an "
+        "OpenAI-compatible HTTP API with continuous batching.",
+    )
+
+    def add(flag: str, *, type_: Any = str, default: Any = None, help_: str) -> None:
+        env_name = ENV_PREFIX + flag.lstrip("-").upper().replace("-", "_")
+        # argparse converts string defaults with ``type``, so a bad env value is a usage error.
+        value = os.environ.get(env_name, default)
+        p.add_argument(flag, type=type_, default=value, help=f"{help_} [env {env_name}]")
+
+    add("--model", help_="model directory, or builtin:tiny for a small model made locally")
+    add("--served-model-name", help_="name clients pass as 'model' (default: --model)")
+    add("--host", default="0.0.0.0", help_="address to listen on")
+    add("--port", type_=int, default=8000, help_="port to listen on")
+    add("--max-batch-size", type_=int, default=16, help_="sequences decoded together (KV slots)")
+    add("--max-model-len", type_=int, help_="context length per sequence (default: the model's)")
+    add("--max-queue", type_=int, default=64, help_="requests allowed to wait; beyond that 429")
+    add("--max-prefill-tokens", type_=int, default=2048, help_="prompt tokens prefilled per step")
+    add("--dtype", default="auto", help_="auto, float32, bfloat16, float16 or float64")
+    add("--device", default="auto", help_="auto (cuda if available), cpu, cuda, cuda:N")
+    add("--api-key", help_="require 'Authorization: Bearer <key>' on /v1 routes")
+    add("--chat-template", help_="Jinja chat template, as a file path or inline text")
+    add("--max-body-bytes", type_=int, default=2 * 2**20, help_="largest request body accepted")
+    add("--threads", type_=int, help_="torch CPU threads (default: torch's choice)")
+    add("--log-level", default="info", help_="debug, info, warning or error")
+    return p
+
+
+def settings_from_args(argv: Sequence[str] | None = None) -> ServerSettings:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.model:
+        parser.error("--model (or PHALANX_SERVE_MODEL) is required")
+    for name in ("max_batch_size", "max_queue", "max_prefill_tokens", "max_body_bytes"):
+        if getattr(args, name) < (0 if name == "max_queue" else 1):
+            parser.error(f"--{name.replace('_', '-')} is out of range")
+    if args.max_model_len is not None and args.max_model_len < 2:
+        parser.error("--max-model-len must be at least 2")
+    return ServerSettings(
+        model=args.model,
+        served_model_name=args.served_model_name,
+        host=args.host,
+        port=args.port,
+        max_batch_size=args.max_batch_size,
+        max_model_len=args.max_model_len,
+        max_queue=args.max_queue,
+        max_prefill_tokens=args.max_prefill_tokens,
+        dtype=args.dtype,
+        device=args.device,
+        api_key=args.api_key or None,
+        chat_template=args.chat_template,
+        max_body_bytes=args.max_body_bytes,
+        threads=args.threads,
+        log_level=args.log_level,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    settings = settings_from_args(argv)
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    import uvicorn
+
+    from phalanx_serve.api import create_app
+
+    app = create_app(settings)
+    uvicorn.run(
+        app, host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False
+    )
+    return 0

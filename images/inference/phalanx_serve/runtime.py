@@ -1,0 +1,119 @@
+"""What the API needs at run time: the loaded model and engine, built in the background.
+
+The HTTP server starts listening at once so probes get an answer (503) while weights load;
+``ready`` becomes true only after a warm-up generation went through the real engine.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from phalanx_serve.chat_template import ChatTemplate
+from phalanx_serve.engine import Engine, EngineConfig, RequestOutput
+from phalanx_serve.loader import LoadedModel, load_model
+from phalanx_serve.metrics import ServeMetrics
+from phalanx_serve.sampling import SamplingParams
+from phalanx_serve.settings import ServerSettings
+
+log = logging.getLogger(__name__)
+
+Status = Literal["loading", "ready", "failed"]
+
+
+@dataclass
+class ServerRuntime:
+    settings: ServerSettings
+    metrics: ServeMetrics
+    status: Status = "loading"
+    error: str | None = None
+    loaded: LoadedModel | None = None
+    engine: Engine | None = None
+    chat_template: ChatTemplate | None = None
+    max_model_len: int = 0
+    _thread: threading.Thread | None = field(default=None, repr=False)
+
+    @property
+    def ready(self) -> bool:
+        return self.status == "ready" and self.engine is not None and self.engine.alive
+
+    def health(self) -> str:
+        if self.status == "ready" and not self.ready:
+            return "engine stopped"
+        return self.status
+
+    def start_loading(self) -> None:
+        self._thread = threading.Thread(target=self._load, name="phalanx-loader", daemon=True)
+        self._thread.start()
+
+    def wait_loaded(self, timeout: float | None = None) -> None:
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def shutdown(self) -> None:
+        if self.engine is not None:
+            self.engine.shutdown()
+
+    def _load(self) -> None:
+        try:
+            self._load_and_warm_up()
+        except Exception as exc:
+            log.exception("loading %s failed", self.settings.model)
+            self.error = f"{type(exc).__name__}: {exc}"
+            self.status = "failed"
+
+    def _load_and_warm_up(self) -> None:
+        s = self.settings
+        if s.threads:
+            torch.set_num_threads(s.threads)
+        loaded = load_model(s.model, device=s.device, dtype=s.dtype)
+        cfg = loaded.config
+        max_len = s.max_model_len or cfg.max_seq_len
+        if max_len > cfg.max_seq_len:
+            raise ValueError(
+                f"--max-model-len {max_len} exceeds the model's context of {cfg.max_seq_len} tokens"
+            )
+        self.chat_template = ChatTemplate.resolve(s.chat_template, loaded.chat_template)
+        engine = Engine(
+            loaded.model,
+            loaded.tokenizer,
+            EngineConfig(
+                max_batch_size=s.max_batch_size,
+                max_model_len=max_len,
+                max_queue=s.max_queue,
+                max_prefill_tokens=max(s.max_prefill_tokens, 1),
+            ),
+            self.metrics,
+            n_layers=cfg.n_layers,
+            n_kv_heads=cfg.n_kv_heads,
+            head_dim=cfg.head_dim,
+            eos_token_ids=loaded.eos_token_ids,
+            dtype=loaded.dtype,
+            device=loaded.device,
+        )
+        engine.start()
+        _warm_up(engine)
+        self.loaded, self.engine, self.max_model_len = loaded, engine, max_len
+        self.status = "ready"
+        log.info("ready: serving %s as %r", loaded.path, s.model_name)
+
+
+def _warm_up(engine: Engine) -> None:
+    """One short greedy generation through the real loop (first-call allocations, kernels)."""
+    done = threading.Event()
+
+    def sink(out: RequestOutput) -> None:
+        if out.finished:
+            done.set()
+
+    engine.submit(
+        "warmup", [0, 1, 2, 3], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True), sink
+    )
+    if not done.wait(timeout=300):
+        raise TimeoutError("warm-up generation did not finish within 300 s")
+    if engine.error is not None:
+        raise RuntimeError(f"engine failed during warm-up: {engine.error}")

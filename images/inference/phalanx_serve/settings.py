@@ -1,0 +1,28 @@
+"""Server settings: one dataclass, filled from CLI flags with ``PHALANX_SERVE_*`` env defaults."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    model: str
+    served_model_name: str | None = None
+    host: str = "0.0.0.0"
+    port: int = 8000
+    max_batch_size: int = 16
+    max_model_len: int | None = None  # default: the model's max_position_embeddings
+    max_queue: int = 64
+    max_prefill_tokens: int = 2048
+    dtype: str = "auto"
+    device: str = "auto"
+    api_key: str | None = None
+    chat_template: str | None = None
+    max_body_bytes: int = 2 * 2**20
+    threads: int | None = None  # torch intra-op threads on CPU
+    log_level: str = "info"
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or self.model
