@@ -1,0 +1,197 @@
+"""Live training metrics: Prometheus ``/metrics`` and the ``/progress`` JSON the operator polls.
+
+Only rank 0 serves. ``/progress`` returns exactly::
+
+    {"step": int, "totalSteps": int, "loss": float|null, "tokensPerSecond": float|null,
+     "mfu": float|null, "lastCheckpointStep": int|null, "etaSeconds": float|null}
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import torch
+from prometheus_client import CollectorRegistry, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+# Dense bf16 tensor-core peak FLOP/s per GPU, from vendor datasheets (no sparsity).
+# Matched against torch.cuda.get_device_name() in order, first hit wins.
+PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
+    ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
+    ("H100", 989e12),  # SXM
+    ("H200", 989e12),
+    ("H20", 148e12),
+    ("GH200", 989e12),
+    ("B200", 2250e12),
+    ("B100", 1750e12),
+    ("A100", 312e12),
+    ("A800", 312e12),
+    ("L40S", 362e12),
+    ("L40", 181e12),
+    ("L4", 121e12),
+)
+
+
+def peak_flops_for(device: torch.device) -> float | None:
+    """Peak dense bf16 FLOP/s of one device, or None when unknown (CPU, unlisted GPU)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for needle, flops in PEAK_BF16_FLOPS:
+        if needle in name:
+            return flops
+    return None
+
+
+def mfu(
+    tokens_per_second: float, flops_per_token: float, peak_flops_total: float | None
+) -> float | None:
+    """Model FLOPs utilisation: achieved model FLOP/s over the peak of all devices."""
+    if not peak_flops_total:
+        return None
+    return tokens_per_second * flops_per_token / peak_flops_total
+
+
+@dataclass
+class Progress:
+    step: int = 0
+    total_steps: int = 0
+    loss: float | None = None
+    tokens_per_second: float | None = None
+    mfu: float | None = None
+    last_checkpoint_step: int | None = None
+    eta_seconds: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        def finite(x: float | None) -> float | None:
+            return x if x is not None and math.isfinite(x) else None
+
+        return {
+            "step": self.step,
+            "totalSteps": self.total_steps,
+            "loss": finite(self.loss),
+            "tokensPerSecond": finite(self.tokens_per_second),
+            "mfu": finite(self.mfu),
+            "lastCheckpointStep": self.last_checkpoint_step,
+            "etaSeconds": finite(self.eta_seconds),
+        }
+
+
+class TrainMetrics:
+    """The trainer's metrics and progress, optionally served over HTTP."""
+
+    def __init__(self, total_steps: int) -> None:
+        self.registry = CollectorRegistry()
+        self.loss = Gauge(
+            "phalanx_train_loss", "Training loss (mean over ranks)", registry=self.registry
+        )
+        self.tokens_per_second = Gauge(
+            "phalanx_train_tokens_per_second",
+            "Training throughput, all ranks",
+            registry=self.registry,
+        )
+        self.mfu = Gauge(
+            "phalanx_train_mfu",
+            "Model FLOPs utilisation (0-1; absent on CPU)",
+            registry=self.registry,
+        )
+        self.step = Gauge("phalanx_train_step", "Optimizer steps completed", registry=self.registry)
+        self.total_steps = Gauge(
+            "phalanx_train_total_steps", "Optimizer steps planned", registry=self.registry
+        )
+        self.learning_rate = Gauge(
+            "phalanx_train_learning_rate", "Current learning rate", registry=self.registry
+        )
+        self.checkpoint_seconds = Histogram(
+            "phalanx_checkpoint_save_seconds",
+            "Time to write and publish one checkpoint",
+            buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800),
+            registry=self.registry,
+        )
+        self.progress = Progress(total_steps=total_steps)
+        self.total_steps.set(total_steps)
+        self._lock = threading.Lock()
+        self._server: ThreadingHTTPServer | None = None
+
+    def record_step(
+        self,
+        *,
+        step: int,
+        loss: float,
+        lr: float,
+        tokens_per_second: float | None,
+        mfu: float | None,
+        eta_seconds: float | None,
+    ) -> None:
+        with self._lock:
+            self.progress.step = step
+            self.progress.loss = loss
+            self.progress.tokens_per_second = tokens_per_second
+            self.progress.mfu = mfu
+            self.progress.eta_seconds = eta_seconds
+        self.step.set(step)
+        self.loss.set(loss)
+        self.learning_rate.set(lr)
+        if tokens_per_second is not None:
+            self.tokens_per_second.set(tokens_per_second)
+        if mfu is not None:
+            self.mfu.set(mfu)
+
+    def record_checkpoint(self, step: int, seconds: float) -> None:
+        with self._lock:
+            self.progress.last_checkpoint_step = step
+        self.checkpoint_seconds.observe(seconds)
+
+    def set_position(self, step: int, last_checkpoint_step: int | None) -> None:
+        with self._lock:
+            self.progress.step = step
+            self.progress.last_checkpoint_step = last_checkpoint_step
+        self.step.set(step)
+
+    def progress_json(self) -> dict[str, Any]:
+        with self._lock:
+            return self.progress.to_json()
+
+    def serve(self, port: int, host: str = "0.0.0.0") -> int:
+        """Start the HTTP server in a daemon thread; returns the bound port (0 = any free)."""
+        metrics = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                path = self.path.split("?", 1)[0]
+                if path == "/metrics":
+                    self._send(200, CONTENT_TYPE_LATEST, generate_latest(metrics.registry))
+                elif path == "/progress":
+                    body = json.dumps(metrics.progress_json()).encode()
+                    self._send(200, "application/json", body)
+                elif path in ("/healthz", "/"):
+                    self._send(200, "text/plain", b"ok\n")
+                else:
+                    self._send(404, "text/plain", b"not found\n")
+
+            def _send(self, code: int, content_type: str, body: bytes) -> None:
+                self.send_response(code)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass  # scrapes every few seconds would drown the training log
+
+        self._server = ThreadingHTTPServer((host, port), Handler)
+        self._server.daemon_threads = True
+        threading.Thread(target=self._server.serve_forever, name="metrics", daemon=True).start()
+        return int(self._server.server_address[1])
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None

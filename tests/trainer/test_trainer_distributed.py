@@ -1,0 +1,184 @@
+"""Real multi-process training on CPU/gloo: DDP vs 1 process, FSDP2 vs DDP, crash and resume.
+
+All runs share one configuration (``run_args``); the uninterrupted 2-rank DDP run is the
+reference the interrupted runs must reproduce bit for bit.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from trainer_testkit import (
+    child_pids,
+    export_weights,
+    launch,
+    losses,
+    run_in_process,
+    run_ok,
+    torchrun,
+    wait_for,
+)
+
+from phalanx_trainer.checkpoint import list_complete
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+STEPS = 15
+CHECKPOINT_EVERY = 3
+GLOBAL_BATCH = 4
+# Same samples per step, different reduction order (gloo all-reduce of gradients):
+# the fp32 loss curves agree to within this.
+LOSS_RTOL = 1e-4
+
+
+def run_args(data: Path, ckpt: Path, batch_size: int, *extra: str) -> list[str]:
+    """The shared configuration; ``batch_size`` is per rank and per micro-step."""
+    return [
+        "--data", str(data),
+        "--checkpoint-dir", str(ckpt),
+        "--steps", str(STEPS),
+        "--batch-size", str(batch_size),
+        "--seq-len", "64",
+        "--lr", "3e-3",
+        "--warmup-steps", "2",
+        "--checkpoint-every", str(CHECKPOINT_EVERY),
+        "--keep", "2",
+        "--log-every", "1",
+        "--metrics-port", "-1",
+        *extra,
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def single_run(prepared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("single")
+    assert run_in_process(run_args(prepared_data, out / "ckpt", GLOBAL_BATCH)) == 0
+    return out / "ckpt"
+
+
+@pytest.fixture(scope="module")
+def ddp_run(prepared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("ddp")
+    run_ok(2, run_args(prepared_data, out / "ckpt", GLOBAL_BATCH // 2), out / "logs")
+    return out / "ckpt"
+
+
+def assert_same_curve(a: dict[int, float], b: dict[int, float]) -> None:
+    assert sorted(a) == list(range(1, STEPS + 1))
+    assert sorted(b) == sorted(a)
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=LOSS_RTOL), f"step {step}"
+
+
+def test_two_rank_ddp_matches_one_process_with_same_global_batch(
+    single_run: Path, ddp_run: Path
+) -> None:
+    assert_same_curve(losses(single_run), losses(ddp_run))
+    single, ddp = export_weights(single_run), export_weights(ddp_run)
+    for name, weight in single.items():
+        torch.testing.assert_close(ddp[name], weight, atol=1e-4, rtol=1e-3, msg=name)
+
+
+def test_grad_accumulation_matches_one_large_batch(
+    prepared_data: Path, single_run: Path, tmp_path: Path
+) -> None:
+    ckpt = tmp_path / "ckpt"
+    args = run_args(prepared_data, ckpt, 1, "--grad-accum", str(GLOBAL_BATCH))
+    assert run_in_process(args) == 0  # one process, 4 micro-steps of 1 sequence
+    assert_same_curve(losses(single_run), losses(ckpt))
+
+
+def test_fsdp2_matches_ddp(prepared_data: Path, ddp_run: Path, tmp_path: Path) -> None:
+    ckpt = tmp_path / "ckpt"
+    run_ok(
+        2,
+        run_args(prepared_data, ckpt, GLOBAL_BATCH // 2, "--parallelism", "fsdp"),
+        tmp_path / "logs",
+    )
+    assert_same_curve(losses(ddp_run), losses(ckpt))
+
+
+def test_retention_keeps_newest_and_final(ddp_run: Path) -> None:
+    steps = [c.step for c in list_complete(ddp_run)]
+    assert steps == [STEPS - CHECKPOINT_EVERY, STEPS]  # --keep 2; the final is the newest
+
+
+def test_sigkill_one_rank_then_relaunch_resumes_exactly(
+    prepared_data: Path, ddp_run: Path, tmp_path: Path
+) -> None:
+    ckpt = tmp_path / "ckpt"
+    args = run_args(prepared_data, ckpt, GLOBAL_BATCH // 2)
+    agent = torchrun(2, args, tmp_path / "first.log")
+    try:
+        wait_for(
+            lambda: (ckpt / f"step-{2 * CHECKPOINT_EVERY}" / "COMPLETE").exists(),
+            timeout=180,
+            alive=lambda: agent.poll() is None,
+        )
+        workers = child_pids(agent.pid)
+        assert len(workers) == 2, workers
+        os.kill(workers[-1], signal.SIGKILL)
+        assert agent.wait(timeout=120) != 0  # torchrun tears the gang down
+    finally:
+        if agent.poll() is None:
+            os.killpg(agent.pid, signal.SIGKILL)
+    newest = list_complete(ckpt)[-1].step
+    assert newest < STEPS, "the kill landed after training finished"
+
+    relaunched = torchrun(2, args, tmp_path / "second.log")
+    assert relaunched.wait(timeout=240) == 0, (tmp_path / "second.log").read_text()
+    log = (tmp_path / "second.log").read_text()
+    assert f"resuming from {ckpt / f'step-{newest}'} (step {newest})" in log
+    expected = export_weights(ddp_run)
+    for name, weight in export_weights(ckpt).items():
+        assert torch.equal(weight, expected[name]), name
+
+
+def test_sigkill_during_save_keeps_previous_checkpoint(
+    prepared_data: Path, ddp_run: Path, tmp_path: Path
+) -> None:
+    ckpt = tmp_path / "ckpt"
+    args = run_args(prepared_data, ckpt, GLOBAL_BATCH // 2)
+    held = 2 * CHECKPOINT_EVERY
+    tmp_dir = ckpt / f"step-{held}.tmp"
+    # Writing step-6 finishes, then publishing it stalls (slow storage) until we kill.
+    gang = launch(2, args, tmp_path / "first", {"PHALANX_TRAIN_SAVE_HOLD": f"{held}:600"})
+    try:
+        wait_for(
+            lambda: (tmp_dir / ".metadata").exists() and len(list(tmp_dir.glob("rng/*"))) == 2,
+            timeout=180,
+            alive=gang.alive,
+        )
+    finally:
+        gang.kill()
+    assert [c.step for c in list_complete(ckpt)] == [CHECKPOINT_EVERY]
+
+    second = run_ok(2, args, tmp_path / "second")
+    log = second.log()
+    assert f"removing unfinished checkpoint {tmp_dir}" in log
+    assert f"resuming from {ckpt / f'step-{CHECKPOINT_EVERY}'} (step {CHECKPOINT_EVERY})" in log
+    expected = export_weights(ddp_run)
+    for name, weight in export_weights(ckpt).items():
+        assert torch.equal(weight, expected[name]), name
+
+
+def test_sigterm_saves_and_exits_nonzero(prepared_data: Path, tmp_path: Path) -> None:
+    ckpt = tmp_path / "ckpt"
+    args = run_args(prepared_data, ckpt, GLOBAL_BATCH, "--checkpoint-every", "0", "--steps", "500")
+    gang = launch(1, args, tmp_path / "logs")
+    try:
+        wait_for(lambda: (ckpt / "train_log.jsonl").exists(), timeout=180, alive=gang.alive)
+        gang.procs[0].send_signal(signal.SIGTERM)  # what the kubelet sends a deleted pod
+        codes = gang.wait(timeout=120)
+    finally:
+        gang.kill()
+    assert codes == [128 + signal.SIGTERM], gang.log()
+    saved = list_complete(ckpt)
+    assert len(saved) == 1
+    assert 0 < saved[0].step < 500
+    assert not saved[0].final
+    assert "stop requested" in gang.log()
