@@ -18,6 +18,8 @@ from phalanx import metrics
 from phalanx.constants import GROUP, VERSION
 
 T = TypeVar("T")
+# (connect, read) seconds: a stuck connection must fail and be retried, never hang a worker.
+TIMEOUT = (5, 30)
 _api: client.ApiClient | None = None
 
 
@@ -51,6 +53,11 @@ def _object(response: object) -> dict[str, Any]:
     return response if isinstance(response, dict) else _sanitize(response)
 
 
+def _namespace_terminating(error: ApiException) -> bool:
+    """Creating into a namespace being deleted is pointless, not an error to retry."""
+    return error.status == 403 and "NamespaceTerminating" in str(error.body)
+
+
 def _absent_ok(error: ApiException) -> None:
     if error.status != 404:
         raise error
@@ -71,9 +78,11 @@ def create(manifest: dict[str, Any]) -> dict[str, Any] | None:
     namespace = obj["metadata"]["namespace"]
     api = core()
     creators: dict[str, Callable[[], Any]] = {
-        "Pod": lambda: api.create_namespaced_pod(namespace, obj),
-        "Service": lambda: api.create_namespaced_service(namespace, obj),
-        "ConfigMap": lambda: api.create_namespaced_config_map(namespace, obj),
+        "Pod": lambda: api.create_namespaced_pod(namespace, obj, _request_timeout=TIMEOUT),
+        "Service": lambda: api.create_namespaced_service(namespace, obj, _request_timeout=TIMEOUT),
+        "ConfigMap": lambda: api.create_namespaced_config_map(
+            namespace, obj, _request_timeout=TIMEOUT
+        ),
         "PersistentVolumeClaim": lambda: api.create_namespaced_persistent_volume_claim(
             namespace, obj
         ),
@@ -88,12 +97,12 @@ def create(manifest: dict[str, Any]) -> dict[str, Any] | None:
                 "create",
                 plural,
                 lambda: custom().create_namespaced_custom_object(
-                    group, version, namespace, plural, obj
+                    group, version, namespace, plural, obj, _request_timeout=TIMEOUT
                 ),
             )
         )
     except ApiException as error:
-        if error.status == 409:
+        if error.status == 409 or _namespace_terminating(error):
             return None
         raise
 
@@ -103,7 +112,11 @@ def delete_pod(namespace: str, name: str, force: bool = False) -> dict[str, Any]
     body = client.V1DeleteOptions(grace_period_seconds=0 if force else None)
     try:
         result = _call(
-            "delete", "pod", lambda: core().delete_namespaced_pod(name, namespace, body=body)
+            "delete",
+            "pod",
+            lambda: core().delete_namespaced_pod(
+                name, namespace, body=body, _request_timeout=TIMEOUT
+            ),
         )
     except ApiException as error:
         _absent_ok(error)
@@ -115,7 +128,13 @@ def delete_pod(namespace: str, name: str, force: bool = False) -> dict[str, Any]
 def patch_pod(namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any] | None:
     try:
         return _sanitize(
-            _call("patch", "pod", lambda: core().patch_namespaced_pod(name, namespace, patch))
+            _call(
+                "patch",
+                "pod",
+                lambda: core().patch_namespaced_pod(
+                    name, namespace, patch, _request_timeout=TIMEOUT
+                ),
+            )
         )
     except ApiException as error:
         _absent_ok(error)
@@ -127,7 +146,9 @@ def replace_configmap_data(namespace: str, name: str, data: dict[str, str]) -> N
         _call(
             "patch",
             "configmap",
-            lambda: core().patch_namespaced_config_map(name, namespace, {"data": data}),
+            lambda: core().patch_namespaced_config_map(
+                name, namespace, {"data": data}, _request_timeout=TIMEOUT
+            ),
         )
     except ApiException as error:
         _absent_ok(error)
@@ -143,7 +164,13 @@ def patch_status(
                 "patch",
                 f"{plural}/status",
                 lambda: custom().patch_namespaced_custom_object_status(
-                    GROUP, VERSION, namespace, plural, name, {"status": status}
+                    GROUP,
+                    VERSION,
+                    namespace,
+                    plural,
+                    name,
+                    {"status": status},
+                    _request_timeout=TIMEOUT,
                 ),
             )
         )
@@ -158,7 +185,13 @@ def delete_custom(plural: str, namespace: str, name: str) -> None:
             "delete",
             plural,
             lambda: custom().delete_namespaced_custom_object(
-                GROUP, VERSION, namespace, plural, name, propagation_policy="Background"
+                GROUP,
+                VERSION,
+                namespace,
+                plural,
+                name,
+                propagation_policy="Background",
+                _request_timeout=TIMEOUT,
             ),
         )
     except ApiException as error:
@@ -172,7 +205,7 @@ def get_custom(plural: str, namespace: str, name: str) -> dict[str, Any] | None:
                 "get",
                 plural,
                 lambda: custom().get_namespaced_custom_object(
-                    GROUP, VERSION, namespace, plural, name
+                    GROUP, VERSION, namespace, plural, name, _request_timeout=TIMEOUT
                 ),
             )
         )
@@ -201,7 +234,13 @@ def event(involved: dict[str, Any], kind: str, reason: str, message: str) -> Non
         "count": 1,
     }
     with contextlib.suppress(ApiException):
-        _call("create", "event", lambda: core().create_namespaced_event(meta["namespace"], body))
+        _call(
+            "create",
+            "event",
+            lambda: core().create_namespaced_event(
+                meta["namespace"], body, _request_timeout=TIMEOUT
+            ),
+        )
 
 
 def is_conflict(error: Exception) -> bool:
@@ -212,8 +251,8 @@ def list_all(kind: str) -> list[dict[str, Any]]:
     """Every Node or Pod in the cluster, as plain dicts (the cache's first fill)."""
     api = core()
     listers: dict[str, Callable[[], Any]] = {
-        "Node": lambda: api.list_node(),
-        "Pod": lambda: api.list_pod_for_all_namespaces(),
+        "Node": lambda: api.list_node(_request_timeout=TIMEOUT),
+        "Pod": lambda: api.list_pod_for_all_namespaces(_request_timeout=TIMEOUT),
     }
     items = _sanitize(_call("list", kind.lower(), listers[kind])).get("items") or []
     for item in items:

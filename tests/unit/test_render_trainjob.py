@@ -78,8 +78,8 @@ def test_pod_shape_gate_dns_resources_and_security() -> None:
     assert spec["terminationGracePeriodSeconds"] >= 300
     container = spec["containers"][0]
     assert container["resources"] == {
-        "requests": {"nvidia.com/gpu": 8},
-        "limits": {"nvidia.com/gpu": 8},
+        "requests": {"nvidia.com/gpu": "8"},
+        "limits": {"nvidia.com/gpu": "8"},
     }
     assert container["securityContext"]["allowPrivilegeEscalation"] is False
     assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
@@ -263,5 +263,5 @@ def test_hccl_job_mounts_rank_table_and_sets_env() -> None:
     env = env_of(pod)
     assert env["RANK_TABLE_FILE"] == "/etc/phalanx/hccl/hccl.json"
     assert (env["HCCL_CONNECT_TIMEOUT"], env["HCCL_IF_IP"]) == ("1800", "10.9.9.9")
-    assert pod["spec"]["containers"][0]["resources"]["limits"] == {"huawei.com/Ascend910": 8}
+    assert pod["spec"]["containers"][0]["resources"]["limits"] == {"huawei.com/Ascend910": "8"}
     assert {"name": "hccl", "configMap": {"name": "gpt-hccl"}} in pod["spec"]["volumes"]

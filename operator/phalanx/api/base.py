@@ -61,7 +61,10 @@ class ApiModel(BaseModel):
 
 def section(model: type[ApiModel], description: str) -> Any:
     """A nested object that always exists, so the API server applies its fields' defaults."""
-    return Field(default_factory=model, description=description, json_schema_extra={"default": {}})
+    # The full default object, not {}: the API server checks defaults against CEL rules as
+    # they are, without filling in nested defaults first.
+    default = model().wire()
+    return Field(default_factory=model, description=description, json_schema_extra={"default": default})
 
 
 def rule_violations(model: BaseModel, path: str) -> list[tuple[str, str]]:

@@ -20,7 +20,8 @@ DnsName = Annotated[
     str, StringConstraints(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=63)
 ]
 
-_LEVELS_CEL = "[" + ", ".join(f"'{name}'" for name in LEVEL_ORDER) + "]"
+# Level name -> depth, as a CEL map literal (a list's indexOf costs too much for the budget).
+_LEVELS_CEL = "{" + ", ".join(f"'{name}': {i}" for i, name in enumerate(LEVEL_ORDER)) + "}"
 _RESERVED_CEL = "[" + ", ".join(f"'{name}'" for name in RESERVED_ENV) + "]"
 _RESERVED_TEXT = ", ".join(RESERVED_ENV)
 
@@ -111,10 +112,9 @@ class Topology(ApiModel):
     checks = (
         Rule(
             cel=(
-                f"!has(self.required) || !has(self.preferred) || {_LEVELS_CEL}.indexOf(self.preferred) < 0"
-                f" || {_LEVELS_CEL}.indexOf(self.required) < 0"
-                f" || {_LEVELS_CEL}.indexOf(self.preferred) >= {_LEVELS_CEL}.indexOf(self.required)"
-            ),
+                "!has(self.required) || !has(self.preferred) || !(self.required in L) "
+                "|| !(self.preferred in L) || L[self.preferred] >= L[self.required]"
+            ).replace("L", _LEVELS_CEL),
             message=(
                 "topology.preferred must be the same level as topology.required or finer "
                 "(order: " + " > ".join(LEVEL_ORDER) + "); choose a finer preferred level."

@@ -23,6 +23,7 @@ from phalanx.constants import (
 
 from . import inference, trainjob
 from .base import ApiModel, Rule
+from .common import QUANTITY_PATTERN
 from .validate import MAX_NAME_LENGTH
 
 _DROP = {"title", "$defs", "discriminator"}
@@ -30,7 +31,6 @@ _DROP = {"title", "$defs", "discriminator"}
 NAME_RULE = Rule(
     cel=f"size(self.metadata.name) <= {MAX_NAME_LENGTH}",
     message=f"metadata.name must be at most {MAX_NAME_LENGTH} characters: pod host names append the rank.",
-    field=".metadata.name",
 )
 
 
@@ -84,9 +84,13 @@ def _structural(node: Any, defs: dict[str, Any], rules: dict[str, tuple[Rule, ..
         elif node.get("x-kubernetes-int-or-string") or _int_or_string(non_null):
             del node[key]
             node["x-kubernetes-int-or-string"] = True
+            # A structural schema cannot put a pattern inside the int-or-string anyOf, so the
+            # string form is checked by CEL instead.
             patterns = [o["pattern"] for o in non_null if "pattern" in o]
+            # Bounded strings keep CEL's cost estimate small.
+            node["maxLength"] = max(o.get("maxLength", 0) for o in non_null) or 64
             if patterns:
-                node["anyOf"] = [{"type": "integer"}, {"type": "string", "pattern": patterns[0]}]
+                node["x-kubernetes-validations"] = [_string_form_rule(patterns[0])]
         else:
             node[key] = [_structural(o, defs, rules) for o in non_null]
     if "const" in node:
@@ -121,6 +125,18 @@ def _structural(node: Any, defs: dict[str, Any], rules: dict[str, tuple[Rule, ..
         out["x-kubernetes-preserve-unknown-fields"] = True
     out.update(extra)
     return out
+
+
+def _string_form_rule(pattern: str) -> dict[str, str]:
+    if pattern == QUANTITY_PATTERN:
+        return {
+            "rule": "type(self) != string || isQuantity(self)",
+            "message": "must be a Kubernetes quantity such as 8, 500m or 100Gi",
+        }
+    return {
+        "rule": f"type(self) != string || self.matches('{pattern}')",
+        "message": "must be a count or a percentage such as 25%",
+    }
 
 
 def _int_or_string(options: list[dict[str, Any]]) -> bool:

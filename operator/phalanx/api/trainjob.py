@@ -166,7 +166,7 @@ class FailureRule(ApiModel):
 
     checks = (
         Rule(
-            cel="size(self.onExitCodes) + size(self.onReasons) > 0",
+            cel="(has(self.onExitCodes) && size(self.onExitCodes) > 0) || (has(self.onReasons) && size(self.onReasons) > 0)",
             message="failurePolicy.rules[]: give onExitCodes or onReasons (or both).",
             check=lambda m: len(m.on_exit_codes) + len(m.on_reasons) > 0,
         ),

@@ -3,7 +3,7 @@
 Run with `phalanx operator run` (or `kopf run --standalone -m phalanx.handlers`). Settings come
 from the environment (set by the CLI flags or the Helm chart's ConfigMap):
 PHALANX_TOPOLOGY (preset or explicit levels), PHALANX_METRICS_PORT (0 disables /metrics),
-PHALANX_WORKERS, PHALANX_PROGRESS_INTERVAL.
+PHALANX_WORKERS, PHALANX_ADMISSION_WINDOW, PHALANX_PROGRESS_INTERVAL (0 disables polling).
 """
 
 from __future__ import annotations
@@ -35,6 +35,8 @@ def topology_from_env() -> Topology:
 async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     op = reset()
     settings.posting.level = logging.WARNING
+    # Every watch event runs a handler; their per-event success lines would drown the log.
+    logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     settings.watching.server_timeout = 300
     settings.persistence.finalizer = f"{GROUP}/finalizer"
     # The official client is synchronous; give its calls room to run side by side.
@@ -50,6 +52,7 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
             log.warning("metrics endpoint on :%d not started: %s", port, error)
     topology = topology_from_env()
     workers = int(os.environ.get("PHALANX_WORKERS", "8"))
+    window = int(os.environ.get("PHALANX_ADMISSION_WINDOW", "32"))
     interval = float(os.environ.get("PHALANX_PROGRESS_INTERVAL", str(progress.INTERVAL_SECONDS)))
     _tasks.extend(
         [
@@ -57,12 +60,13 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
                 asyncio.create_task(op.trainjobs.worker(lambda k: trainjob.reconcile(op, k)))
                 for _ in range(workers)
             ),
-            asyncio.create_task(admission.admission_loop(op, topology)),
-            asyncio.create_task(progress.progress_loop(op, interval)),
+            asyncio.create_task(admission.admission_loop(op, topology, window)),
             asyncio.create_task(_mark_synced(op)),
             asyncio.create_task(_export_gauges(op)),
         ]
     )
+    if interval > 0:
+        _tasks.append(asyncio.create_task(progress.progress_loop(op, interval)))
     log.info("phalanx operator started (topology: %s, %d workers)", topology, workers)
 
 
@@ -110,8 +114,10 @@ async def _export_gauges(op: Operator) -> None:
         await asyncio.sleep(5)
 
 
+# Watch handlers are coroutines on purpose: they touch asyncio queues and events, which are
+# not thread-safe, and kopf runs plain functions in a thread pool.
 @kopf.on.event(GROUP, VERSION, TRAINJOB_PLURAL)
-def trainjob_event(event: kopf.RawEvent, **_: Any) -> None:
+async def trainjob_event(event: kopf.RawEvent, **_: Any) -> None:
     op = state()
     obj: dict[str, Any] = dict(event["object"])
     if event.get("type") == "DELETED":
@@ -124,7 +130,7 @@ def trainjob_event(event: kopf.RawEvent, **_: Any) -> None:
 
 
 @kopf.on.event("", "v1", "pods")
-def pod_event(event: kopf.RawEvent, **_: Any) -> None:
+async def pod_event(event: kopf.RawEvent, **_: Any) -> None:
     op = state()
     obj: dict[str, Any] = dict(event["object"])
     owner = op.cache.drop_pod(obj) if event.get("type") == "DELETED" else op.cache.put_pod(obj)
@@ -139,7 +145,7 @@ def pod_event(event: kopf.RawEvent, **_: Any) -> None:
 
 
 @kopf.on.event("", "v1", "nodes")
-def node_event(event: kopf.RawEvent, **_: Any) -> None:
+async def node_event(event: kopf.RawEvent, **_: Any) -> None:
     op = state()
     obj: dict[str, Any] = dict(event["object"])
     if event.get("type") == "DELETED":

@@ -27,6 +27,7 @@ from phalanx.placement import (
     Unplaceable,
     admit,
     pod_requests,
+    queue_order,
 )
 from phalanx.status import is_true, timestamp
 
@@ -134,7 +135,7 @@ async def _release(op: Operator, gang: Gang, nodes: list[str]) -> None:
     await asyncio.gather(*(pin(p) for p in gang.pods))
 
 
-async def admission_pass(op: Operator, topology: Topology) -> None:
+async def admission_pass(op: Operator, topology: Topology, window: int = 32) -> None:
     nodes = list(op.cache.nodes.values())
     waiting, unfinished = queued_gangs(op)
     snapshot = CapacitySnapshot.from_objects(nodes, op.cache.pods.values())
@@ -151,7 +152,17 @@ async def admission_pass(op: Operator, topology: Topology) -> None:
         return
     total = CapacitySnapshot.from_objects(nodes)
     by_key = {f"{g.key[0]}/{g.key[1]}": g for g in waiting}
-    decisions = admit(snapshot, [request_for(g) for g in waiting], topology, total)
+    ordered = queue_order(request_for(g) for g in waiting)
+    # Each placement attempt scans every node; the head of the queue is where admissions
+    # happen, so a pass looks at a bounded window and the rest wait their turn.
+    head, tail = ordered[:window], ordered[window:]
+    for position, request in enumerate(tail, start=window + 1):
+        _remember_verdict(
+            op,
+            by_key[request.key].key,
+            Unplaceable("Queued", f"Position {position} in the admission queue.", permanent=False),
+        )
+    decisions = admit(snapshot, head, topology, total)
     for request, result in decisions:
         gang = by_key[request.key]
         if isinstance(result, Placement):
@@ -196,14 +207,14 @@ async def _record_and_release(op: Operator, gang: Gang, placement: Placement) ->
     log.info("placed %s/%s in %s %s", *gang.key, placement.level, placement.domain)
 
 
-async def admission_loop(op: Operator, topology: Topology) -> None:
+async def admission_loop(op: Operator, topology: Topology, window: int = 32) -> None:
     await op.cache.synced.wait()
     while True:
         await op.admission_wanted.wait()
         await asyncio.sleep(DEBOUNCE_SECONDS)
         op.admission_wanted.clear()
         try:
-            await admission_pass(op, topology)
+            await admission_pass(op, topology, window)
         except Exception:  # never let one bad pass stop admission for everyone
             log.exception("admission pass failed; retrying")
             await asyncio.sleep(1)

@@ -42,17 +42,29 @@ class Store:
     """Objects of one kind by key, never replaced by an older resourceVersion."""
 
     items: dict[Key, Obj] = field(default_factory=dict)
+    # UIDs seen deleted: a write's answer that arrives after the watch's DELETED event must
+    # not bring the object back as a ghost.
+    gone: set[str] = field(default_factory=set)
 
     def put(self, obj: Obj) -> bool:
         key = key_of(obj)
+        if obj.get("metadata", {}).get("uid") in self.gone:
+            return False
         known = self.items.get(key)
         if known is not None and _version(known) > _version(obj):
             return False
         self.items[key] = obj
         return True
 
-    def drop(self, obj: Obj) -> None:
-        self.items.pop(key_of(obj), None)
+    def drop(self, obj: Obj) -> bool:
+        """Forget an object; False when a newer object of the same name replaced it already."""
+        uid = obj.get("metadata", {}).get("uid")
+        if uid:
+            self.gone.add(uid)
+        known = self.items.get(key_of(obj))
+        if known is not None and uid and known.get("metadata", {}).get("uid") not in (uid, None):
+            return False
+        return self.items.pop(key_of(obj), None) is not None
 
     def get(self, key: Key) -> Obj | None:
         return self.items.get(key)
@@ -74,11 +86,15 @@ class Cache:
 
     def put_pod(self, pod: Obj) -> Key | None:
         """Store a pod; returns its owning job or service key, if it has one."""
-        self.pods.put(pod)
+        if not self.pods.put(pod):
+            return None
         return self._link(pod, add=True)
 
     def drop_pod(self, pod: Obj) -> Key | None:
-        self.pods.drop(pod)
+        if not self.pods.drop(pod):
+            labels = pod.get("metadata", {}).get("labels") or {}
+            owner = labels.get(LABEL_JOB) or labels.get(LABEL_SERVICE)
+            return (key_of(pod)[0], owner) if owner else None
         return self._link(pod, add=False)
 
     def _link(self, pod: Obj, add: bool) -> Key | None:

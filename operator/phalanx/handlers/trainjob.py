@@ -79,6 +79,10 @@ async def _reconcile(op: Operator, key: Key) -> None:
         progress=op.progress.get(key),
     )
     plan = plan_trainjob(ref, job.spec, meta.get("generation"), status, world, now)
+    log.debug(
+        "%s/%s: phase %s, create %d, delete %d, requeue %s",
+        *key, plan.status.get("phase"), len(plan.create), len(plan.delete), plan.requeue_after,
+    )  # fmt: skip
     await _apply(op, key, obj, status, plan)
 
 
@@ -118,10 +122,10 @@ async def _apply(op: Operator, key: Key, obj: Obj, old_status: dict[str, Any], p
         *((n, True) for n in plan.force_delete),
     ]:
         pod = await asyncio.to_thread(kube.delete_pod, namespace, name, force)
-        if pod is not None and not force:
-            op.cache.put_pod(pod)
+        if pod is not None and pod["metadata"].get("deletionTimestamp") and not force:
+            op.cache.put_pod(pod)  # terminating gracefully: it still holds its node
         elif (stale := op.cache.pods.get((namespace, name))) is not None:
-            op.cache.drop_pod(stale)  # gone (or going at once): forget it now
+            op.cache.drop_pod(stale)  # gone at once: forget it now
     created = await asyncio.gather(*(asyncio.to_thread(kube.create, pod) for pod in plan.create))
     for pod in created:
         if pod is not None:

@@ -105,7 +105,7 @@ def _resources(spec: LLMTrainJobSpec) -> dict[str, Any]:
     limits: dict[str, Any] = {}
     accelerator = spec.accelerator
     if accelerator.resource_name():
-        requests[accelerator.resource_name()] = limits[accelerator.resource_name()] = (
+        requests[accelerator.resource_name()] = limits[accelerator.resource_name()] = str(
             accelerator.per_node
         )
     if accelerator.cpu is not None:

@@ -1,0 +1,135 @@
+"""`phalanx dev`: build, start, inspect and stop the local control plane."""
+
+from __future__ import annotations
+
+import shlex
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, TypeVar
+
+import typer
+
+from phalanx.devcluster import build as build_
+from phalanx.devcluster import paths
+from phalanx.devcluster.cluster import ClusterStatus, DevCluster
+from phalanx.devcluster.errors import DevClusterError
+from phalanx.devcluster.processes import ProcessState
+from phalanx.devcluster.profiles import PROFILES
+
+app = typer.Typer(
+    help="Local Kubernetes control plane (etcd, kube-apiserver, controller-manager, "
+    "scheduler, kwok fake GPU nodes) for tests and demos.",
+    no_args_is_help=True,
+)
+
+T = TypeVar("T")
+DirOption = Annotated[
+    Path | None,
+    typer.Option("--dir", help="State directory (default: ~/.cache/phalanx/dev/<name>)."),
+]
+NameOption = Annotated[
+    str, typer.Option("--name", help="Cluster name, used for the default --dir.")
+]
+
+
+def _run(action: Callable[[], T]) -> T:
+    """Run an action, turning our errors into one line on stderr and exit status 1."""
+    try:
+        return action()
+    except DevClusterError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(1) from None
+
+
+def _cluster(directory: Path | None, name: str) -> DevCluster:
+    return DevCluster(directory if directory is not None else paths.default_state_dir(name))
+
+
+def _export_line(kubeconfig: Path) -> str:
+    return f"export KUBECONFIG={shlex.quote(str(kubeconfig))}"
+
+
+@app.command()
+def build(
+    force: Annotated[bool, typer.Option("--force", help="Rebuild even if cached.")] = False,
+) -> None:
+    """Build the pinned binaries from the Go module proxy into ~/.cache/phalanx/bin/<version>/."""
+    started = time.monotonic()
+    target = _run(lambda: build_.ensure_binaries(force=force, progress=typer.echo))
+    typer.echo(f"binaries ready in {target} ({time.monotonic() - started:.1f}s)")
+
+
+@app.command()
+def up(
+    profile: Annotated[
+        str, typer.Option("--profile", help=f"Node profile: {', '.join(PROFILES)}.")
+    ] = "gpu",
+    nodes: Annotated[
+        int | None,
+        typer.Option("--nodes", min=0, help="Number of fake nodes (default: the profile's)."),
+    ] = None,
+    port: Annotated[
+        int | None, typer.Option("--port", help="kube-apiserver port (default: a free one).")
+    ] = None,
+    timeout: Annotated[
+        float, typer.Option("--timeout", help="Seconds to wait for readiness.")
+    ] = 180.0,
+    directory: DirOption = None,
+    name: NameOption = "default",
+) -> None:
+    """Start the control plane and fake nodes, then print the KUBECONFIG export line."""
+    cluster = _cluster(directory, name)
+    kubeconfig = _run(
+        lambda: cluster.up(
+            profile=profile, nodes=nodes, port=port, timeout=timeout, progress=typer.echo
+        )
+    )
+    typer.echo(_export_line(kubeconfig))
+
+
+@app.command()
+def down(directory: DirOption = None, name: NameOption = "default") -> None:
+    """Stop the processes `up` started (safe to run twice)."""
+    stopped = _run(_cluster(directory, name).down)
+    typer.echo(f"stopped {', '.join(stopped)}" if stopped else "nothing was running")
+
+
+@app.command()
+def status(directory: DirOption = None, name: NameOption = "default") -> None:
+    """Show each component (running / crashed / stopped) and the nodes."""
+    report = _run(_cluster(directory, name).status)
+    typer.echo(format_status(report))
+    if not report.running:
+        raise typer.Exit(1)
+
+
+@app.command()
+def env(directory: DirOption = None, name: NameOption = "default") -> None:
+    """Print the KUBECONFIG export line of a running cluster: eval "$(phalanx dev env)"."""
+    cluster = _cluster(directory, name)
+    if not cluster.kubeconfig.exists():
+        typer.echo(f"error: no dev cluster in {cluster.root}: run `phalanx dev up`", err=True)
+        raise typer.Exit(1)
+    typer.echo(_export_line(cluster.kubeconfig))
+
+
+def format_status(report: ClusterStatus) -> str:
+    lines = [f"cluster   {report.root}", f"kubeconfig {report.kubeconfig}"]
+    for component in report.components:
+        if component.state is ProcessState.RUNNING:
+            detail = f"pid {component.pid}, {component.rss_bytes / 2**20:.0f} MiB"
+        elif component.state is ProcessState.CRASHED:
+            detail = f"see {component.log}"
+        else:
+            detail = ""
+        lines.append(f"  {component.name:<24} {component.state.value:<8} {detail}".rstrip())
+    if report.nodes is not None:
+        accelerators = ", ".join(
+            f"{count} {resource}" for resource, count in report.nodes.accelerators.items() if count
+        )
+        lines.append(
+            f"nodes     {report.nodes.ready}/{report.nodes.total} Ready"
+            + (f", {accelerators}" if accelerators else "")
+        )
+    return "\n".join(lines)

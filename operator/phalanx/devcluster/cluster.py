@@ -1,0 +1,324 @@
+"""Bring a dev cluster up, report on it, and take it down again.
+
+`DevCluster(dir).up()` starts etcd and kube-apiserver, waits for /readyz, starts
+kube-controller-manager, kube-scheduler and kwok, creates the profile's fake nodes and waits
+until they are Ready. Each `up` starts from an empty etcd: a dev cluster is disposable.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from phalanx.devcluster import components as components_
+from phalanx.devcluster import kwok_stages, paths, profiles
+from phalanx.devcluster.apiclient import ApiClient, probe
+from phalanx.devcluster.build import require_binaries
+from phalanx.devcluster.certs import CLIENTS, ensure_pki
+from phalanx.devcluster.components import Component
+from phalanx.devcluster.errors import DevClusterError
+from phalanx.devcluster.kubeconfig import render_kubeconfig, write_kubeconfig
+from phalanx.devcluster.layout import ClusterLayout, Ports
+from phalanx.devcluster.ports import choose_ports
+from phalanx.devcluster.processes import (
+    ProcessState,
+    process_state,
+    read_pid_file,
+    resident_bytes,
+    start_process,
+    stop_process,
+)
+
+Progress = Callable[[str], None]
+COMPONENT_NAMES = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok")
+ACCELERATOR_RESOURCES = ("nvidia.com/gpu", "huawei.com/Ascend910")
+NODE_CREATE_WORKERS = 8
+
+
+@dataclass(frozen=True)
+class ComponentStatus:
+    name: str
+    state: ProcessState
+    pid: int | None
+    log: Path
+    rss_bytes: int
+
+
+@dataclass(frozen=True)
+class NodeSummary:
+    total: int
+    ready: int
+    accelerators: dict[str, int]
+
+
+@dataclass(frozen=True)
+class ClusterStatus:
+    root: Path
+    kubeconfig: Path
+    components: tuple[ComponentStatus, ...]
+    nodes: NodeSummary | None
+
+    @property
+    def running(self) -> bool:
+        return all(c.state is ProcessState.RUNNING for c in self.components)
+
+    @property
+    def rss_bytes(self) -> int:
+        return sum(c.rss_bytes for c in self.components)
+
+
+class DevCluster:
+    """One local control plane whose files live in `root`."""
+
+    def __init__(self, root: Path | str | None = None, *, name: str = "default") -> None:
+        self.layout = ClusterLayout(
+            Path(root) if root is not None else paths.default_state_dir(name)
+        )
+
+    @property
+    def root(self) -> Path:
+        return self.layout.root
+
+    @property
+    def kubeconfig(self) -> Path:
+        return self.layout.kubeconfig
+
+    def up(
+        self,
+        *,
+        profile: str = "gpu",
+        nodes: int | None = None,
+        port: int | None = None,
+        timeout: float = 120.0,
+        progress: Progress | None = None,
+    ) -> Path:
+        """Start the control plane and its fake nodes; returns the admin kubeconfig path."""
+        report = progress or (lambda _line: None)
+        chosen_profile = _profile_or_error(profile)
+        bin_dir = require_binaries()
+        if self._check_not_running():
+            report(f"already running in {self.root}")
+            return self.kubeconfig
+        started = time.monotonic()
+        ports = choose_ports(port)
+        self._prepare_files(ports, chosen_profile.name)
+        plan = components_.control_plane(self.layout, ports, bin_dir)
+        try:
+            self._start(plan[:2])
+            client = self.client(ports)
+            self._wait_ready(plan[:2], client, deadline=started + timeout)
+            report(
+                f"kube-apiserver ready on https://127.0.0.1:{ports.apiserver} ({time.monotonic() - started:.1f}s)"
+            )
+            self._start(plan[2:])
+            node_objects = profiles.render_nodes(chosen_profile, nodes)
+            create_nodes(client, node_objects)
+            self._wait_ready(plan, client, deadline=started + timeout)
+            self._wait_nodes_ready(
+                client, {n["metadata"]["name"] for n in node_objects}, plan, started + timeout
+            )
+            report(
+                f"{len(node_objects)} {chosen_profile.name} nodes Ready ({time.monotonic() - started:.1f}s)"
+            )
+        except BaseException:
+            self.down()
+            raise
+        return self.kubeconfig
+
+    def down(self) -> list[str]:
+        """Stop exactly the processes `up` started; returns the names that were running."""
+        stopped = []
+        for name in reversed(COMPONENT_NAMES):
+            if stop_process(self.layout.pid_file(name)):
+                stopped.append(name)
+        return stopped
+
+    def status(self) -> ClusterStatus:
+        statuses = tuple(self._component_status(name) for name in COMPONENT_NAMES)
+        nodes = None
+        apiserver = statuses[1]
+        if apiserver.state is ProcessState.RUNNING:
+            try:
+                nodes = summarize_nodes(self.client().get("/api/v1/nodes").json()["items"])
+            except (OSError, ValueError, KeyError, DevClusterError):
+                nodes = None
+        return ClusterStatus(self.root, self.kubeconfig, statuses, nodes)
+
+    def client(self, ports: Ports | None = None) -> ApiClient:
+        pki = self.layout.pki
+        return ApiClient(
+            "127.0.0.1",
+            (ports or self.layout.read_ports()).apiserver,
+            ca_cert=pki.ca_cert,
+            client_cert=pki.cert("admin"),
+            client_key=pki.key("admin"),
+        )
+
+    def _check_not_running(self) -> bool:
+        """True if the whole cluster already runs; an error if only part of it does."""
+        states = {name: process_state(self.layout.pid_file(name)) for name in COMPONENT_NAMES}
+        for name, state in states.items():
+            if state is ProcessState.CRASHED:
+                raise DevClusterError(
+                    f"stale PID file {self.layout.pid_file(name)} ({name} is not running, log: "
+                    f"{self.layout.log(name)}): run `phalanx dev down{self._dir_flag()}` first"
+                )
+        running = [name for name, state in states.items() if state is ProcessState.RUNNING]
+        if running and len(running) != len(COMPONENT_NAMES):
+            raise DevClusterError(
+                f"only part of the cluster in {self.root} is running ({', '.join(running)}): "
+                f"run `phalanx dev down{self._dir_flag()}` first"
+            )
+        return bool(running)
+
+    def _dir_flag(self) -> str:
+        return "" if self.root == paths.default_state_dir() else f" --dir {self.root}"
+
+    def _prepare_files(self, ports: Ports, profile: str) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(self.layout.etcd_data, ignore_errors=True)
+        for name in COMPONENT_NAMES:
+            self.layout.log(name).unlink(missing_ok=True)
+        pki = ensure_pki(self.layout.pki.root)
+        server = f"https://127.0.0.1:{ports.apiserver}"
+        kubeconfigs = {"admin": self.kubeconfig}
+        kubeconfigs.update(
+            (stem, self.layout.component_kubeconfig(stem))
+            for stem in ("controller-manager", "scheduler", "kwok")
+        )
+        users = {client.file_stem: client.user for client in CLIENTS}
+        for stem, path in kubeconfigs.items():
+            config = render_kubeconfig(
+                cluster="phalanx-dev",
+                server=server,
+                ca_cert=pki.ca_cert,
+                client_cert=pki.cert(stem),
+                client_key=pki.key(stem),
+                user=users[stem],
+            )
+            write_kubeconfig(path, config)
+        kwok_stages.write_kwok_config(self.layout.kwok_config)
+        self.layout.write_ports(ports, profile=profile)
+
+    def _start(self, plan: Iterable[Component]) -> None:
+        for component in plan:
+            start_process(
+                component.argv,
+                pid_file=self.layout.pid_file(component.name),
+                log_file=self.layout.log(component.name),
+            )
+
+    def _wait_ready(self, plan: Iterable[Component], client: ApiClient, *, deadline: float) -> None:
+        pending = list(plan)
+        while pending:
+            self._raise_if_exited(pending)
+            pending = [c for c in pending if not self._is_healthy(c, client)]
+            if pending and time.monotonic() > deadline:
+                names = ", ".join(c.name for c in pending)
+                raise DevClusterError(f"timed out waiting for {names} (logs in {self.root})")
+            if pending:
+                time.sleep(0.2)
+
+    def _is_healthy(self, component: Component, client: ApiClient) -> bool:
+        if component.health_url is None:
+            return True
+        if component.name == "kube-apiserver":
+            try:
+                return client.get("/readyz").status == 200
+            except OSError:
+                return False
+        return probe(component.health_url)
+
+    def _raise_if_exited(self, plan: Iterable[Component]) -> None:
+        for component in plan:
+            if process_state(self.layout.pid_file(component.name)) is not ProcessState.RUNNING:
+                log = self.layout.log(component.name)
+                raise DevClusterError(
+                    f"{component.name} exited during start: {_explain_log(log)} (log: {log})"
+                )
+
+    def _wait_nodes_ready(
+        self, client: ApiClient, names: set[str], plan: Iterable[Component], deadline: float
+    ) -> None:
+        while True:
+            items = client.get("/api/v1/nodes?resourceVersion=0").json()["items"]
+            ready = {n["metadata"]["name"] for n in items if node_is_ready(n)}
+            if names <= ready:
+                return
+            self._raise_if_exited(plan)
+            if time.monotonic() > deadline:
+                raise DevClusterError(
+                    f"only {len(names & ready)} of {len(names)} nodes became Ready "
+                    f"(kwok log: {self.layout.log('kwok')})"
+                )
+            time.sleep(0.2)
+
+    def _component_status(self, name: str) -> ComponentStatus:
+        pid_file = self.layout.pid_file(name)
+        record = read_pid_file(pid_file)
+        return ComponentStatus(
+            name=name,
+            state=process_state(pid_file),
+            pid=record.pid if record else None,
+            log=self.layout.log(name),
+            rss_bytes=resident_bytes(record) if record else 0,
+        )
+
+
+def create_nodes(client: ApiClient, nodes: list[dict[str, Any]]) -> None:
+    """Create nodes concurrently; ones that already exist are left as they are."""
+
+    def create(node: dict[str, Any]) -> None:
+        reply = client.post("/api/v1/nodes", node)
+        if reply.status not in (201, 409):
+            name = node["metadata"]["name"]
+            raise DevClusterError(
+                f"creating node {name} failed with HTTP {reply.status}: {reply.body[:200]!r}"
+            )
+
+    with ThreadPoolExecutor(NODE_CREATE_WORKERS) as pool:
+        list(pool.map(create, nodes))
+
+
+def node_is_ready(node: dict[str, Any]) -> bool:
+    return any(
+        c.get("type") == "Ready" and c.get("status") == "True"
+        for c in node.get("status", {}).get("conditions", [])
+    )
+
+
+def summarize_nodes(nodes: list[dict[str, Any]]) -> NodeSummary:
+    ready = [n for n in nodes if node_is_ready(n)]
+    accelerators = {
+        resource: sum(int(n["status"].get("allocatable", {}).get(resource, 0)) for n in ready)
+        for resource in ACCELERATOR_RESOURCES
+    }
+    return NodeSummary(total=len(nodes), ready=len(ready), accelerators=accelerators)
+
+
+def _profile_or_error(name: str) -> profiles.Profile:
+    try:
+        return profiles.get_profile(name)
+    except ValueError as error:
+        raise DevClusterError(str(error)) from None
+
+
+def _explain_log(log: Path) -> str:
+    """The log line that says why a component stopped, in one line."""
+    try:
+        lines = [
+            line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()
+        ]
+    except OSError:
+        return "no log"
+    for line in reversed(lines):
+        if "address already in use" in line:
+            return (
+                "a port it needs is already in use; run `phalanx dev up` again to pick free ports"
+            )
+    return lines[-1][:300] if lines else "no output"

@@ -1,0 +1,149 @@
+"""Helpers for LLMTrainJob scenarios on the dev cluster: apply a job, read it, read its pods."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+from phalanx.devcluster.testing import Kubectl, wait_for
+
+# kwok ends a Running pod this way (see docs/devcluster.md).
+OUTCOME = "phalanx.dev/fake-outcome"
+EXIT_CODE = "phalanx.dev/fake-exit-code"
+DURATION = "phalanx.dev/fake-duration"
+
+
+def job_manifest(name: str, **spec: Any) -> dict[str, Any]:
+    spec.setdefault("checkpoint", {"enabled": False})
+    return {
+        "apiVersion": "phalanx.dev/v1alpha1",
+        "kind": "LLMTrainJob",
+        "metadata": {"name": name},
+        "spec": spec,
+    }
+
+
+def outcome(
+    result: str = "Succeeded", after: str = "3s", exit_code: int | None = None
+) -> dict[str, Any]:
+    """A pod template overlay that makes every rank end `result` after `after` of running."""
+    annotations = {OUTCOME: result, DURATION: after}
+    if exit_code is not None:
+        annotations[EXIT_CODE] = str(exit_code)
+    return {"metadata": {"annotations": annotations}}
+
+
+class Jobs:
+    """LLMTrainJobs and their pods in one namespace."""
+
+    def __init__(self, kubectl: Kubectl, namespace: str) -> None:
+        self.kubectl = kubectl
+        self.namespace = namespace
+
+    def apply(self, name: str, **spec: Any) -> None:
+        self.kubectl.create(self.namespace, job_manifest(name, **spec))
+
+    def get(self, name: str) -> dict[str, Any]:
+        result: dict[str, Any] = self.kubectl.json("get", "llmtrainjob", name, "-n", self.namespace)
+        return result
+
+    def status(self, name: str) -> dict[str, Any]:
+        return dict(self.get(name).get("status") or {})
+
+    def condition(self, name: str, kind: str) -> dict[str, Any] | None:
+        for condition in self.status(name).get("conditions") or []:
+            if condition["type"] == kind:
+                return dict(condition)
+        return None
+
+    def pods(self, name: str) -> list[dict[str, Any]]:
+        listing = self.kubectl.json(
+            "get", "pods", "-n", self.namespace, "-l", f"phalanx.dev/job={name}"
+        )
+        return sorted(
+            listing["items"], key=lambda p: int(p["metadata"]["labels"]["phalanx.dev/rank"])
+        )
+
+    def patch(self, name: str, patch: dict[str, Any]) -> None:
+        self.kubectl(
+            "patch",
+            "llmtrainjob",
+            name,
+            "-n",
+            self.namespace,
+            "--type=merge",
+            "-p",
+            json.dumps(patch),
+        )
+
+    def annotate_pod(self, pod: str, **annotations: str) -> None:
+        pairs = [f"{k.replace('_', '-')}={v}" for k, v in annotations.items()]
+        self.kubectl("annotate", "pod", pod, "-n", self.namespace, "--overwrite", *pairs)
+
+    def wait_phase(self, name: str, phase: str, timeout: float = 60) -> dict[str, Any]:
+        return wait_for(
+            lambda: (s := self.status(name)).get("phase") == phase and s,
+            timeout,
+            f"LLMTrainJob {name} to reach phase {phase}",
+        )
+
+    def wait_restarts(self, name: str, count: int, timeout: float = 60) -> dict[str, Any]:
+        """Restarts are counted for good, unlike the Restarting condition, which is brief."""
+        return wait_for(
+            lambda: int((s := self.status(name)).get("restarts") or 0) >= count and s,
+            timeout,
+            f"LLMTrainJob {name} to restart {count} time(s)",
+        )
+
+    def events(self, name: str, reason: str) -> list[str]:
+        listing = self.kubectl.json(
+            "get", "events", "-n", self.namespace,
+            "--field-selector", f"involvedObject.name={name},reason={reason}",
+        )  # fmt: skip
+        return [str(e["message"]) for e in listing["items"]]
+
+    def wait_condition(
+        self, name: str, kind: str, status: str, reason: str | None = None, timeout: float = 60
+    ) -> dict[str, Any]:
+        def matches() -> dict[str, Any] | None:
+            found = self.condition(name, kind)
+            if (
+                found
+                and found["status"] == status
+                and (reason is None or found["reason"] == reason)
+            ):
+                return found
+            return None
+
+        return wait_for(
+            matches,
+            timeout,
+            f"{name} condition {kind}={status} {reason or ''} (now {self.condition(name, kind)})",
+        )
+
+    def wait_pods(
+        self,
+        name: str,
+        predicate: Callable[[list[dict[str, Any]]], bool],
+        timeout: float,
+        what: str,
+    ) -> list[dict[str, Any]]:
+        return wait_for(
+            lambda: (pods := self.pods(name)) and predicate(pods) and pods,
+            timeout,
+            f"{name}: {what}",
+        )
+
+
+def gated(pod: dict[str, Any]) -> bool:
+    return bool(pod["spec"].get("schedulingGates"))
+
+
+def env(pod: dict[str, Any]) -> dict[str, str]:
+    return {e["name"]: e.get("value", "") for e in pod["spec"]["containers"][0]["env"]}
+
+
+def node_labels(kubectl: Kubectl, node: str) -> dict[str, str]:
+    labels: dict[str, str] = kubectl.json("get", "node", node)["metadata"]["labels"]
+    return labels

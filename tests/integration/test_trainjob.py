@@ -1,0 +1,373 @@
+"""LLMTrainJob scenarios on the real control plane with the operator under KopfRunner.
+
+The dev cluster has 64 fake H100 nodes: 2 zones x 2 blocks x 4 racks x 4 hosts of 8 GPUs.
+kwok plays the kubelet: pods turn Running when bound, and end as their fake-outcome annotation
+says. Each scenario is its own test in a fresh namespace.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from jobkit import Jobs, env, gated, node_labels, outcome
+
+from phalanx.devcluster.profiles import get_profile, render_nodes
+from phalanx.devcluster.testing import Kubectl, wait_for
+
+GPU_NODE = {"type": "nvidia", "perNode": 8}
+NOT_READY = "phalanx.dev/fake-node-ready"
+
+
+@pytest.fixture(autouse=True)
+def _quiet_operator(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PHALANX_METRICS_PORT", "0")
+    monkeypatch.setenv("PHALANX_PROGRESS_INTERVAL", "0")
+
+
+@pytest.fixture
+def jobs(kubectl: Kubectl, namespace: str) -> Jobs:
+    return Jobs(kubectl, namespace)
+
+
+@pytest.fixture
+def operator(run_operator: Callable[..., Any]) -> Iterator[Any]:
+    with run_operator() as runner:
+        yield runner
+
+
+def racks_of(kubectl: Kubectl, pods: list[dict[str, Any]]) -> set[str]:
+    return {node_labels(kubectl, p["spec"]["nodeName"])["phalanx.dev/rack"] for p in pods}
+
+
+def bound(pods: list[dict[str, Any]]) -> bool:
+    return all(p["spec"].get("nodeName") for p in pods)
+
+
+def test_four_node_job_lands_in_one_rack_with_env_service_and_claim(
+    kubectl: Kubectl, namespace: str, jobs: Jobs, operator: Any
+) -> None:
+    kubectl(
+        "create", "-f", "-",
+        stdin=json.dumps({
+            "apiVersion": "v1", "kind": "PersistentVolume",
+            "metadata": {"name": f"pv-{namespace}"},
+            "spec": {
+                "capacity": {"storage": "10Gi"}, "accessModes": ["ReadWriteMany"],
+                "hostPath": {"path": "/tmp/phalanx-pv"},
+                "claimRef": {"namespace": namespace, "name": "gpt-checkpoint"},
+            },
+        }),
+    )  # fmt: skip
+    try:
+        jobs.apply(
+            "gpt",
+            nodes=4,
+            accelerator=GPU_NODE,
+            topology={"required": "rack"},
+            checkpoint={"size": "10Gi"},
+        )
+        status = jobs.wait_phase("gpt", "Running", timeout=90)
+        pods = jobs.pods("gpt")
+        assert len(pods) == 4
+        assert racks_of(kubectl, pods) == {status["placement"]["domain"]}
+        assert status["placement"]["level"] in ("rack", "host")
+        assert [p["spec"]["nodeName"] for p in pods] == status["placement"]["nodes"]
+        assert status["accelerators"] == 32
+        for rank, pod in enumerate(pods):
+            variables = env(pod)
+            assert variables["PET_NODE_RANK"] == str(rank)
+            assert variables["PET_NNODES"] == "4"
+            assert variables["PET_MASTER_ADDR"] == f"gpt-0.gpt.{namespace}.svc"
+            assert not gated(pod)
+        service = kubectl.json("get", "service", "gpt", "-n", namespace)
+        assert service["spec"]["clusterIP"] == "None"
+        assert service["spec"]["publishNotReadyAddresses"] is True
+        claim = kubectl.json("get", "pvc", "gpt-checkpoint", "-n", namespace)
+        assert claim["status"]["phase"] == "Bound"
+        printed = kubectl("get", "ltj", "gpt", "-n", namespace).stdout
+        assert "Running" in printed
+        assert status["placement"]["domain"] in printed
+    finally:
+        kubectl("delete", "pv", f"pv-{namespace}", "--wait=false", check=False)
+
+
+def test_competing_gangs_one_runs_the_other_waits_never_partially(
+    namespace: str, jobs: Jobs, operator: Any
+) -> None:
+    # 40 of the 64 nodes each: only one gang fits at a time.
+    jobs.apply(
+        "first",
+        nodes=40,
+        accelerator=GPU_NODE,
+        podTemplate=outcome("Succeeded", "8s"),
+        runPolicy={"priority": 10},
+    )
+    jobs.wait_phase("first", "Running", timeout=90)
+    jobs.apply("second", nodes=40, accelerator=GPU_NODE, podTemplate=outcome("Succeeded", "2s"))
+    waiting = jobs.wait_condition("second", "Admitted", "False", "InsufficientCapacity", timeout=60)
+    assert "40" in waiting["message"]
+
+    def second_all_or_nothing() -> bool:
+        pods = jobs.pods("second")
+        states = {gated(p) for p in pods}
+        assert len(states) <= 1, "the second gang was partially released"
+        return jobs.status("second").get("phase") == "Succeeded"
+
+    wait_for(second_all_or_nothing, 120, "the second gang to run after the first finished")
+    assert jobs.status("first")["phase"] == "Succeeded"
+
+
+def test_rank_failure_restarts_the_gang_then_succeeds(jobs: Jobs, operator: Any) -> None:
+    jobs.apply("flaky", nodes=2, accelerator=GPU_NODE, podTemplate=outcome("Succeeded", "12s"))
+    jobs.wait_phase("flaky", "Running", timeout=60)
+    jobs.annotate_pod(
+        "flaky-1",
+        **{
+            "phalanx.dev/fake-outcome": "Failed",
+            "phalanx.dev/fake-exit-code": "3",
+            "phalanx.dev/fake-duration": "0s",
+        },
+    )
+    jobs.wait_restarts("flaky", 1, timeout=60)
+    messages = wait_for(lambda: jobs.events("flaky", "RankFailed"), 30, "a RankFailed event")
+    assert "rank 1" in messages[0]
+    assert "exit code 3" in messages[0]
+    jobs.wait_pods(
+        "flaky",
+        lambda pods: (
+            all(p["metadata"]["labels"]["phalanx.dev/generation"] == "2" for p in pods)
+            and len(pods) == 2
+        ),
+        60,
+        "generation 2 pods",
+    )
+    status = jobs.wait_phase("flaky", "Succeeded", timeout=90)
+    assert status["restarts"] == 1
+    assert status["gangGeneration"] == 2
+    assert {env(p)["PHALANX_RESTART"] for p in jobs.pods("flaky")} == {"1"}
+
+
+def test_too_many_failures_fail_the_job(jobs: Jobs, operator: Any) -> None:
+    jobs.apply(
+        "doomed",
+        nodes=2,
+        accelerator=GPU_NODE,
+        podTemplate=outcome("Failed", "1s", exit_code=1),
+        failurePolicy={"maxRestarts": 1},
+    )
+    status = jobs.wait_phase("doomed", "Failed", timeout=90)
+    failed = next(c for c in status["conditions"] if c["type"] == "Failed")
+    assert failed["reason"] == "RestartLimitExceeded"
+    assert status["restarts"] == 1
+
+
+def test_permanent_exit_code_fails_at_once(jobs: Jobs, operator: Any) -> None:
+    jobs.apply(
+        "bad-data",
+        nodes=2,
+        accelerator=GPU_NODE,
+        podTemplate=outcome("Failed", "1s", exit_code=2),
+        failurePolicy={"maxRestarts": 5, "rules": [{"action": "FailJob", "onExitCodes": [2]}]},
+    )
+    status = jobs.wait_phase("bad-data", "Failed", timeout=60)
+    assert status["restarts"] == 0
+    assert (
+        next(c for c in status["conditions"] if c["type"] == "Failed")["reason"]
+        == "PermanentFailure"
+    )
+
+
+def test_node_not_ready_reschedules_the_gang_on_healthy_nodes(
+    kubectl: Kubectl, jobs: Jobs, operator: Any
+) -> None:
+    jobs.apply(
+        "resilient",
+        nodes=2,
+        accelerator=GPU_NODE,
+        topology={"required": "rack"},
+        podTemplate=outcome("Succeeded", "300s"),
+    )
+    jobs.wait_phase("resilient", "Running", timeout=60)
+    lost = jobs.pods("resilient")[1]["spec"]["nodeName"]
+    kubectl("annotate", "node", lost, f"{NOT_READY}=false", "--overwrite")
+    try:
+        jobs.wait_restarts("resilient", 1, timeout=90)
+        events = wait_for(lambda: jobs.events("resilient", "RankFailed"), 30, "a RankFailed event")
+        assert "NodeLost" in events[0]
+        pods = jobs.wait_pods(
+            "resilient",
+            lambda pods: (
+                len(pods) == 2
+                and bound(pods)
+                and all(p["metadata"]["labels"]["phalanx.dev/generation"] == "2" for p in pods)
+            ),
+            120,
+            "the new gang bound",
+        )
+        assert lost not in {p["spec"]["nodeName"] for p in pods}
+        jobs.wait_phase("resilient", "Running", timeout=60)
+    finally:
+        kubectl("annotate", "node", lost, f"{NOT_READY}-", check=False)
+
+
+def test_suspend_and_resume(jobs: Jobs, operator: Any) -> None:
+    jobs.apply("pausable", nodes=2, accelerator=GPU_NODE, podTemplate=outcome("Succeeded", "300s"))
+    jobs.wait_phase("pausable", "Running", timeout=60)
+    jobs.patch("pausable", {"spec": {"runPolicy": {"suspend": True}}})
+    jobs.wait_phase("pausable", "Suspended", timeout=60)
+    wait_for(lambda: not jobs.pods("pausable"), 60, "the pods of a suspended job to be deleted")
+    jobs.patch("pausable", {"spec": {"runPolicy": {"suspend": False}}})
+    status = jobs.wait_phase("pausable", "Running", timeout=60)
+    assert status["gangGeneration"] == 2
+
+
+def test_active_deadline(jobs: Jobs, operator: Any) -> None:
+    jobs.apply(
+        "slow",
+        nodes=1,
+        accelerator=GPU_NODE,
+        podTemplate=outcome("Succeeded", "300s"),
+        runPolicy={"activeDeadlineSeconds": 5},
+    )
+    status = jobs.wait_phase("slow", "Failed", timeout=60)
+    assert (
+        next(c for c in status["conditions"] if c["type"] == "Failed")["reason"]
+        == "DeadlineExceeded"
+    )
+    wait_for(
+        lambda: (
+            all(
+                p["metadata"].get("deletionTimestamp") or p["status"]["phase"] != "Running"
+                for p in jobs.pods("slow")
+            )
+            or not jobs.pods("slow")
+        ),
+        60,
+        "pods stopped",
+    )
+
+
+def test_ttl_deletes_a_finished_job(
+    kubectl: Kubectl, namespace: str, jobs: Jobs, operator: Any
+) -> None:
+    jobs.apply(
+        "brief",
+        nodes=1,
+        accelerator=GPU_NODE,
+        podTemplate=outcome("Succeeded", "1s"),
+        runPolicy={"ttlSecondsAfterFinished": 2},
+    )
+    jobs.wait_phase("brief", "Succeeded", timeout=60)
+    wait_for(
+        lambda: not kubectl.exists("llmtrainjob", "brief", "-n", namespace),
+        60,
+        "the job to be deleted by its TTL",
+    )
+
+
+def test_impossible_required_level_gets_a_clear_reason_and_binds_nothing(
+    jobs: Jobs, operator: Any
+) -> None:
+    # A rack has 4 hosts: 5 pods of 8 GPUs can never share one.
+    jobs.apply("too-wide", nodes=5, accelerator=GPU_NODE, topology={"required": "rack"})
+    condition = jobs.wait_condition(
+        "too-wide", "Admitted", "False", "GangExceedsDomainCapacity", timeout=60
+    )
+    assert "rack" in condition["message"]
+    assert "never" in condition["message"]
+    assert all(gated(p) and not p["spec"].get("nodeName") for p in jobs.pods("too-wide"))
+
+
+def test_unknown_topology_level_is_reported(jobs: Jobs, operator: Any) -> None:
+    jobs.apply("odd-level", nodes=1, accelerator=GPU_NODE, topology={"required": "pod"})
+    condition = jobs.wait_condition(
+        "odd-level", "Admitted", "False", "UnknownTopologyLevel", timeout=60
+    )
+    assert "pod" in condition["message"]
+
+
+def test_ascend_job_gets_a_completed_rank_table(
+    kubectl: Kubectl, namespace: str, jobs: Jobs, operator: Any
+) -> None:
+    nodes = render_nodes(get_profile("ascend"), 2)
+    for node in nodes:
+        kubectl("apply", "-f", "-", stdin=json.dumps(node))
+    jobs.apply(
+        "npu",
+        nodes=2,
+        accelerator={"type": "ascend", "perNode": 8},
+        podTemplate=outcome("Succeeded", "300s"),
+    )
+    pods = jobs.wait_pods(
+        "npu", lambda pods: len(pods) == 2 and bound(pods), 60, "both NPU pods bound"
+    )
+    table = json.loads(
+        kubectl.json("get", "configmap", "npu-hccl", "-n", namespace)["data"]["hccl.json"]
+    )
+    assert table["status"] == "initializing"
+    # Play the Ascend device plugin: annotate each bound pod with its NPUs.
+    for index, pod in enumerate(pods):
+        devices = [{"device_id": str(i), "device_ip": f"192.168.{index}.{i}"} for i in range(8)]
+        annotation = json.dumps(
+            {"pod_name": pod["metadata"]["name"], "server_id": f"s{index}", "devices": devices}
+        )
+        jobs.annotate_pod(
+            pod["metadata"]["name"],
+            **{"ascend.kubectl.kubernetes.io/ascend-910-configuration": annotation},
+        )
+
+    def completed() -> dict[str, Any] | None:
+        data = json.loads(
+            kubectl.json("get", "configmap", "npu-hccl", "-n", namespace)["data"]["hccl.json"]
+        )
+        return data if data["status"] == "completed" else None
+
+    table = wait_for(completed, 60, "hccl.json to be completed")
+    rank_ids = [d["rank_id"] for server in table["server_list"] for d in server["device"]]
+    assert rank_ids == [str(i) for i in range(16)]
+    assert env(pods[0])["RANK_TABLE_FILE"] == "/etc/phalanx/hccl/hccl.json"
+
+
+def test_gang_scheduler_none_uses_plain_kube_scheduler(jobs: Jobs, operator: Any) -> None:
+    jobs.apply(
+        "plain",
+        nodes=2,
+        accelerator=GPU_NODE,
+        runPolicy={"gangScheduler": "none"},
+        podTemplate=outcome("Succeeded", "2s"),
+    )
+    pods = jobs.wait_pods(
+        "plain", lambda pods: len(pods) == 2 and bound(pods), 60, "pods bound by kube-scheduler"
+    )
+    assert not any(gated(p) for p in pods)
+    jobs.wait_phase("plain", "Succeeded", timeout=60)
+
+
+def test_operator_restart_mid_admission_no_duplicates_no_double_booking(
+    kubectl: Kubectl, namespace: str, jobs: Jobs, run_operator: Callable[..., Any]
+) -> None:
+    names = [f"burst-{i}" for i in range(6)]
+    with run_operator():
+        for name in names:
+            jobs.apply(
+                name, nodes=4, accelerator=GPU_NODE, podTemplate=outcome("Succeeded", "300s")
+            )
+        wait_for(
+            lambda: any(not gated(p) for n in names for p in jobs.pods(n)), 60, "admission to begin"
+        )
+    # The operator is gone mid-flight; a new one must finish the work without duplicating it.
+    with run_operator():
+        for name in names:
+            jobs.wait_phase(name, "Running", timeout=90)
+    pods = kubectl.json("get", "pods", "-n", namespace)["items"]
+    assert len(pods) == 4 * len(names)
+    per_node: dict[str, int] = {}
+    for pod in pods:
+        node = pod["spec"]["nodeName"]
+        per_node[node] = per_node.get(node, 0) + int(
+            pod["spec"]["containers"][0]["resources"]["requests"]["nvidia.com/gpu"]
+        )
+    assert max(per_node.values()) <= 8, per_node
