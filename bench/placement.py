@@ -23,7 +23,7 @@ def cluster(nodes: int, busy_share: float, seed: int) -> tuple[CapacitySnapshot,
     rng = random.Random(seed)
     free, total = [], []
     for index in range(nodes):
-        rack, host = divmod(index, 4)
+        rack = index // 4
         block, zone = rack // 2, rack // 8
         labels = {
             "kubernetes.io/hostname": f"n{index}",
@@ -58,7 +58,12 @@ def main() -> None:
     single = timed(lambda: place_gang(snapshot, gang64, topology, total), 20)
     rng = random.Random(2)
     queue = [
-        GangRequest(f"j{i}", rng.choice([1, 1, 2, 2, 4, 4, 8, 16, 32, 64]), {GPU: 8, "pods": 1}, created=float(i))
+        GangRequest(
+            f"j{i}",
+            rng.choice([1, 1, 2, 2, 4, 4, 8, 16, 32, 64]),
+            {GPU: 8, "pods": 1},
+            created=float(i),
+        )
         for i in range(args.queue)
     ]
     whole = timed(lambda: admit(snapshot, queue, topology, total), 3)

@@ -371,3 +371,69 @@ def test_operator_restart_mid_admission_no_duplicates_no_double_booking(
             pod["spec"]["containers"][0]["resources"]["requests"]["nvidia.com/gpu"]
         )
     assert max(per_node.values()) <= 8, per_node
+
+
+def test_progress_from_rank_zero_shows_in_status_and_kubectl_get(
+    kubectl: Kubectl,
+    namespace: str,
+    jobs: Jobs,
+    run_operator: Callable[..., Any],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Rank 0's /progress (served here on the fake pod's loopback address) reaches the status."""
+    import http.server
+    import socket
+    import threading
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    report = {
+        "step": 120,
+        "totalSteps": 400,
+        "loss": 2.71828,
+        "tokensPerSecond": 51200.0,
+        "mfu": None,
+        "lastCheckpointStep": 100,
+        "etaSeconds": 33.0,
+    }
+
+    class Progress(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = json.dumps(report).encode()
+            self.send_response(200 if self.path == "/progress" else 404)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *_: Any) -> None:
+            pass
+
+    monkeypatch.setenv("PHALANX_PROGRESS_INTERVAL", "1")
+    with run_operator():
+        jobs.apply(
+            "watched",
+            nodes=1,
+            accelerator=GPU_NODE,
+            trainer={"metricsPort": port},
+            podTemplate=outcome("Succeeded", "300s"),
+        )
+        jobs.wait_phase("watched", "Running", timeout=60)
+        address = jobs.pods("watched")[0]["status"]["podIP"]
+        assert address.startswith("127."), "fake pods must live on loopback"
+        server = http.server.ThreadingHTTPServer((address, port), Progress)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        try:
+            status = wait_for(
+                lambda: (s := jobs.status("watched")).get("progress", {}).get("step") == 120 and s,
+                30,
+                "progress in the status",
+            )
+        finally:
+            server.shutdown()
+    assert status["progress"]["percent"] == "120/400 30%"
+    assert status["progress"]["loss"] == pytest.approx(2.7183)
+    assert status["progress"]["lastCheckpointStep"] == 100
+    printed = kubectl("get", "ltj", "watched", "-n", namespace).stdout
+    assert "120/400 30%" in printed
+    assert "2.7183" in printed

@@ -64,7 +64,9 @@ def section(model: type[ApiModel], description: str) -> Any:
     # The full default object, not {}: the API server checks defaults against CEL rules as
     # they are, without filling in nested defaults first.
     default = model().wire()
-    return Field(default_factory=model, description=description, json_schema_extra={"default": default})
+    return Field(
+        default_factory=model, description=description, json_schema_extra={"default": default}
+    )
 
 
 def rule_violations(model: BaseModel, path: str) -> list[tuple[str, str]]:

@@ -9,7 +9,9 @@ from phalanx.devcluster.certs import FRONT_PROXY_CA, FRONT_PROXY_CLIENT
 from phalanx.devcluster.layout import ClusterLayout, Ports
 
 SERVICE_CIDR = "10.96.0.0/16"
-POD_CIDR = "10.244.0.0/16"
+# Pod and node addresses live in the loopback range: anything that dials a fake pod (the
+# operator's progress poller, a test) stays on this machine.
+POD_CIDR = "127.244.0.0/16"
 SERVICE_ACCOUNT_ISSUER = "https://kubernetes.default.svc.cluster.local"
 # Without kubelet leases every node heartbeat is a status write; the stages send one every
 # 40-55 s, so two minutes of grace keep nodes Ready while still noticing a stopped kwok.

@@ -190,4 +190,4 @@ def render_node(profile: Profile, place: HostPlace, index: int) -> dict[str, Any
 
 
 def node_ip(index: int) -> str:
-    return f"10.128.{index // 250}.{index % 250 + 1}"
+    return f"127.128.{index // 250}.{index % 250 + 1}"
