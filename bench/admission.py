@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -138,8 +139,13 @@ def burst(cluster: Cluster, namespace: str, mode: str, count: int, seed: int) ->
     rng = random.Random(seed)
     sizes = {f"b{i:03d}": rng.choice(SIZES) for i in range(count)}
     started = time.monotonic()
-    for name, nodes in sizes.items():
-        cluster.create(namespace, job(name, nodes, mode, "5s"))
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        list(
+            pool.map(
+                lambda item: cluster.create(namespace, job(item[0], item[1], mode, "5s")),
+                sizes.items(),
+            )
+        )
     created = time.monotonic() - started
     bound_at: dict[str, float] = {}
     nodes_of: dict[str, dict[str, str]] = {name: {} for name in sizes}
@@ -164,7 +170,7 @@ def burst(cluster: Cluster, namespace: str, mode: str, count: int, seed: int) ->
         phases = cluster.job_phases(namespace)
         if len(phases) == count and all(p in ("Succeeded", "Failed") for p in phases.values()):
             break
-        time.sleep(0.5)
+        time.sleep(1.0)  # listing thousands of pods is itself load on the API server
     elapsed = max(bound_at.values()) - started if bound_at else float("nan")
     rack_fit = [n for n, size in sizes.items() if 1 < size <= RACK_HOSTS]
     one_rack = [
