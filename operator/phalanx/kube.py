@@ -7,6 +7,7 @@ verb and resource for the operator's metrics and the benchmarks' requests-per-jo
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -35,6 +36,50 @@ def connect() -> client.ApiClient:
         configuration.connection_pool_maxsize = 64
         _api = client.ApiClient(configuration)
     return _api
+
+
+# Hot paths (pod create/patch/delete, status patches) speak JSON to the API server directly:
+# the generated client would validate every body and build a model tree for every answer,
+# which costs more CPU than the request itself when a 64-pod gang is created at once.
+_CORE_PLURALS = {
+    "Pod": "pods",
+    "Service": "services",
+    "ConfigMap": "configmaps",
+    "PersistentVolumeClaim": "persistentvolumeclaims",
+}
+MERGE_PATCH = "application/merge-patch+json"
+
+
+def _rest(
+    verb: str,
+    resource: str,
+    method: str,
+    path: str,
+    body: Any = None,
+    content_type: str = "application/json",
+) -> dict[str, Any]:
+    api = connect()
+    metrics.API_REQUESTS.labels(verb=verb, resource=resource).inc()
+    _, url, headers, payload, _ = api.param_serialize(
+        method=method,
+        resource_path=path,
+        header_params={"Accept": "application/json", "Content-Type": content_type},
+        body=body,
+        auth_settings=["BearerToken"],
+    )
+    response = api.call_api(
+        method, url, header_params=headers, body=payload, _request_timeout=TIMEOUT
+    )
+    response.read()  # type: ignore[no-untyped-call]
+    if not 200 <= response.status < 300:
+        raise ApiException(http_resp=response)
+    result: dict[str, Any] = json.loads(response.data or b"{}")
+    return result
+
+
+def _collection(api_version: str, namespace: str, plural: str) -> str:
+    base = "/api/v1" if api_version == "v1" else f"/apis/{api_version}"
+    return f"{base}/namespaces/{namespace}/{plural}"
 
 
 def _call(verb: str, resource: str, fn: Callable[[], T]) -> T:
@@ -73,33 +118,13 @@ def custom() -> client.CustomObjectsApi:
 
 def create(manifest: dict[str, Any]) -> dict[str, Any] | None:
     """Create a namespaced object; None when it already exists (creation is idempotent)."""
-    obj: Any = manifest  # the client accepts plain dicts wherever it types a model
-    kind = obj["kind"]
-    namespace = obj["metadata"]["namespace"]
-    api = core()
-    creators: dict[str, Callable[[], Any]] = {
-        "Pod": lambda: api.create_namespaced_pod(namespace, obj, _request_timeout=TIMEOUT),
-        "Service": lambda: api.create_namespaced_service(namespace, obj, _request_timeout=TIMEOUT),
-        "ConfigMap": lambda: api.create_namespaced_config_map(
-            namespace, obj, _request_timeout=TIMEOUT
-        ),
-        "PersistentVolumeClaim": lambda: api.create_namespaced_persistent_volume_claim(
-            namespace, obj
-        ),
-    }
+    kind = manifest["kind"]
+    namespace = manifest["metadata"]["namespace"]
+    plural = _CORE_PLURALS.get(kind) or kind.lower() + "s"
+    path = _collection(manifest["apiVersion"], namespace, plural)
     try:
-        if kind in creators:
-            return _sanitize(_call("create", kind.lower(), creators[kind]))
-        group, version = obj["apiVersion"].split("/")
-        plural = kind.lower() + "s"
-        return _object(
-            _call(
-                "create",
-                plural,
-                lambda: custom().create_namespaced_custom_object(
-                    group, version, namespace, plural, obj, _request_timeout=TIMEOUT
-                ),
-            )
+        return _rest(
+            "create", kind.lower() if kind in _CORE_PLURALS else plural, "POST", path, manifest
         )
     except ApiException as error:
         if error.status == 409 or _namespace_terminating(error):
@@ -109,33 +134,24 @@ def create(manifest: dict[str, Any]) -> dict[str, Any] | None:
 
 def delete_pod(namespace: str, name: str, force: bool = False) -> dict[str, Any] | None:
     """Delete a pod (gracefully, or at once for pods on dead nodes); the pod as it is now, if any."""
-    body = client.V1DeleteOptions(grace_period_seconds=0 if force else None)
+    body = {"kind": "DeleteOptions", "apiVersion": "v1"} | (
+        {"gracePeriodSeconds": 0} if force else {}
+    )
     try:
-        result = _call(
-            "delete",
-            "pod",
-            lambda: core().delete_namespaced_pod(
-                name, namespace, body=body, _request_timeout=TIMEOUT
-            ),
+        result = _rest(
+            "delete", "pod", "DELETE", f"{_collection('v1', namespace, 'pods')}/{name}", body
         )
     except ApiException as error:
         _absent_ok(error)
         return None
-    response = _sanitize(result)
-    return response if response.get("kind") == "Pod" else None
+    return result if result.get("kind") == "Pod" else None
 
 
 def patch_pod(namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any] | None:
+    """JSON merge patch (null removes a field, maps merge); None if the pod is gone."""
+    path = f"{_collection('v1', namespace, 'pods')}/{name}"
     try:
-        return _sanitize(
-            _call(
-                "patch",
-                "pod",
-                lambda: core().patch_namespaced_pod(
-                    name, namespace, patch, _request_timeout=TIMEOUT
-                ),
-            )
-        )
+        return _rest("patch", "pod", "PATCH", path, patch, MERGE_PATCH)
     except ApiException as error:
         _absent_ok(error)
         return None
@@ -158,18 +174,28 @@ def patch_status(
     plural: str, namespace: str, name: str, status: dict[str, Any]
 ) -> dict[str, Any] | None:
     """Merge-patch the status subresource; returns the updated object (None if it is gone)."""
+    path = f"{_collection(f'{GROUP}/{VERSION}', namespace, plural)}/{name}/status"
+    try:
+        return _rest("patch", f"{plural}/status", "PATCH", path, {"status": status}, MERGE_PATCH)
+    except ApiException as error:
+        _absent_ok(error)
+        return None
+
+
+def scale(plural: str, namespace: str, name: str, replicas: int) -> dict[str, Any] | None:
+    """Set spec.replicas through the scale subresource, as HPA does; None if the object is gone."""
     try:
         return _object(
             _call(
                 "patch",
-                f"{plural}/status",
-                lambda: custom().patch_namespaced_custom_object_status(
+                f"{plural}/scale",
+                lambda: custom().patch_namespaced_custom_object_scale(
                     GROUP,
                     VERSION,
                     namespace,
                     plural,
                     name,
-                    {"status": status},
+                    {"spec": {"replicas": replicas}},
                     _request_timeout=TIMEOUT,
                 ),
             )
@@ -248,11 +274,14 @@ def is_conflict(error: Exception) -> bool:
 
 
 def list_all(kind: str) -> list[dict[str, Any]]:
-    """Every Node or Pod in the cluster, as plain dicts (the cache's first fill)."""
+    """Every Node, Pod or claim in the cluster, as plain dicts (the cache's first fill)."""
     api = core()
     listers: dict[str, Callable[[], Any]] = {
         "Node": lambda: api.list_node(_request_timeout=TIMEOUT),
         "Pod": lambda: api.list_pod_for_all_namespaces(_request_timeout=TIMEOUT),
+        "PersistentVolumeClaim": lambda: api.list_persistent_volume_claim_for_all_namespaces(
+            _request_timeout=TIMEOUT
+        ),
     }
     items = _sanitize(_call("list", kind.lower(), listers[kind])).get("items") or []
     for item in items:

@@ -32,6 +32,8 @@ from phalanx.status import (
     trainjob_phase,
 )
 
+# Directory of the trainer's serving export inside the checkpoint volume.
+EXPORT_DIR = "export"
 # A pod stuck terminating on a node that stopped answering is removed by force after this.
 FORCE_DELETE_AFTER = timedelta(seconds=30)
 
@@ -277,6 +279,10 @@ def plan_trainjob(
         )
         st.clear(RUNNING, "Completed", "The job completed.")
         st.data["completionTime"] = timestamp(now)
+        if spec.checkpoint.enabled:
+            # The trainer exports for serving before it exits 0 (phalanx_trainer.checkpoint);
+            # it cannot write to the API, so success is what tells an InferenceService.
+            st.data["exportPath"] = EXPORT_DIR
         _finished(spec, pods, st, plan)
         return _finish(plan, st, pods)
 

@@ -23,7 +23,9 @@ def test_chart_crds_match_generated_crds() -> None:
     generated = sorted(p.name for p in (ROOT / "crds").glob("*.yaml"))
     assert sorted(p.name for p in (CHART / "crds").glob("*.yaml")) == generated
     for name in generated:
-        assert (CHART / "crds" / name).read_text() == (ROOT / "crds" / name).read_text(), f"run `make crds` ({name})"
+        assert (CHART / "crds" / name).read_text() == (ROOT / "crds" / name).read_text(), (
+            f"run `make crds` ({name})"
+        )
 
 
 def schema() -> dict[str, Any]:
@@ -36,7 +38,12 @@ def test_default_values_match_the_schema() -> None:
 
 @pytest.mark.parametrize(
     "bad",
-    [{"operator": {"workers": 0}}, {"operator": {"topolgy": "gke"}}, {"serviceMonitor": {"interval": "soon"}}, {"image": {"pullPolicy": "Sometimes", "repository": "r", "tag": "t"}}],
+    [
+        {"operator": {"workers": 0}},
+        {"operator": {"topolgy": "gke"}},
+        {"serviceMonitor": {"interval": "soon"}},
+        {"image": {"pullPolicy": "Sometimes", "repository": "r", "tag": "t"}},
+    ],
     ids=["workers-zero", "misspelt-key", "bad-interval", "bad-pull-policy"],
 )
 def test_bad_values_are_rejected(bad: dict[str, Any]) -> None:
@@ -49,19 +56,28 @@ def exported_names() -> set[str]:
     from phalanx_serve.metrics import ServeMetrics
     from phalanx_trainer.metrics import TrainMetrics
 
-    registries: list[CollectorRegistry] = [operator_metrics.REGISTRY, TrainMetrics(total_steps=1).registry]
+    registries: list[CollectorRegistry] = [
+        operator_metrics.REGISTRY,
+        TrainMetrics(total_steps=1).registry,
+    ]
     serve = CollectorRegistry()
     ServeMetrics("m", registry=serve)
     registries.append(serve)
     names: set[str] = set()
     for registry in registries:
         for family in registry.collect():
-            suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"], "gauge": [""]}
+            suffixes = {
+                "counter": ["_total"],
+                "histogram": ["_bucket", "_sum", "_count"],
+                "gauge": [""],
+            }
             names.update(family.name + s for s in suffixes.get(family.type, [""]))
     return names
 
 
-@pytest.mark.parametrize("dashboard", sorted((CHART / "dashboards").glob("*.json")), ids=lambda p: p.stem)
+@pytest.mark.parametrize(
+    "dashboard", sorted((CHART / "dashboards").glob("*.json")), ids=lambda p: p.stem
+)
 def test_dashboards_query_real_metrics(dashboard: Path) -> None:
     data = json.loads(dashboard.read_text())
     known = exported_names()

@@ -134,6 +134,15 @@ class Rollout(ApiModel):
         description="Extra replicas created above spec.replicas during the update (count or percent).",
         json_schema_extra={"x-kubernetes-int-or-string": True},
     )
+    progress_deadline_seconds: int = Field(
+        default=900,
+        ge=10,
+        le=86400,
+        description=(
+            "A new-revision group not ready this long after creation stalls the rollout "
+            "(old groups keep serving)."
+        ),
+    )
 
 
 class InferenceServiceSpec(ApiModel):
@@ -202,6 +211,12 @@ class InferenceServiceStatus(ApiModel):
     selector: Str = Field(default="", description="Label selector of the pods (scale subresource).")
     url: Str = Field(default="", description="In-cluster URL of the OpenAI-compatible API.")
     model_revision: Str = Field(default="", description="The resolved model being served.")
+    revision: Str = Field(
+        default="", description="Hash of the pod template and model that groups roll towards."
+    )
+    stalled_revision: Str = Field(
+        default="", description="A revision whose rollout stopped because a new group failed."
+    )
     desired_replicas: int | None = Field(
         default=None, description="The built-in autoscaler's latest recommendation."
     )
@@ -224,6 +239,7 @@ PRINTER_COLUMNS: list[dict[str, Any]] = [
         "jsonPath": '.status.conditions[?(@.type=="Ready")].status',
     },
     {"name": "Replicas", "type": "integer", "jsonPath": ".status.replicas"},
+    {"name": "Available", "type": "integer", "jsonPath": ".status.readyReplicas"},
     {"name": "Model", "type": "string", "jsonPath": ".status.modelRevision"},
     {"name": "URL", "type": "string", "jsonPath": ".status.url"},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},

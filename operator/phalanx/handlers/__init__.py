@@ -3,7 +3,9 @@
 Run with `phalanx operator run` (or `kopf run --standalone -m phalanx.handlers`). Settings come
 from the environment (set by the CLI flags or the Helm chart's ConfigMap):
 PHALANX_TOPOLOGY (preset or explicit levels), PHALANX_METRICS_PORT (0 disables /metrics),
-PHALANX_WORKERS, PHALANX_ADMISSION_WINDOW, PHALANX_PROGRESS_INTERVAL (0 disables polling).
+PHALANX_WORKERS, PHALANX_ADMISSION_WINDOW, PHALANX_PROGRESS_INTERVAL (0 disables polling),
+PHALANX_SCRAPE_INTERVAL (0 disables the autoscaler's metrics scraping) and
+PHALANX_SCRAPE_LOOPBACK_ONLY (1: scrape loopback pod addresses only).
 """
 
 from __future__ import annotations
@@ -17,10 +19,17 @@ from typing import Any
 import kopf
 
 from phalanx import kube, metrics
-from phalanx.constants import GROUP, LABEL_JOB, TRAINJOB_PLURAL, VERSION
+from phalanx.constants import (
+    GROUP,
+    INFERENCE_PLURAL,
+    LABEL_JOB,
+    LABEL_SERVICE,
+    TRAINJOB_PLURAL,
+    VERSION,
+)
 from phalanx.placement import Topology
 
-from . import admission, progress, trainjob
+from . import admission, inference, progress, scraper, trainjob
 from .state import Operator, key_of, reset, state
 
 log = logging.getLogger("phalanx")
@@ -60,6 +69,10 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
                 asyncio.create_task(op.trainjobs.worker(lambda k: trainjob.reconcile(op, k)))
                 for _ in range(workers)
             ),
+            *(
+                asyncio.create_task(op.services.worker(lambda k: inference.reconcile(op, k)))
+                for _ in range(workers)
+            ),
             asyncio.create_task(admission.admission_loop(op, topology, window)),
             asyncio.create_task(_mark_synced(op)),
             asyncio.create_task(_export_gauges(op)),
@@ -67,6 +80,10 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     )
     if interval > 0:
         _tasks.append(asyncio.create_task(progress.progress_loop(op, interval)))
+    scrape = float(os.environ.get("PHALANX_SCRAPE_INTERVAL", str(scraper.INTERVAL_SECONDS)))
+    if scrape > 0:
+        loopback = os.environ.get("PHALANX_SCRAPE_LOOPBACK_ONLY") == "1"
+        _tasks.append(asyncio.create_task(scraper.scraper_loop(op, scrape, loopback)))
     log.info("phalanx operator started (topology: %s, %d workers)", topology, workers)
 
 
@@ -89,6 +106,12 @@ async def _mark_synced(op: Operator) -> None:
         op.cache.put_pod(pod)
     op.cache.synced.set()
     op.wake_admission()
+    claims = await asyncio.to_thread(kube.list_all, "PersistentVolumeClaim")
+    for claim in claims:
+        op.cache.claims.put(claim)
+    op.cache.claims_synced = True
+    for key in list(op.cache.services.items):
+        op.services.add(key)  # a claim reported missing before the list arrived may exist
 
 
 async def _export_gauges(op: Operator) -> None:
@@ -124,9 +147,40 @@ async def trainjob_event(event: kopf.RawEvent, **_: Any) -> None:
         op.cache.trainjobs.drop(obj)
         op.verdicts.pop(key_of(obj), None)
         op.wake_admission()
+        for key in inference.services_using_job(op, *key_of(obj)):
+            op.services.add(key)
         return
     op.cache.trainjobs.put(obj)
     op.trainjobs.add(key_of(obj))
+    # Services waiting for this job's export look again.
+    for key in inference.services_using_job(op, *key_of(obj)):
+        op.services.add(key)
+
+
+@kopf.on.event(GROUP, VERSION, INFERENCE_PLURAL)
+async def inference_event(event: kopf.RawEvent, **_: Any) -> None:
+    op = state()
+    obj: dict[str, Any] = dict(event["object"])
+    if event.get("type") == "DELETED":
+        op.cache.services.drop(obj)
+        inference.forget(op, key_of(obj))
+        op.wake_admission()
+        return
+    op.cache.services.put(obj)
+    op.services.add(key_of(obj))
+
+
+@kopf.on.event("", "v1", "persistentvolumeclaims")
+async def claim_event(event: kopf.RawEvent, **_: Any) -> None:
+    op = state()
+    obj: dict[str, Any] = dict(event["object"])
+    if event.get("type") == "DELETED":
+        op.cache.claims.drop(obj)
+    else:
+        op.cache.claims.put(obj)
+    # Services of this namespace may serve from this claim, directly or through a train job.
+    for key in inference.services_in(op, key_of(obj)[0]):
+        op.services.add(key)
 
 
 @kopf.on.event("", "v1", "pods")
@@ -137,6 +191,8 @@ async def pod_event(event: kopf.RawEvent, **_: Any) -> None:
     labels = obj.get("metadata", {}).get("labels") or {}
     if owner is not None and LABEL_JOB in labels:
         op.trainjobs.add(owner)
+    elif owner is not None and LABEL_SERVICE in labels:
+        op.services.add(owner)
     if event.get("type") == "DELETED" or (obj.get("status") or {}).get("phase") in (
         "Succeeded",
         "Failed",
@@ -164,9 +220,11 @@ async def node_event(event: kopf.RawEvent, **_: Any) -> None:
     node_name = key_of(obj)[1]
     for pod in list(op.cache.pods.values()):
         if pod.get("spec", {}).get("nodeName") == node_name:
-            job = (pod["metadata"].get("labels") or {}).get(LABEL_JOB)
-            if job:
-                op.trainjobs.add((pod["metadata"]["namespace"], job))
+            labels = pod["metadata"].get("labels") or {}
+            if labels.get(LABEL_JOB):
+                op.trainjobs.add((pod["metadata"]["namespace"], labels[LABEL_JOB]))
+            elif labels.get(LABEL_SERVICE):
+                op.services.add((pod["metadata"]["namespace"], labels[LABEL_SERVICE]))
 
 
 def _health(node: dict[str, Any]) -> tuple[Any, ...]:

@@ -2,23 +2,37 @@
 
 Woken by any change that can matter (a gang queued, a pod gone, a node changed), it builds a
 capacity snapshot from the cache, asks `placement.admit` for decisions, and for each placed gang
-first records the placement in the job's status, then ungates every pod with a hostname
-selector. After a crash, a gang whose placement is recorded but whose pods are still partly
-gated is finished first, with its recorded nodes reserved, so a restart never double-books.
+first records the placement, then ungates every pod with a hostname selector. After a crash, a
+gang whose placement is recorded but whose pods are still partly gated is finished first, with
+its recorded nodes reserved, so a restart never double-books.
+
+Gangs are LLMTrainJobs (placement recorded in the job's status) and multi-pod InferenceService
+groups (placement recorded as an annotation on the group's leader pod), in one queue.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from phalanx import kube, metrics
-from phalanx.api.trainjob import LLMTrainJob
+from phalanx.api.inference import InferenceService
+from phalanx.api.trainjob import LLMTrainJob, LLMTrainJobSpec
 from phalanx.api.validate import SpecError, parse
-from phalanx.constants import GANG_GATE, LABEL_GENERATION, LABEL_HOSTNAME, TRAINJOB_PLURAL
+from phalanx.constants import (
+    GANG_GATE,
+    LABEL_GENERATION,
+    LABEL_HOSTNAME,
+    LABEL_RANK,
+    LABEL_WORKER_INDEX,
+    TRAINJOB_PLURAL,
+)
+from phalanx.inference_lifecycle import groups_of
 from phalanx.placement import (
     CapacitySnapshot,
     GangRequest,
@@ -29,6 +43,7 @@ from phalanx.placement import (
     pod_requests,
     queue_order,
 )
+from phalanx.render.inference import ANNOTATION_PLACEMENT
 from phalanx.status import is_true, timestamp
 
 from .state import Key, Obj, Operator
@@ -36,15 +51,51 @@ from .state import Key, Obj, Operator
 log = logging.getLogger("phalanx.admission")
 # Changes arriving in a burst (a 64-pod gang being created) are handled in one pass.
 DEBOUNCE_SECONDS = 0.05
+VERDICT_REFRESH_SECONDS = 30.0
+_VERDICT_WRITTEN: dict[tuple[str, str], float] = {}
 
 
 @dataclass(frozen=True)
 class Gang:
+    """A train job's gang (`group` None) or one multi-pod group of an InferenceService."""
+
     key: Key
     job: Obj
     spec: Any
     generation: int
     pods: list[Obj]
+    group: int | None = None
+
+    @property
+    def request_key(self) -> str:
+        # "/" cannot occur in names, so group keys never collide with job keys.
+        base = f"{self.key[0]}/{self.key[1]}"
+        return base if self.group is None else f"{base}/group-{self.group}"
+
+    @property
+    def size(self) -> int:
+        return int(self.spec.nodes if self.group is None else self.spec.nodes_per_replica)
+
+    def index_of(self, pod: Obj) -> int:
+        label = LABEL_RANK if self.group is None else LABEL_WORKER_INDEX
+        return int(pod["metadata"]["labels"].get(label, "0"))
+
+    def leader(self) -> Obj:
+        return min(self.pods, key=self.index_of)
+
+    def recorded(self) -> list[str] | None:
+        """Nodes of a placement recorded before the pods were ungated, if any."""
+        if self.group is None:
+            placement = (self.job.get("status") or {}).get("placement") or {}
+            nodes = placement.get("nodes") or []
+            fits = placement.get("generation") == self.generation and len(nodes) == self.size
+            return list(nodes) if fits else None
+        text = (self.leader()["metadata"].get("annotations") or {}).get(ANNOTATION_PLACEMENT)
+        try:
+            nodes = json.loads(text)["nodes"] if text else None
+        except (ValueError, KeyError, TypeError):
+            return None
+        return list(nodes) if isinstance(nodes, list) and len(nodes) == self.size else None
 
 
 def _gated(pod: Obj) -> bool:
@@ -66,18 +117,47 @@ def _created(job: Obj) -> float:
         return 0.0
 
 
+_SPECS: dict[tuple[str, int], LLMTrainJobSpec | None] = {}
+
+
+def _spec_of(job: Obj) -> LLMTrainJobSpec | None:
+    """The parsed spec, memoised per (uid, generation): a pass looks at every queued job."""
+    meta = job["metadata"]
+    key = (str(meta.get("uid")), int(meta.get("generation") or 0))
+    if key not in _SPECS:
+        try:
+            _SPECS[key] = parse(job, LLMTrainJob).spec
+        except SpecError:
+            _SPECS[key] = None
+        if len(_SPECS) > 10_000:  # old generations are never asked for again
+            _SPECS.pop(next(iter(_SPECS)))
+    return _SPECS[key]
+
+
 def queued_gangs(op: Operator) -> tuple[list[Gang], list[Gang]]:
     """(gangs waiting for a placement, gangs placed but not yet fully ungated)."""
     waiting: list[Gang] = []
     unfinished: list[Gang] = []
+    for gang in [*_trainjob_gangs(op), *_service_gangs(op)]:
+        gated = [p for p in gang.pods if _gated(p)]
+        if not gated:
+            continue
+        if gang.recorded() is not None:
+            unfinished.append(gang)
+        elif len(gated) == len(gang.pods):
+            waiting.append(gang)
+    return waiting, unfinished
+
+
+def _trainjob_gangs(op: Operator) -> list[Gang]:
+    gangs: list[Gang] = []
     for key, job in list(op.cache.trainjobs.items.items()):
         status = job.get("status") or {}
         conditions = status.get("conditions") or []
         if any(is_true(conditions, c) for c in ("Succeeded", "Failed", "Suspended")):
             continue
-        try:
-            spec = parse(job, LLMTrainJob).spec
-        except SpecError:
+        spec = _spec_of(job)
+        if spec is None:
             continue
         if spec.run_policy.gang_scheduler != "builtin" or spec.run_policy.suspend:
             continue
@@ -85,36 +165,47 @@ def queued_gangs(op: Operator) -> tuple[list[Gang], list[Gang]]:
         pods = [p for p in op.cache.pods_of_job(key) if _generation_of(p) == generation]
         if len(pods) != spec.nodes or any(p["metadata"].get("deletionTimestamp") for p in pods):
             continue
-        gated = [p for p in pods if _gated(p)]
-        if not gated:
+        gangs.append(Gang(key, job, spec, generation, pods))
+    return gangs
+
+
+def _service_gangs(op: Operator) -> list[Gang]:
+    """Complete groups of services with more than one pod per replica."""
+    gangs: list[Gang] = []
+    for key, obj in list(op.cache.services.items.items()):
+        if obj["metadata"].get("deletionTimestamp"):
             continue
-        placement = status.get("placement") or {}
-        gang = Gang(key, job, spec, generation, pods)
-        if (
-            placement.get("generation") == generation
-            and len(placement.get("nodes") or []) == spec.nodes
-        ):
-            unfinished.append(gang)
-        elif len(gated) == len(pods):
-            waiting.append(gang)
-    return waiting, unfinished
+        try:
+            spec = parse(obj, InferenceService).spec
+        except SpecError:
+            continue
+        if spec.nodes_per_replica < 2:
+            continue
+        for index, group in groups_of(op.cache.pods_of_service(key)).items():
+            pods = list(group.pods)
+            if len(pods) != spec.nodes_per_replica or any(
+                p["metadata"].get("deletionTimestamp") for p in pods
+            ):
+                continue
+            gangs.append(Gang(key, obj, spec, 0, [dict(p) for p in pods], group=index))
+    return gangs
 
 
 def request_for(gang: Gang) -> GangRequest:
     first = min(gang.pods, key=lambda p: p["metadata"]["name"])
+    if gang.group is None:
+        priority, created = gang.spec.run_policy.priority, _created(gang.job)
+    else:
+        priority, created = 0, _created(gang.leader())
     return GangRequest(
-        key=f"{gang.key[0]}/{gang.key[1]}",
-        pods=gang.spec.nodes,
+        key=gang.request_key,
+        pods=gang.size,
         per_pod=pod_requests(first),
         required=gang.spec.topology.required,
         preferred=gang.spec.topology.preferred,
-        priority=gang.spec.run_policy.priority,
-        created=_created(gang.job),
+        priority=priority,
+        created=created,
     )
-
-
-def _rank(pod: Obj) -> int:
-    return int(pod["metadata"]["labels"].get("phalanx.dev/rank", "0"))
 
 
 async def _release(op: Operator, gang: Gang, nodes: list[str]) -> None:
@@ -124,7 +215,10 @@ async def _release(op: Operator, gang: Gang, nodes: list[str]) -> None:
         if not _gated(pod):
             return
         gates = [g for g in pod["spec"].get("schedulingGates") or [] if g.get("name") != GANG_GATE]
-        selector = {**(pod["spec"].get("nodeSelector") or {}), LABEL_HOSTNAME: nodes[_rank(pod)]}
+        selector = {
+            **(pod["spec"].get("nodeSelector") or {}),
+            LABEL_HOSTNAME: nodes[gang.index_of(pod)],
+        }
         patch = {"spec": {"nodeSelector": selector, "schedulingGates": gates or None}}
         updated = await asyncio.to_thread(
             kube.patch_pod, gang.key[0], pod["metadata"]["name"], patch
@@ -137,21 +231,25 @@ async def _release(op: Operator, gang: Gang, nodes: list[str]) -> None:
 
 async def admission_pass(op: Operator, topology: Topology, window: int = 32) -> None:
     nodes = list(op.cache.nodes.values())
+    pods = list(op.cache.pods.values())
     waiting, unfinished = queued_gangs(op)
-    snapshot = CapacitySnapshot.from_objects(nodes, op.cache.pods.values())
+    # Snapshots and placement are CPU work: run them off the event loop so watches keep flowing.
+    snapshot = await asyncio.to_thread(CapacitySnapshot.from_objects, nodes, pods)
     # Finish interrupted releases first: their recorded nodes are already promised.
     for gang in unfinished:
-        placement = (gang.job.get("status") or {}).get("placement") or {}
-        recorded = list(placement["nodes"])
+        recorded = gang.recorded() or []
         still_gated = [
-            recorded[_rank(p)] for p in gang.pods if _gated(p) and recorded[_rank(p)] in snapshot
+            recorded[gang.index_of(p)]
+            for p in gang.pods
+            if _gated(p) and recorded[gang.index_of(p)] in snapshot
         ]
         snapshot = snapshot.with_reserved(still_gated, request_for(gang).per_pod)
         await _release(op, gang, recorded)
+    _clear_service_verdicts(op, waiting)
     if not waiting:
         return
-    total = CapacitySnapshot.from_objects(nodes)
-    by_key = {f"{g.key[0]}/{g.key[1]}": g for g in waiting}
+    total = await asyncio.to_thread(CapacitySnapshot.from_objects, nodes)
+    by_key = {g.request_key: g for g in waiting}
     ordered = queue_order(request_for(g) for g in waiting)
     # Each placement attempt scans every node; the head of the queue is where admissions
     # happen, so a pass looks at a bounded window and the rest wait their turn.
@@ -159,28 +257,78 @@ async def admission_pass(op: Operator, topology: Topology, window: int = 32) -> 
     for position, request in enumerate(tail, start=window + 1):
         _remember_verdict(
             op,
-            by_key[request.key].key,
-            Unplaceable("Queued", f"Position {position} in the admission queue.", permanent=False),
+            by_key[request.key],
+            Unplaceable(
+                "Queued",
+                f"Waiting in the admission queue ({position - 1} gangs ahead at the last look).",
+                permanent=False,
+            ),
         )
-    decisions = admit(snapshot, head, topology, total)
+    decisions = await asyncio.to_thread(admit, snapshot, head, topology, total)
+    placed = []
     for request, result in decisions:
         gang = by_key[request.key]
         if isinstance(result, Placement):
-            op.verdicts.pop(gang.key, None)
-            await _record_and_release(op, gang, result)
+            if gang.group is None:
+                op.verdicts.pop(gang.key, None)
+                placed.append(_record_and_release(op, gang, result))
+            else:
+                op.service_verdicts.pop(gang.key, None)
+                placed.append(_record_and_release_group(op, gang, result))
         else:
-            _remember_verdict(op, gang.key, result)
+            _remember_verdict(op, gang, result)
+    await asyncio.gather(*placed)
 
 
-def _remember_verdict(op: Operator, key: Key, verdict: Unplaceable) -> None:
+def _remember_verdict(op: Operator, gang: Gang, verdict: Unplaceable) -> None:
     text = (
         verdict.reason,
         verdict.message
         + (" This gang can never fit; change the spec." if verdict.permanent else ""),
     )
-    if op.verdicts.get(key) != text:
-        op.verdicts[key] = text
-        op.trainjobs.add(key)
+    verdicts, queue = (
+        (op.verdicts, op.trainjobs) if gang.group is None else (op.service_verdicts, op.services)
+    )
+    previous = verdicts.get(gang.key)
+    verdicts[gang.key] = text
+    # A new reason is news at once; a reworded message (free slots change on every pass) is
+    # written at most every VERDICT_REFRESH_SECONDS, or status writes would swamp the API.
+    now = time.monotonic()
+    news = previous is None or previous[0] != text[0]
+    stale = (
+        previous != text and now - _VERDICT_WRITTEN.get(gang.key, 0.0) >= VERDICT_REFRESH_SECONDS
+    )
+    if news or stale:
+        _VERDICT_WRITTEN[gang.key] = now
+        queue.add(gang.key)
+
+
+def _clear_service_verdicts(op: Operator, waiting: list[Gang]) -> None:
+    """A service with no group waiting any more has nothing left to explain."""
+    still = {g.key for g in waiting if g.group is not None}
+    for key in [k for k in op.service_verdicts if k not in still]:
+        op.service_verdicts.pop(key, None)
+        op.services.add(key)
+
+
+async def _record_and_release_group(op: Operator, gang: Gang, placement: Placement) -> None:
+    """Record the placement on the leader pod first: that survives an operator crash."""
+    record = {"level": placement.level, "domain": placement.domain, "nodes": list(placement.nodes)}
+    leader = gang.leader()
+    patch = {"metadata": {"annotations": {ANNOTATION_PLACEMENT: json.dumps(record)}}}
+    updated = await asyncio.to_thread(
+        kube.patch_pod, gang.key[0], leader["metadata"]["name"], patch
+    )
+    if updated is None:
+        return
+    op.cache.put_pod(updated)
+    await _release(op, gang, list(placement.nodes))
+    metrics.PLACEMENTS.labels(level=placement.level).inc()
+    metrics.ADMISSION_WAIT.observe(max(0.0, datetime.now(UTC).timestamp() - _created(leader)))
+    op.services.add(gang.key)
+    log.info(
+        "placed %s/%s group %s in %s %s", *gang.key, gang.group, placement.level, placement.domain
+    )
 
 
 async def _record_and_release(op: Operator, gang: Gang, placement: Placement) -> None:
@@ -213,8 +361,10 @@ async def admission_loop(op: Operator, topology: Topology, window: int = 32) -> 
         await op.admission_wanted.wait()
         await asyncio.sleep(DEBOUNCE_SECONDS)
         op.admission_wanted.clear()
+        started = time.perf_counter()
         try:
             await admission_pass(op, topology, window)
+            log.debug("admission pass took %.3fs", time.perf_counter() - started)
         except Exception:  # never let one bad pass stop admission for everyone
             log.exception("admission pass failed; retrying")
             await asyncio.sleep(1)

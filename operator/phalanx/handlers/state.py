@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from phalanx.autoscaler import Sample
 from phalanx.constants import LABEL_JOB, LABEL_SERVICE
 
 Key = tuple[str, str]  # (namespace, name)
@@ -79,7 +80,10 @@ class Cache:
     pods: Store = field(default_factory=Store)
     trainjobs: Store = field(default_factory=Store)
     services: Store = field(default_factory=Store)
+    claims: Store = field(default_factory=Store)
     synced: asyncio.Event = field(default_factory=asyncio.Event)
+    # Until the first full list of claims arrives, a missing claim may only be unseen.
+    claims_synced: bool = False
     # Pods by owning job key, kept in step with `pods`, so reconciles never scan every pod.
     _by_job: dict[Key, set[Key]] = field(default_factory=lambda: defaultdict(set))
     _by_service: dict[Key, set[Key]] = field(default_factory=lambda: defaultdict(set))
@@ -115,6 +119,12 @@ class Cache:
         return [
             p for k in sorted(self._by_service.get(key, ())) if (p := self.pods.get(k)) is not None
         ]
+
+    def claim_names(self, namespace: str) -> frozenset[str] | None:
+        """Claims that exist in `namespace`, or None while that is not known yet."""
+        if not self.claims_synced:
+            return None
+        return frozenset(name for ns, name in self.claims.items if ns == namespace)
 
     def ready_nodes(self) -> frozenset[str]:
         return frozenset(key_of(n)[1] for n in self.nodes.values() if _node_ready(n))
@@ -178,6 +188,10 @@ class Operator:
     # Latest admission verdict per waiting gang: (reason, message).
     verdicts: dict[Key, tuple[str, str]] = field(default_factory=dict)
     progress: dict[Key, dict[str, Any]] = field(default_factory=dict)
+    # Latest admission verdict of a waiting multi-pod group, per InferenceService.
+    service_verdicts: dict[Key, tuple[str, str]] = field(default_factory=dict)
+    # Recent load samples per InferenceService, oldest first (the autoscaler's input).
+    samples: dict[Key, list[Sample]] = field(default_factory=dict)
     # Child objects already created (by owner uid and object kind/name): no repeated creates.
     ensured: set[tuple[str, str]] = field(default_factory=set)
     admission_wanted: asyncio.Event = field(default_factory=asyncio.Event)

@@ -1,0 +1,207 @@
+"""Reconcile one InferenceService: read the cache, ask `inference_lifecycle.plan_service`,
+apply the plan.
+
+The recipe: parse the spec (a bad spec becomes a condition, never a crash), ensure both
+Services exist, resolve the model, ask the autoscaler, delete and create pods as planned,
+write status once, send events only after that write succeeded, then move spec.replicas
+through the scale subresource when the autoscaler decided so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from phalanx import kube, metrics
+from phalanx.api.inference import InferenceService, InferenceServiceSpec
+from phalanx.api.validate import SpecError, parse
+from phalanx.autoscaler import recommend
+from phalanx.constants import GANG_GATE, INFERENCE_PLURAL
+from phalanx.inference_lifecycle import ServicePlan, ServiceWorld, plan_service, resolve_model
+from phalanx.render.inference import ServiceRef, render_client_service, render_peers_service
+from phalanx.status import READY, set_condition
+
+from .state import Key, Obj, Operator
+from .trainjob import status_patch
+
+log = logging.getLogger("phalanx.inference")
+CONTROLLER = "inferenceservice"
+
+
+async def reconcile(op: Operator, key: Key) -> None:
+    started = time.perf_counter()
+    result = "success"
+    try:
+        await _reconcile(op, key)
+    except Exception:  # a bug or an API outage must not stop the worker
+        result = "error"
+        log.exception("reconciling InferenceService %s/%s failed; retrying", *key)
+        op.services.add_after(key, 5)
+    finally:
+        metrics.RECONCILE_TOTAL.labels(controller=CONTROLLER, result=result).inc()
+        metrics.RECONCILE_TIME.labels(controller=CONTROLLER).observe(time.perf_counter() - started)
+
+
+def forget(op: Operator, key: Key) -> None:
+    """Drop what the operator holds for a deleted service (its pods go with the owner)."""
+    op.samples.pop(key, None)
+    op.service_verdicts.pop(key, None)
+    for kind in ("desired", "ready"):
+        with contextlib.suppress(KeyError):
+            metrics.INFERENCE_REPLICAS.remove(key[0], key[1], kind)
+
+
+async def _reconcile(op: Operator, key: Key) -> None:
+    obj = op.cache.services.get(key)
+    if obj is None or obj["metadata"].get("deletionTimestamp"):
+        forget(op, key)
+        return
+    now = datetime.now(UTC)
+    meta = obj["metadata"]
+    status = dict(obj.get("status") or {})
+    try:
+        service: InferenceService = parse(obj, InferenceService)
+    except SpecError as error:
+        await _report_invalid(op, obj, status, str(error), now)
+        return
+    spec = service.spec
+    ref = ServiceRef(meta["name"], meta["namespace"], meta["uid"])
+    await _ensure_services(op, ref, spec)
+    source = spec.model.from_train_job
+    trainjob = op.cache.trainjobs.get((key[0], source.name)) if source is not None else None
+    model = resolve_model(spec, trainjob, op.cache.claim_names(key[0]))
+    decision = None
+    if spec.autoscaling is not None:
+        decision = recommend(op.samples.get(key, []), spec.autoscaling, spec.replicas, now)
+    world = ServiceWorld(
+        pods=op.cache.pods_of_service(key),
+        ready_nodes=op.cache.ready_nodes(),
+        model=model,
+        verdict=op.service_verdicts.get(key),
+        decision=decision,
+    )
+    plan = plan_service(ref, spec, meta.get("generation"), status, world, now)
+    await _apply(op, key, obj, status, plan, spec)
+
+
+async def _ensure_services(op: Operator, ref: ServiceRef, spec: InferenceServiceSpec) -> None:
+    for child in (render_client_service(ref, spec), render_peers_service(ref, spec)):
+        marker = (ref.uid, f"Service/{child['metadata']['name']}")
+        if marker in op.ensured:
+            continue
+        await asyncio.to_thread(kube.create, child)
+        op.ensured.add(marker)
+
+
+async def _apply(
+    op: Operator,
+    key: Key,
+    obj: Obj,
+    old_status: dict[str, Any],
+    plan: ServicePlan,
+    spec: InferenceServiceSpec,
+) -> None:
+    namespace, name = key
+    for pod_name in plan.delete:
+        pod = await asyncio.to_thread(kube.delete_pod, namespace, pod_name)
+        if pod is not None and pod["metadata"].get("deletionTimestamp"):
+            op.cache.put_pod(pod)  # terminating gracefully: it still holds its node and name
+        elif (stale := op.cache.pods.get((namespace, pod_name))) is not None:
+            op.cache.drop_pod(stale)
+    created = await asyncio.gather(*(asyncio.to_thread(kube.create, pod) for pod in plan.create))
+    for pod in created:
+        if pod is not None:
+            op.cache.put_pod(pod)
+    if plan.delete or any(_gated(p) for p in plan.create):
+        op.wake_admission()
+    patch = status_patch(old_status, plan.status)
+    if patch:
+        updated = await asyncio.to_thread(
+            kube.patch_status, INFERENCE_PLURAL, namespace, name, patch
+        )
+        if updated is None:
+            return
+        op.cache.services.put(updated)
+        for kind, reason, message in plan.events:
+            await asyncio.to_thread(kube.event, obj, kind, reason, message)
+    metrics.INFERENCE_REPLICAS.labels(namespace, name, "desired").set(spec.replicas)
+    metrics.INFERENCE_REPLICAS.labels(namespace, name, "ready").set(
+        int(plan.status.get("readyReplicas") or 0)
+    )
+    if plan.scale_to is not None:
+        await _scale(op, key, obj, spec.replicas, plan)
+    if plan.requeue_after is not None:
+        op.services.add_after(key, plan.requeue_after)
+
+
+async def _scale(op: Operator, key: Key, obj: Obj, current: int, plan: ServicePlan) -> None:
+    """Move spec.replicas as HPA would; the watch event of that write drives the next pass."""
+    assert plan.scale_to is not None
+    updated = await asyncio.to_thread(kube.scale, INFERENCE_PLURAL, key[0], key[1], plan.scale_to)
+    if updated is None:
+        return
+    direction = "up" if plan.scale_to > current else "down"
+    metrics.AUTOSCALER_DECISIONS.labels(direction=direction).inc()
+    message = next(
+        (
+            c.get("message", "")
+            for c in plan.status.get("conditions") or []
+            if c["type"] == "ScalingActive"
+        ),
+        "",
+    )
+    reason = "ScaledUp" if direction == "up" else "ScaledDown"
+    await asyncio.to_thread(
+        kube.event, obj, "Normal", reason, f"{current} -> {plan.scale_to} replicas: {message}"
+    )
+    log.info("scaled %s/%s from %d to %d replicas", *key, current, plan.scale_to)
+
+
+def _gated(pod: Obj) -> bool:
+    return any(g.get("name") == GANG_GATE for g in pod.get("spec", {}).get("schedulingGates") or [])
+
+
+async def _report_invalid(
+    op: Operator, obj: Obj, status: dict[str, Any], message: str, now: datetime
+) -> None:
+    """A spec the API server accepted but the operator cannot run (e.g. an older CRD)."""
+    conditions, changed = set_condition(
+        status.get("conditions") or [], READY, False, "InvalidSpec",
+        f"The spec is invalid: {message}. Fix the spec; nothing was created.", now,
+        obj["metadata"].get("generation"),
+    )  # fmt: skip
+    if not changed:
+        return
+    new = {
+        **status,
+        "conditions": conditions,
+        "observedGeneration": obj["metadata"].get("generation"),
+    }
+    updated = await asyncio.to_thread(
+        kube.patch_status,
+        INFERENCE_PLURAL,
+        obj["metadata"]["namespace"],
+        obj["metadata"]["name"],
+        status_patch(status, new),
+    )
+    if updated is not None:
+        op.cache.services.put(updated)
+        await asyncio.to_thread(kube.event, obj, "Warning", "InvalidSpec", message)
+
+
+def services_using_job(op: Operator, namespace: str, job: str) -> list[Key]:
+    """Services in `namespace` that serve `job`'s export (re-checked when the job changes)."""
+    found = []
+    for key, obj in list(op.cache.services.items.items()):
+        source = ((obj.get("spec") or {}).get("model") or {}).get("fromTrainJob") or {}
+        if key[0] == namespace and source.get("name") == job:
+            found.append(key)
+    return found
+
+
+def services_in(op: Operator, namespace: str) -> list[Key]:
+    return [key for key in list(op.cache.services.items) if key[0] == namespace]

@@ -1,0 +1,445 @@
+"""InferenceService planning: model resolution, group failures, rollout steps, status."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from phalanx.api.inference import InferenceService, InferenceServiceSpec
+from phalanx.autoscaler import Decision
+from phalanx.inference_lifecycle import (
+    GroupView,
+    ModelProblem,
+    ServiceWorld,
+    group_failure,
+    groups_of,
+    plan_rollout,
+    plan_service,
+    resolve_model,
+    rollout_bounds,
+)
+from phalanx.render.inference import ModelMount, ServiceRef, render_group, template_revision
+
+NOW = datetime(2025, 1, 1, 12, 0, 0, tzinfo=UTC)
+REF = ServiceRef("chat", "ml", "uid-9")
+TINY = ModelMount(path="builtin:tiny", revision="builtin:tiny")
+NODES = frozenset({"n1", "n2", "n3", "n4"})
+
+
+def make_spec(**fields: Any) -> InferenceServiceSpec:
+    fields.setdefault("model", {"builtin": "tiny"})
+    return InferenceService.model_validate({"spec": fields}).spec
+
+
+def stamp(seconds_ago: float = 0) -> str:
+    return (NOW - timedelta(seconds=seconds_ago)).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def group(
+    spec: InferenceServiceSpec,
+    index: int,
+    revision: str,
+    ready: bool = True,
+    age: float = 60,
+    **pod_status: Any,
+) -> list[dict[str, Any]]:
+    """The pods of one group as the API returns them: bound, Running and Ready (or not)."""
+    pods = render_group(REF, spec, TINY, index, revision)
+    for n, pod in enumerate(pods):
+        pod["metadata"]["creationTimestamp"] = stamp(age)
+        pod["spec"].pop("schedulingGates", None)
+        pod["spec"]["nodeName"] = f"n{n + 1}"
+        pod["status"] = {
+            "phase": "Running",
+            "conditions": [{"type": "Ready", "status": "True" if ready else "False"}],
+            **pod_status,
+        }
+    return pods
+
+
+def trainjob(phase: str | None = None, export: str | None = None, **spec: Any) -> dict[str, Any]:
+    status: dict[str, Any] = {}
+    if phase:
+        status["phase"] = phase
+    if export:
+        status["exportPath"] = export
+    return {
+        "apiVersion": "phalanx.dev/v1alpha1",
+        "kind": "LLMTrainJob",
+        "metadata": {"name": "gpt", "namespace": "ml", "uid": "12345678-aaaa"},
+        "spec": spec,
+        "status": status,
+    }
+
+
+# --- model resolution --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("model", "job", "claims", "expected"),
+    [
+        pytest.param({"builtin": "tiny"}, None, None, TINY, id="builtin"),
+        pytest.param(
+            {"claim": {"name": "weights", "path": "llama/"}},
+            None,
+            frozenset({"weights"}),
+            ModelMount("/models/llama", "claim:weights/llama", "weights"),
+            id="claim-and-path",
+        ),
+        pytest.param(
+            {"claim": {"name": "weights"}},
+            None,
+            frozenset(),
+            ModelProblem("ClaimNotFound", ""),
+            id="claim-missing",
+        ),
+        pytest.param(
+            {"fromTrainJob": {"name": "gpt"}},
+            None,
+            None,
+            ModelProblem("TrainJobNotFound", ""),
+            id="job-missing",
+        ),
+        pytest.param(
+            {"fromTrainJob": {"name": "gpt"}},
+            trainjob("Running"),
+            None,
+            ModelProblem("ExportNotReady", ""),
+            id="job-running-no-export",
+        ),
+        pytest.param(
+            {"fromTrainJob": {"name": "gpt"}},
+            trainjob("Succeeded", "export"),
+            frozenset({"gpt-checkpoint"}),
+            ModelMount("/models/export", "gpt/export@12345678", "gpt-checkpoint"),
+            id="job-exported",
+        ),
+        pytest.param(
+            {"fromTrainJob": {"name": "gpt"}},
+            trainjob("Succeeded", "export", checkpoint={"existingClaim": "shared"}),
+            None,
+            ModelMount("/models/export", "gpt/export@12345678", "shared"),
+            id="job-with-existing-claim",
+        ),
+        pytest.param(
+            {"fromTrainJob": {"name": "gpt"}},
+            trainjob("Succeeded", "export", checkpoint={"enabled": False}),
+            None,
+            ModelProblem("TrainJobHasNoCheckpoint", ""),
+            id="job-without-checkpoint",
+        ),
+        pytest.param(
+            {"fromTrainJob": {"name": "gpt"}},
+            trainjob("Succeeded", "export"),
+            frozenset(),
+            ModelProblem("ClaimNotFound", ""),
+            id="job-claim-deleted",
+        ),
+        pytest.param(
+            {"fromTrainJob": {"name": "gpt", "step": 200}},
+            trainjob("Succeeded"),
+            None,
+            ModelMount("/models/step-200", "gpt/step-200@12345678", "gpt-checkpoint"),
+            id="job-step",
+        ),
+    ],
+)
+def test_resolve_model(
+    model: dict[str, Any],
+    job: dict[str, Any] | None,
+    claims: frozenset[str] | None,
+    expected: ModelMount | ModelProblem,
+) -> None:
+    resolved = resolve_model(make_spec(model=model), job, claims)
+    if isinstance(expected, ModelProblem):
+        assert isinstance(resolved, ModelProblem)
+        assert resolved.reason == expected.reason
+        assert resolved.message
+    else:
+        assert resolved == expected
+
+
+# --- rollout planning --------------------------------------------------------------------
+
+
+def views(*groups: tuple[int, str, bool]) -> list[GroupView]:
+    return [GroupView(i, r, ready) for i, r, ready in groups]
+
+
+@pytest.mark.parametrize(
+    ("desired", "groups", "surge", "unavailable", "stalled", "create", "delete"),
+    [
+        pytest.param(3, views(), 1, 0, False, (0, 1, 2), (), id="fresh-creates-all"),
+        pytest.param(
+            2,
+            views((0, "new", True), (1, "new", True), (2, "new", False)),
+            1,
+            0,
+            False,
+            (),
+            (2,),
+            id="scale-down-drops-unready-first",
+        ),
+        pytest.param(
+            3,
+            views((0, "new", True)),
+            1,
+            0,
+            False,
+            (1, 2),
+            (),
+            id="scale-up-lowest-free",
+        ),
+        pytest.param(
+            3,
+            views((0, "old", True), (1, "old", True), (2, "old", True)),
+            1,
+            0,
+            False,
+            (3,),
+            (),
+            id="surge-first",
+        ),
+        pytest.param(
+            3,
+            views((0, "old", True), (1, "old", True), (2, "old", True), (3, "new", False)),
+            1,
+            0,
+            False,
+            (),
+            (),
+            id="wait-for-the-surge-group",
+        ),
+        pytest.param(
+            3,
+            views((0, "old", True), (1, "old", True), (2, "old", True), (3, "new", True)),
+            1,
+            0,
+            False,
+            (4,),
+            (2,),
+            id="replace-one-old-when-new-ready",
+        ),
+        pytest.param(
+            3,
+            views((0, "old", True), (1, "old", True), (2, "old", True)),
+            0,
+            1,
+            False,
+            (3,),
+            (2,),
+            id="unavailable-replaces-in-place",
+        ),
+        pytest.param(
+            3,
+            views((0, "old", True), (1, "old", True)),
+            0,
+            1,
+            False,
+            (2,),
+            (),
+            id="then-creates-in-the-room",
+        ),
+        pytest.param(
+            3,
+            views((0, "old", False), (1, "old", True), (2, "old", True)),
+            1,
+            0,
+            False,
+            (3, 4),
+            (0,),
+            id="unready-old-costs-nothing",
+        ),
+        pytest.param(
+            3,
+            views((0, "old", True), (1, "old", True), (2, "old", True), (3, "new", True)),
+            1,
+            0,
+            True,
+            (),
+            (),
+            id="stalled-keeps-old-and-creates-nothing",
+        ),
+    ],
+)
+def test_plan_rollout(
+    desired: int,
+    groups: list[GroupView],
+    surge: int,
+    unavailable: int,
+    stalled: bool,
+    create: tuple[int, ...],
+    delete: tuple[int, ...],
+) -> None:
+    step = plan_rollout(desired, "new", groups, surge, unavailable, stalled=stalled)
+    assert (step.create, step.delete) == (create, delete)
+
+
+@pytest.mark.parametrize("surge", [0, 1, 2])
+@pytest.mark.parametrize("unavailable", [0, 1, 2])
+def test_rollout_never_drops_below_the_floor_and_finishes(surge: int, unavailable: int) -> None:
+    """Simulate whole rollouts: groups become ready one pass after they are created."""
+    if surge == 0 and unavailable == 0:
+        unavailable = 1
+    desired = 4
+    groups = {i: GroupView(i, "old", True) for i in range(desired)}
+    for _ in range(50):
+        step = plan_rollout(desired, "new", list(groups.values()), surge, unavailable)
+        for index in step.delete:
+            del groups[index]
+        ready = sum(g.ready for g in groups.values())
+        assert ready >= desired - unavailable
+        assert len(groups) + len(step.create) <= desired + surge
+        # Created groups become ready by the next pass.
+        groups = {i: GroupView(i, g.revision, True) for i, g in groups.items()}
+        for index in step.create:
+            groups[index] = GroupView(index, "new", False)
+        if len(groups) == desired and all(g.revision == "new" and g.ready for g in groups.values()):
+            break
+        groups = {i: GroupView(i, g.revision, True) for i, g in groups.items()}
+    assert sorted(g.revision for g in groups.values()) == ["new"] * desired
+
+
+@pytest.mark.parametrize(
+    ("surge", "unavailable", "replicas", "expected"),
+    [(1, 0, 4, (1, 0)), ("25%", "25%", 4, (1, 1)), ("10%", "10%", 4, (1, 0)), (0, 0, 3, (0, 1))],
+)
+def test_rollout_bounds(surge: Any, unavailable: Any, replicas: int, expected: Any) -> None:
+    spec = make_spec(rollout={"maxSurge": surge, "maxUnavailable": unavailable})
+    assert rollout_bounds(spec, replicas) == expected
+
+
+# --- group failure -----------------------------------------------------------------------
+
+
+def test_one_failed_pod_fails_the_whole_group() -> None:
+    spec = make_spec(nodesPerReplica=2)
+    pods = group(spec, 0, "r")
+    pods[1]["status"]["phase"] = "Failed"
+    [g] = groups_of(pods).values()
+    assert "chat-0-1" in (group_failure(g, 2, NODES) or "")
+
+
+def test_a_restarted_container_fails_a_multi_pod_group_but_not_a_single_pod() -> None:
+    restarted = {"containerStatuses": [{"name": "server", "restartCount": 1}]}
+    for size, fails in ((1, False), (2, True)):
+        spec = make_spec(nodesPerReplica=size)
+        [g] = groups_of(group(spec, 0, "r", **restarted)).values()
+        assert (group_failure(g, size, NODES) is not None) is fails
+
+
+def test_lost_node_fails_the_group() -> None:
+    spec = make_spec(nodesPerReplica=2)
+    [g] = groups_of(group(spec, 0, "r")).values()
+    assert "lost its node" in (group_failure(g, 2, frozenset({"n1"})) or "")
+
+
+# --- the whole reconcile -----------------------------------------------------------------
+
+
+def plan(spec: InferenceServiceSpec, pods: list[dict[str, Any]], **world: Any) -> Any:
+    world.setdefault("model", TINY)
+    return plan_service(
+        REF, spec, 2, world.pop("status", {}), ServiceWorld(pods, NODES, **world), NOW
+    )
+
+
+def conditions(status: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    return {c["type"]: (c["status"], c["reason"]) for c in status["conditions"]}
+
+
+def test_fresh_service_creates_groups_and_reports_status() -> None:
+    spec = make_spec(replicas=2)
+    p = plan(spec, [])
+    assert [pod["metadata"]["name"] for pod in p.create] == ["chat-0-0", "chat-1-0"]
+    assert p.status["selector"] == "phalanx.dev/inference-service=chat,phalanx.dev/worker-index=0"
+    assert p.status["url"] == "http://chat.ml.svc/v1"
+    assert p.status["modelRevision"] == "builtin:tiny"
+    assert p.status["revision"] == template_revision(spec, TINY)
+    assert conditions(p.status) == {
+        "ModelLoaded": ("False", "Loading"),
+        "Progressing": ("True", "Scaling"),
+        "Ready": ("False", "GroupsStarting"),
+        "ScalingActive": ("False", "AutoscalingDisabled"),
+    }
+
+
+def test_all_groups_ready_is_ready_and_complete() -> None:
+    spec = make_spec(replicas=2)
+    rev = template_revision(spec, TINY)
+    p = plan(spec, [*group(spec, 0, rev), *group(spec, 1, rev)])
+    assert not p.create
+    assert not p.delete
+    assert (p.status["replicas"], p.status["readyReplicas"]) == (2, 2)
+    assert conditions(p.status)["Ready"] == ("True", "MinimumReplicasAvailable")
+    assert conditions(p.status)["ModelLoaded"] == ("True", "Loaded")
+    assert conditions(p.status)["Progressing"] == ("False", "RolloutComplete")
+    assert ("Normal", "Loaded") in [(k, r) for k, r, _ in p.events]
+
+
+def test_model_problem_creates_nothing_and_says_what_to_fix() -> None:
+    problem = ModelProblem("TrainJobNotFound", "LLMTrainJob gpt does not exist; create it.")
+    p = plan(make_spec(replicas=2), [], model=problem)
+    assert not p.create
+    assert conditions(p.status)["Ready"] == ("False", "TrainJobNotFound")
+    assert conditions(p.status)["ModelLoaded"] == ("False", "TrainJobNotFound")
+
+
+def test_failed_pod_recreates_its_whole_group() -> None:
+    spec = make_spec(replicas=1, nodesPerReplica=2)
+    rev = template_revision(spec, TINY)
+    pods = group(spec, 0, rev)
+    pods[0]["status"]["phase"] = "Failed"
+    p = plan(spec, pods)
+    assert p.delete == ["chat-0-0", "chat-0-1"]
+    assert [pod["metadata"]["name"] for pod in p.create] == ["chat-1-0", "chat-1-1"]
+    assert any(reason == "GroupRecreated" for _, reason, _ in p.events)
+
+
+def test_failed_new_revision_stalls_and_keeps_old_groups() -> None:
+    spec = make_spec(replicas=2)
+    rev = template_revision(spec, TINY)
+    pods = [*group(spec, 0, "old"), *group(spec, 1, "old"), *group(spec, 2, rev)]
+    pods[-1]["status"]["phase"] = "Failed"
+    p = plan(spec, pods)
+    assert p.delete == ["chat-2-0"]
+    assert not p.create
+    assert p.status["stalledRevision"] == rev
+    assert conditions(p.status)["Progressing"] == ("False", "RolloutStalled")
+    assert conditions(p.status)["Ready"] == ("True", "MinimumReplicasAvailable")
+    # The next pass keeps it that way.
+    again = plan(spec, pods[:2], status=p.status)
+    assert not again.create
+    assert not again.delete
+    assert conditions(again.status)["Progressing"] == ("False", "RolloutStalled")
+
+
+def test_new_group_past_the_deadline_stalls() -> None:
+    spec = make_spec(replicas=1, rollout={"progressDeadlineSeconds": 60})
+    rev = template_revision(spec, TINY)
+    pods = [*group(spec, 0, "old"), *group(spec, 1, rev, ready=False, age=120)]
+    p = plan(spec, pods)
+    assert conditions(p.status)["Progressing"] == ("False", "RolloutStalled")
+    young = plan(spec, [*group(spec, 0, "old"), *group(spec, 1, rev, ready=False, age=10)])
+    assert conditions(young.status)["Progressing"] == ("True", "RollingUpdate")
+    assert young.requeue_after == pytest.approx(50)
+
+
+def test_unplaceable_group_is_reported_on_ready() -> None:
+    spec = make_spec(replicas=1, nodesPerReplica=2)
+    p = plan(spec, [], verdict=("GangExceedsDomainCapacity", "needs 2 nodes in one rack"))
+    assert conditions(p.status)["Ready"] == ("False", "GangExceedsDomainCapacity")
+
+
+def test_autoscaler_decision_scales_and_is_reported() -> None:
+    spec = make_spec(replicas=1, autoscaling={"maxReplicas": 4})
+    decision = Decision(3, "ScaleUp", "requestsInFlight 24 for target 8: 1 -> 3 replicas.")
+    p = plan(spec, [], decision=decision)
+    assert p.scale_to == 3
+    assert p.status["desiredReplicas"] == 3
+    assert conditions(p.status)["ScalingActive"] == ("True", "MetricsAvailable")
+    quiet = plan(spec, [], decision=Decision(1, "NoMetrics", "no samples"))
+    assert quiet.scale_to is None
+    assert conditions(quiet.status)["ScalingActive"] == ("False", "NoMetrics")
