@@ -105,7 +105,8 @@ def resolve_model(
     status = trainjob.get("status") or {}
     uid = str(trainjob.get("metadata", {}).get("uid") or "")[:8]
     if wanted.step is not None:
-        # step-N is a checkpoint the trainer publishes atomically (COMPLETE written last).
+        # exports/step-N is a servable snapshot the trainer publishes atomically when the job
+        # sets trainer.exportEvery (COMPLETE written last); checkpoints themselves are shards.
         last = (status.get("progress") or {}).get("lastCheckpointStep")
         succeeded = status.get("phase") == "Succeeded"
         if not (isinstance(last, int) and last >= wanted.step) and not succeeded:
@@ -114,7 +115,7 @@ def resolve_model(
                 f"LLMTrainJob {wanted.name} has not checkpointed step {wanted.step} yet "
                 f"(last checkpoint: {last if last is not None else 'none'}); waiting.",
             )
-        directory = f"step-{wanted.step}"
+        directory = f"exports/step-{wanted.step}"
     else:
         export = status.get("exportPath")
         if status.get("phase") != "Succeeded" or not export:

@@ -39,6 +39,7 @@ def trained(builtin_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
             "--warmup-steps", "10",
             "--min-lr-ratio", "1.0",
             "--checkpoint-every", "0",
+            "--export-every", "50",
             "--log-every", "10",
             "--metrics-port", "-1",
         ]
@@ -90,3 +91,17 @@ def test_exported_model_matches_transformers(trained: Path) -> None:
     assert ids.shape[1] > 5
     with torch.no_grad():
         torch.testing.assert_close(ours(ids), theirs(ids).logits, atol=HF_LOGITS_ATOL, rtol=0)
+
+
+def test_step_exports_are_servable_snapshots(trained: Path) -> None:
+    """--export-every publishes exports/step-N (what InferenceService fromTrainJob.step serves)."""
+    snapshots = sorted(p.name for p in (trained / "exports").iterdir())
+    assert snapshots == ["step-100", "step-50"]
+    for name in snapshots:
+        assert (trained / "exports" / name / "COMPLETE").exists()
+    early, _ = load_pretrained(trained / "exports" / "step-50")
+    final, _ = load_pretrained(trained / "export")
+    at_end, _ = load_pretrained(trained / "exports" / "step-100")
+    weight = "tok_embeddings.weight"
+    assert not torch.equal(early.state_dict()[weight], final.state_dict()[weight])
+    assert torch.equal(at_end.state_dict()[weight], final.state_dict()[weight])

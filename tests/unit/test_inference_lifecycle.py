@@ -141,7 +141,9 @@ def trainjob(phase: str | None = None, export: str | None = None, **spec: Any) -
             {"fromTrainJob": {"name": "gpt", "step": 200}},
             trainjob("Succeeded"),
             None,
-            ModelMount("/models/step-200", "gpt/step-200@12345678", "gpt-checkpoint"),
+            ModelMount(
+                "/models/exports/step-200", "gpt/exports/step-200@12345678", "gpt-checkpoint"
+            ),
             id="job-step",
         ),
     ],

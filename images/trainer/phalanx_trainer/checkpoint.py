@@ -54,6 +54,7 @@ log = logging.getLogger(__name__)
 COMPLETE_MARKER = "COMPLETE"
 TRAINER_STATE_FILE = "trainer_state.json"
 EXPORT_DIR = "export"
+STEP_EXPORTS_DIR = "exports"  # exports/step-N: serving snapshots taken during training
 EXPORT_INFO_FILE = "phalanx.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -300,18 +301,22 @@ def export_for_serving(
     *,
     step: int,
     dtype: torch.dtype,
+    name: str = EXPORT_DIR,
 ) -> Path:
-    """Gather full weights and publish a HF Llama checkpoint at ``<root>/export`` (collective).
+    """Gather full weights and publish a HF Llama checkpoint at ``<root>/<name>`` (collective).
+
+    ``name`` is ``export`` for the final model, ``exports/step-N`` for a step's snapshot.
 
     The directory appears complete or not at all: it is written as ``export.tmp``, the old
     export (if any) is moved aside, the new one renamed into place, ``COMPLETE`` written last.
     """
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     full_sd: dict[str, Any] = get_model_state_dict(model, options=options)
-    out = Path(root) / EXPORT_DIR
+    out = Path(root) / name
     if dist.get_rank() == 0:
-        tmp = out.with_name(f"{EXPORT_DIR}.tmp")
-        old = out.with_name(f"{EXPORT_DIR}.old")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f"{out.name}.tmp")
+        old = out.with_name(f"{out.name}.old")
         shutil.rmtree(tmp, ignore_errors=True)
         hf.save_pretrained(full_sd, cfg, tokenizer_path, tmp, dtype=dtype)
         info = {

@@ -59,6 +59,9 @@ class TrainConfig:
     async_save: bool = _opt("write checkpoints in the background", False)
     checkpoint_on_signal: bool = _opt("save a checkpoint when stopped by SIGTERM", True)
     export: bool = _opt("export a Hugging Face checkpoint to <checkpoint-dir>/export", True)
+    export_every: int = _opt(
+        "also export <checkpoint-dir>/exports/step-N every N steps for serving (0 = off)", 0
+    )
     export_dtype: str = _opt(
         "auto = bf16 if trained in bf16", "auto", ("auto", "bfloat16", "float32")
     )

@@ -21,6 +21,7 @@ from torch import nn
 from phalanx_trainer.checkpoint import (
     COMPLETE_MARKER,
     EXPORT_DIR,
+    STEP_EXPORTS_DIR,
     CheckpointManager,
     export_for_serving,
 )
@@ -273,6 +274,10 @@ class Trainer:
                     save_start = time.monotonic()
                     self._save(final=self.step == self.cfg.steps)
                     interval_start += time.monotonic() - save_start  # keep saves out of tok/s
+                if self.cfg.export_every > 0 and self.step % self.cfg.export_every == 0:
+                    export_start = time.monotonic()
+                    self._export(f"{STEP_EXPORTS_DIR}/step-{self.step}")
+                    interval_start += time.monotonic() - export_start
             if self.last_saved_step != self.step:
                 self._save(final=True)
             self.ckpt.wait()
@@ -380,7 +385,7 @@ class Trainer:
         except (OSError, ValueError, KeyError):
             return False
 
-    def _export(self) -> None:
+    def _export(self, name: str = EXPORT_DIR) -> None:
         if self.cfg.export_dtype == "auto":
             dtype = torch.bfloat16 if self.autocast_dtype is not None else torch.float32
         else:
@@ -392,4 +397,5 @@ class Trainer:
             self.root,
             step=self.step,
             dtype=dtype,
+            name=name,
         )

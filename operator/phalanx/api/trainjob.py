@@ -60,6 +60,15 @@ class TrainerSettings(ApiModel):
     checkpoint_every: int = Field(
         default=100, ge=1, le=10_000_000, description="Save a checkpoint every N steps."
     )
+    export_every: int = Field(
+        default=0,
+        ge=0,
+        le=10_000_000,
+        description=(
+            "Also export a servable model to exports/step-N every N steps (0: only the final "
+            "export); an InferenceService serves one with model.fromTrainJob.step."
+        ),
+    )
     extra_args: ArgList = Field(
         default_factory=list, description="Extra flags appended to the trainer command line."
     )

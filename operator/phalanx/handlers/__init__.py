@@ -30,7 +30,7 @@ from phalanx.constants import (
 from phalanx.placement import Topology
 
 from . import admission, inference, progress, scraper, trainjob
-from .state import Operator, key_of, reset, state
+from .state import NODE_LOST_GRACE_SECONDS, Operator, key_of, reset, state
 
 log = logging.getLogger("phalanx")
 _tasks: list[asyncio.Task[None]] = []
@@ -222,7 +222,10 @@ async def node_event(event: kopf.RawEvent, **_: Any) -> None:
         if pod.get("spec", {}).get("nodeName") == node_name:
             labels = pod["metadata"].get("labels") or {}
             if labels.get(LABEL_JOB):
-                op.trainjobs.add((pod["metadata"]["namespace"], labels[LABEL_JOB]))
+                job = (pod["metadata"]["namespace"], labels[LABEL_JOB])
+                op.trainjobs.add(job)
+                # Look again once a NotReady node has been gone long enough to count as lost.
+                op.trainjobs.add_after(job, NODE_LOST_GRACE_SECONDS + 1)
             elif labels.get(LABEL_SERVICE):
                 op.services.add((pod["metadata"]["namespace"], labels[LABEL_SERVICE]))
 

@@ -12,6 +12,7 @@ import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from phalanx.autoscaler import Sample
@@ -31,6 +32,22 @@ def _version(obj: Obj) -> int:
         return int(obj.get("metadata", {}).get("resourceVersion") or 0)
     except ValueError:
         return 0
+
+
+NODE_LOST_GRACE_SECONDS = 30.0
+
+
+def _not_ready_for(node: Obj, now: datetime) -> float:
+    """Seconds since the node's Ready condition left True (inf when unknown)."""
+    for condition in node.get("status", {}).get("conditions") or []:
+        if condition.get("type") == "Ready":
+            stamp = str(condition.get("lastTransitionTime") or "")
+            try:
+                since = datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+            except ValueError:
+                return float("inf")
+            return (now - since).total_seconds()
+    return float("inf")
 
 
 def _node_ready(node: Obj) -> bool:
@@ -127,7 +144,15 @@ class Cache:
         return frozenset(name for ns, name in self.claims.items if ns == namespace)
 
     def ready_nodes(self) -> frozenset[str]:
-        return frozenset(key_of(n)[1] for n in self.nodes.values() if _node_ready(n))
+        """Nodes still trusted with running pods: Ready, or NotReady for less than
+        NODE_LOST_GRACE_SECONDS (one late heartbeat must not restart every gang on the node).
+        New placements use only Ready nodes (the capacity snapshot checks for itself)."""
+        now = datetime.now(UTC)
+        return frozenset(
+            key_of(n)[1]
+            for n in self.nodes.values()
+            if _node_ready(n) or _not_ready_for(n, now) < NODE_LOST_GRACE_SECONDS
+        )
 
 
 class WorkQueue:

@@ -93,6 +93,8 @@ def trainer_args(spec: LLMTrainJobSpec) -> list[str]:
         "--checkpoint-dir", spec.checkpoint.mount_path,
         "--metrics-port", str(t.metrics_port),
     ]  # fmt: skip
+    if t.export_every:
+        args += ["--export-every", str(t.export_every)]
     if t.data != "builtin":
         args += ["--data", t.data]
     if t.compile:
