@@ -215,6 +215,10 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=300)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument(
+        "--modes", nargs="+", default=["builtin", "none"], choices=["builtin", "none"]
+    )
+    parser.add_argument("--output", default="admission.json", help="file name under bench/results")
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="phalanx-bench-"))
     cluster_dir = DevCluster(workdir / "cluster")
@@ -279,7 +283,7 @@ def main() -> None:
     try:
         time.sleep(5)
         cluster = Cluster(kubeconfig)
-        for mode in ("builtin", "none"):
+        for mode in args.modes:
             before = scrape(18080).get("api_requests", 0)
             namespace = cluster.namespace(f"bench-{mode}")
             latencies = single_gang(cluster, namespace, mode, args.reps)
@@ -304,7 +308,7 @@ def main() -> None:
         operator.wait(timeout=30)
         cluster_dir.down()
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "admission.json").write_text(json.dumps(results, indent=2) + "\n")
+    (RESULTS / args.output).write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))
 
 

@@ -140,8 +140,19 @@ class Topology(ApiModel):
     preferred: LevelName | None = Field(
         default=None,
         description=(
-            "The level to aim for. Phalanx always tries the tightest domain that fits (host, then "
-            "rack, ...) and spreads wider only when needed, up to `required`."
+            "The level to aim for (default: the tightest level that would hold the gang in an "
+            "empty cluster). A queued gang waits up to preferredWaitSeconds for one domain of it, "
+            "then takes the tightest domain that fits, up to `required`."
+        ),
+    )
+    preferred_wait_seconds: int = Field(
+        default=60,
+        ge=0,
+        le=86400,
+        description=(
+            "How long a queued gang waits for one domain of its preferred level (default: the "
+            "tightest level that would hold it in an empty cluster) before it is placed more "
+            "widely. 0 places it at once wherever it fits tightest now."
         ),
     )
 

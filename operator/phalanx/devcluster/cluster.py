@@ -118,6 +118,7 @@ class DevCluster:
             self._start(plan[2:])
             node_objects = profiles.render_nodes(chosen_profile, nodes)
             create_nodes(client, node_objects)
+            create_volumes(client, render_volumes(self.root))
             self._wait_ready(plan, client, deadline=started + timeout)
             self._wait_nodes_ready(
                 client, {n["metadata"]["name"] for n in node_objects}, plan, started + timeout
@@ -283,6 +284,41 @@ def create_nodes(client: ApiClient, nodes: list[dict[str, Any]]) -> None:
 
     with ThreadPoolExecutor(NODE_CREATE_WORKERS) as pool:
         list(pool.map(create, nodes))
+
+
+# Claims need volumes to bind, and the dev cluster has no provisioner: it starts with a pool of
+# local volumes (no storage class) that claims without a class bind to.
+DEV_VOLUMES = 16
+DEV_VOLUME_SIZE = "1Ti"
+
+
+def render_volumes(root: Path, count: int = DEV_VOLUMES) -> list[dict[str, Any]]:
+    return [
+        {
+            "apiVersion": "v1",
+            "kind": "PersistentVolume",
+            "metadata": {
+                "name": f"phalanx-dev-{index:02d}",
+                "labels": {"phalanx.dev/dev-volume": "true"},
+            },
+            "spec": {
+                "capacity": {"storage": DEV_VOLUME_SIZE},
+                "accessModes": ["ReadWriteOnce", "ReadWriteMany", "ReadOnlyMany"],
+                "persistentVolumeReclaimPolicy": "Retain",
+                "hostPath": {"path": str(root / "volumes" / f"{index:02d}")},
+            },
+        }
+        for index in range(count)
+    ]
+
+
+def create_volumes(client: ApiClient, volumes: list[dict[str, Any]]) -> None:
+    for volume in volumes:
+        reply = client.post("/api/v1/persistentvolumes", volume)
+        if reply.status not in (201, 409):
+            raise DevClusterError(
+                f"creating volume {volume['metadata']['name']} failed with HTTP {reply.status}"
+            )
 
 
 def node_is_ready(node: dict[str, Any]) -> bool:

@@ -40,6 +40,7 @@ from phalanx.placement import (
     Topology,
     Unplaceable,
     admit,
+    place_gang,
     pod_requests,
     queue_order,
 )
@@ -265,6 +266,11 @@ async def admission_pass(op: Operator, topology: Topology, window: int = 32) -> 
             ),
         )
     decisions = await asyncio.to_thread(admit, snapshot, head, topology, total)
+    decisions, recheck = await asyncio.to_thread(
+        _hold_for_preferred, decisions, by_key, topology, total
+    )
+    if recheck is not None:
+        asyncio.get_running_loop().call_later(recheck + 0.5, op.wake_admission)
     placed = []
     for request, result in decisions:
         gang = by_key[request.key]
@@ -278,6 +284,57 @@ async def admission_pass(op: Operator, topology: Topology, window: int = 32) -> 
         else:
             _remember_verdict(op, gang, result)
     await asyncio.gather(*placed)
+
+
+WAITING_FOR_PREFERRED = "WaitingForPreferredDomain"
+
+
+def _hold_for_preferred(
+    decisions: list[tuple[GangRequest, Placement | Unplaceable]],
+    by_key: dict[str, Gang],
+    topology: Topology,
+    total: CapacitySnapshot,
+) -> tuple[list[tuple[GangRequest, Placement | Unplaceable]], float | None]:
+    """Keep a gang queued for a while rather than spread it wider than it needs.
+
+    Like Slurm's `--switches=1@timeout`: a gang that one domain of its preferred level could
+    hold (one rack, say) waits up to `topology.preferredWaitSeconds` for such a domain to free
+    up before it is placed in a coarser one. The preferred level defaults to the tightest
+    level that holds the gang in the empty cluster. Returns the decisions and, if any gang is
+    held, the seconds until the first wait runs out (when admission must look again).
+    """
+    now = time.time()
+    recheck: float | None = None
+    held: list[tuple[GangRequest, Placement | Unplaceable]] = []
+    for request, result in decisions:
+        gang = by_key[request.key]
+        wait = int(gang.spec.topology.preferred_wait_seconds)
+        waited = now - request.created
+        if not isinstance(result, Placement) or wait <= 0 or waited >= wait:
+            held.append((request, result))
+            continue
+        target = request.preferred
+        if target is None or not topology.has_level(target):
+            ideal = place_gang(total, request, topology)
+            target = ideal.level if isinstance(ideal, Placement) else None
+        if target is None or not topology.is_coarser(result.level, target):
+            held.append((request, result))
+            continue
+        remaining = wait - waited
+        recheck = remaining if recheck is None else min(recheck, remaining)
+        held.append(
+            (
+                request,
+                Unplaceable(
+                    WAITING_FOR_PREFERRED,
+                    f"one {target} would hold the gang but none is free now; waiting up to "
+                    f"{remaining:.0f}s more for one before placing it in {result.level} "
+                    f"{result.domain} (spec.topology.preferredWaitSeconds)",
+                    permanent=False,
+                ),
+            )
+        )
+    return held, recheck
 
 
 def _remember_verdict(op: Operator, gang: Gang, verdict: Unplaceable) -> None:
