@@ -40,6 +40,29 @@ def topology_from_env() -> Topology:
     return Topology.parse(os.environ.get("PHALANX_TOPOLOGY", "generic"))
 
 
+@kopf.on.login()
+def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+    """Log kopf in with the credentials `phalanx.kube` uses.
+
+    `kubernetes.config` reads $KUBECONFIG once, when it is first imported, so kopf's built-in
+    login misses a KUBECONFIG set later (as embedding programs and test fixtures do). In a
+    pod, kopf's own in-cluster login (which follows token rotation) is used.
+    """
+    if not os.environ.get("KUBECONFIG") and os.environ.get("KUBERNETES_SERVICE_HOST"):
+        return kopf.login_via_client(**kwargs)
+    c = kube.connect().configuration
+    scheme, _, token = str(c.api_key.get("authorization") or "").partition(" ")
+    return kopf.ConnectionInfo(
+        server=c.host,
+        ca_path=c.ssl_ca_cert,
+        insecure=not c.verify_ssl,
+        certificate_path=c.cert_file,
+        private_key_path=c.key_file,
+        scheme=scheme or None,
+        token=token or None,
+    )
+
+
 @kopf.on.startup()
 async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     op = reset()
