@@ -143,6 +143,19 @@ class Cache:
             return None
         return frozenset(name for ns, name in self.claims.items if ns == namespace)
 
+    def seconds_until_lost(self, names: Iterable[str]) -> float | None:
+        """For nodes NotReady but still within their grace, the time until the first counts as
+        lost (when jobs on it must be looked at again); None if none is in that state."""
+        now = datetime.now(UTC)
+        waits = []
+        for name in names:
+            node = self.nodes.get(("", name))
+            if node is not None and not _node_ready(node):
+                remaining = NODE_LOST_GRACE_SECONDS - _not_ready_for(node, now)
+                if remaining > 0:
+                    waits.append(remaining)
+        return min(waits) if waits else None
+
     def ready_nodes(self) -> frozenset[str]:
         """Nodes still trusted with running pods: Ready, or NotReady for less than
         NODE_LOST_GRACE_SECONDS (one late heartbeat must not restart every gang on the node).

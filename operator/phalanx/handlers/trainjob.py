@@ -84,6 +84,10 @@ async def _reconcile(op: Operator, key: Key) -> None:
         *key, plan.status.get("phase"), len(plan.create), len(plan.delete), plan.requeue_after,
     )  # fmt: skip
     await _apply(op, key, obj, status, plan)
+    # A rank on a node that just went NotReady is judged once the node's grace has run out.
+    wait = op.cache.seconds_until_lost(str(p["spec"].get("nodeName") or "") for p in world.pods)
+    if wait is not None:
+        op.trainjobs.add_after(key, wait + 0.5)
 
 
 async def _ensure_children(op: Operator, ref: JobRef, job: LLMTrainJob) -> None:
