@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -25,7 +24,7 @@ from phalanx.inference_lifecycle import ServicePlan, ServiceWorld, plan_service,
 from phalanx.render.inference import ServiceRef, render_client_service, render_peers_service
 from phalanx.status import READY, set_condition
 
-from .state import Key, Obj, Operator
+from .state import Key, Obj, Operator, run_reconcile
 from .trainjob import status_patch
 
 log = logging.getLogger("phalanx.inference")
@@ -33,17 +32,9 @@ CONTROLLER = "inferenceservice"
 
 
 async def reconcile(op: Operator, key: Key) -> None:
-    started = time.perf_counter()
-    result = "success"
-    try:
-        await _reconcile(op, key)
-    except Exception:  # a bug or an API outage must not stop the worker
-        result = "error"
-        log.exception("reconciling InferenceService %s/%s failed; retrying", *key)
-        op.services.add_after(key, 5)
-    finally:
-        metrics.RECONCILE_TOTAL.labels(controller=CONTROLLER, result=result).inc()
-        metrics.RECONCILE_TIME.labels(controller=CONTROLLER).observe(time.perf_counter() - started)
+    await run_reconcile(
+        CONTROLLER, "InferenceService", op.services, key, lambda: _reconcile(op, key)
+    )
 
 
 def forget(op: Operator, key: Key) -> None:

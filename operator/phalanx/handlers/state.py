@@ -8,6 +8,7 @@ next reconcile sees at least their own changes even before the watch event arriv
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterable
@@ -15,9 +16,11 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from phalanx import metrics
 from phalanx.autoscaler import Sample
 from phalanx.constants import LABEL_JOB, LABEL_SERVICE
 
+log = logging.getLogger("phalanx")
 Key = tuple[str, str]  # (namespace, name)
 Obj = dict[str, Any]
 
@@ -166,6 +169,23 @@ class Cache:
             for n in self.nodes.values()
             if _node_ready(n) or _not_ready_for(n, now) < NODE_LOST_GRACE_SECONDS
         )
+
+
+async def run_reconcile(
+    controller: str, kind: str, queue: WorkQueue, key: Key, body: Callable[[], Awaitable[None]]
+) -> None:
+    """Run one reconcile with controller-runtime's metrics; a failure retries the key later."""
+    started = time.perf_counter()
+    result = "success"
+    try:
+        await body()
+    except Exception:  # a bug or an API outage must not stop the worker
+        result = "error"
+        log.exception("reconciling %s %s/%s failed; retrying", kind, *key)
+        queue.add_after(key, 5)
+    finally:
+        metrics.RECONCILE_TOTAL.labels(controller=controller, result=result).inc()
+        metrics.RECONCILE_TIME.labels(controller=controller).observe(time.perf_counter() - started)
 
 
 class WorkQueue:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -29,7 +28,7 @@ from phalanx.render.trainjob import (
 )
 from phalanx.status import ADMITTED, set_condition
 
-from .state import Key, Obj, Operator
+from .state import Key, Obj, Operator, run_reconcile
 
 log = logging.getLogger("phalanx.trainjob")
 CONTROLLER = "llmtrainjob"
@@ -43,17 +42,7 @@ def status_patch(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
 
 
 async def reconcile(op: Operator, key: Key) -> None:
-    started = time.perf_counter()
-    result = "success"
-    try:
-        await _reconcile(op, key)
-    except Exception:  # a bug or an API outage must not stop the worker
-        result = "error"
-        log.exception("reconciling LLMTrainJob %s/%s failed; retrying", *key)
-        op.trainjobs.add_after(key, 5)
-    finally:
-        metrics.RECONCILE_TOTAL.labels(controller=CONTROLLER, result=result).inc()
-        metrics.RECONCILE_TIME.labels(controller=CONTROLLER).observe(time.perf_counter() - started)
+    await run_reconcile(CONTROLLER, "LLMTrainJob", op.trainjobs, key, lambda: _reconcile(op, key))
 
 
 async def _reconcile(op: Operator, key: Key) -> None:

@@ -16,7 +16,6 @@ from typing import Any
 from phalanx.api.common import Accelerator
 from phalanx.api.inference import InferenceServiceSpec
 from phalanx.constants import (
-    API_VERSION,
     GANG_GATE,
     INFERENCE_KIND,
     LABEL_GROUP_INDEX,
@@ -25,6 +24,7 @@ from phalanx.constants import (
 )
 
 from .overlay import merge
+from .owner import OwnerRef
 from .trainjob import GPU_PRODUCT_LABEL
 
 CONTAINER = "server"
@@ -42,23 +42,10 @@ STARTUP_FAILURE_THRESHOLD = 60
 TERMINATION_GRACE_SECONDS = 60
 
 
-@dataclass(frozen=True)
-class ServiceRef:
+class ServiceRef(OwnerRef):
     """Identity of the owning InferenceService: names, labels and the owner reference."""
 
-    name: str
-    namespace: str
-    uid: str
-
-    def owner_reference(self) -> dict[str, Any]:
-        return {
-            "apiVersion": API_VERSION,
-            "kind": INFERENCE_KIND,
-            "name": self.name,
-            "uid": self.uid,
-            "controller": True,
-            "blockOwnerDeletion": True,
-        }
+    kind = INFERENCE_KIND
 
 
 @dataclass(frozen=True)
@@ -107,12 +94,7 @@ def service_labels(service: str) -> dict[str, str]:
 
 
 def _metadata(ref: ServiceRef, name: str, labels: dict[str, str] | None = None) -> dict[str, Any]:
-    return {
-        "name": name,
-        "namespace": ref.namespace,
-        "labels": labels or service_labels(ref.name),
-        "ownerReferences": [ref.owner_reference()],
-    }
+    return ref.child_metadata(name, labels or service_labels(ref.name))
 
 
 def template_revision(spec: InferenceServiceSpec, model: ModelMount) -> str:

@@ -3,12 +3,10 @@ checkpoint claim and, for HCCL, the rank-table ConfigMap. Pure: spec in, dicts o
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 from phalanx.api.trainjob import LLMTrainJobSpec
 from phalanx.constants import (
-    API_VERSION,
     GANG_GATE,
     LABEL_GENERATION,
     LABEL_JOB,
@@ -18,6 +16,7 @@ from phalanx.constants import (
 
 from .env import HCCL_DIR, training_env
 from .overlay import merge
+from .owner import OwnerRef
 
 # Long enough for rank 0 to finish writing a sharded checkpoint after SIGTERM.
 TERMINATION_GRACE_SECONDS = 600
@@ -27,23 +26,10 @@ GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
 SCHEDULER_NAMES = {"volcano": "volcano", "coscheduling": "scheduler-plugins-scheduler"}
 
 
-@dataclass(frozen=True)
-class JobRef:
+class JobRef(OwnerRef):
     """Identity of the owning job, enough for names, labels and the owner reference."""
 
-    name: str
-    namespace: str
-    uid: str
-
-    def owner_reference(self) -> dict[str, Any]:
-        return {
-            "apiVersion": API_VERSION,
-            "kind": TRAINJOB_KIND,
-            "name": self.name,
-            "uid": self.uid,
-            "controller": True,
-            "blockOwnerDeletion": True,
-        }
+    kind = TRAINJOB_KIND
 
 
 def pod_name(job: str, rank: int) -> str:
@@ -68,12 +54,7 @@ def job_labels(job: str) -> dict[str, str]:
 
 
 def _metadata(ref: JobRef, name: str, labels: dict[str, str] | None = None) -> dict[str, Any]:
-    return {
-        "name": name,
-        "namespace": ref.namespace,
-        "labels": labels or job_labels(ref.name),
-        "ownerReferences": [ref.owner_reference()],
-    }
+    return ref.child_metadata(name, labels or job_labels(ref.name))
 
 
 def trainer_args(spec: LLMTrainJobSpec) -> list[str]:
