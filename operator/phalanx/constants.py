@@ -62,7 +62,18 @@ RESERVED_ENV: Final = (
     "PHALANX_LEADER_ADDRESS",
     "PHALANX_GROUP_SIZE",
     "PHALANX_WORKER_INDEX",
+    "PHALANX_TERMINATION_LOG",
 )
+
+# The termination contract (docs/progress-contract.md): the trainer writes its classified end
+# to this file, which the kubelet copies into the container's terminated.message.
+TERMINATION_LOG: Final = "/dev/termination-log"
+TERMINATION_LOG_ENV: Final = "PHALANX_TERMINATION_LOG"
+# Classes of a trainer's end that retrying cannot fix: they fail the job at once unless a
+# failurePolicy rule says otherwise.
+PERMANENT_REASONS: Final = frozenset({"InvalidConfig", "DataError", "CheckpointError"})
+# Waiting reasons that cannot clear by waiting: the image name itself is malformed.
+PERMANENT_START_REASONS: Final = frozenset({"InvalidImageName"})
 
 # Canonical topology level names, coarsest first. The operator's topology configuration
 # picks a subset (a preset or an explicit list); CEL uses this order to compare levels.

@@ -17,11 +17,13 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+from phalanx import observe
 from phalanx.api.inference import InferenceServiceSpec
 from phalanx.api.trainjob import LLMTrainJob
 from phalanx.api.validate import SpecError, parse
 from phalanx.autoscaler import Decision
 from phalanx.constants import GANG_GATE, LABEL_GROUP_INDEX, LABEL_WORKER_INDEX
+from phalanx.observe import CreateRejection
 from phalanx.render.inference import (
     LABEL_REVISION,
     MODEL_DIR,
@@ -105,25 +107,29 @@ def resolve_model(
     status = trainjob.get("status") or {}
     uid = str(trainjob.get("metadata", {}).get("uid") or "")[:8]
     if wanted.step is not None:
-        # exports/step-N is a servable snapshot the trainer publishes atomically when the job
-        # sets trainer.exportEvery (COMPLETE written last); checkpoints themselves are shards.
-        last = (status.get("progress") or {}).get("lastCheckpointStep")
-        succeeded = status.get("phase") == "Succeeded"
-        if not (isinstance(last, int) and last >= wanted.step) and not succeeded:
+        # exports/step-N is a servable snapshot the trainer publishes atomically (COMPLETE
+        # written last) and reports in exportSteps; checkpoints themselves are shards.
+        steps = [s for s in status.get("exportSteps") or [] if isinstance(s, int)]
+        if wanted.step not in steps:
+            listed = ", ".join(str(s) for s in steps) if steps else "none yet"
             return ModelProblem(
                 "ExportNotReady",
-                f"LLMTrainJob {wanted.name} has not checkpointed step {wanted.step} yet "
-                f"(last checkpoint: {last if last is not None else 'none'}); waiting.",
+                f"LLMTrainJob {wanted.name} has not reported an export of step {wanted.step} "
+                f"(export steps: {listed}); waiting. Steps are exported every "
+                "spec.trainer.exportEvery steps.",
             )
         directory = f"exports/step-{wanted.step}"
     else:
         export = status.get("exportPath")
         if status.get("phase") != "Succeeded" or not export:
+            phase = status.get("phase") or "Pending"
+            detail = (
+                "it succeeded but its trainer reported no export (exportPath)"
+                if phase == "Succeeded"
+                else f"phase {phase}; the model is served once the job succeeds"
+            )
             return ModelProblem(
-                "ExportNotReady",
-                f"LLMTrainJob {wanted.name} has no export yet (phase "
-                f"{status.get('phase') or 'Pending'}); the model is served once the job "
-                "succeeds.",
+                "ExportNotReady", f"LLMTrainJob {wanted.name} has no export yet ({detail})."
             )
         directory = str(export).strip("/")
     return ModelMount(
@@ -345,6 +351,7 @@ class ServiceWorld:
     model: ModelMount | ModelProblem
     verdict: tuple[str, str] | None = None  # latest admission verdict of a waiting group
     decision: Decision | None = None  # the autoscaler's, when autoscaling is on
+    rejection: CreateRejection | None = None  # the API server's last refusal of a pod
 
 
 @dataclass
@@ -505,6 +512,13 @@ def plan_service(
         # Without a resolvable model nothing new starts; groups already serving keep serving.
         remaining = survivors
     plan.delete = sorted(set(plan.delete))
+    rejected = world.rejection
+    held = bool(plan.create) and rejected is not None and rejected.holds(now, metadata_generation)
+    if held:
+        # Creating again now would only repeat the API server's refusal: back off.
+        assert rejected is not None
+        plan.create = []
+        plan.later((rejected.retry_at() - now).total_seconds())
 
     ready = [g for g in remaining if g.ready(size)]
     updated = [g for g in remaining if g.revision == revision]
@@ -512,8 +526,13 @@ def plan_service(
     data["readyReplicas"] = len(ready)
     data["updatedReplicas"] = len(updated)
     _model_condition(cond, model, ready, revision)
-    _progress_condition(cond, spec, model, remaining, ready, revision, stalled, bool(plan.create))
-    _ready_condition(cond, spec, model, world, remaining, ready, stalled)
+    if held and rejected is not None:
+        cond.set(PROGRESSING, False, "PodCreateRejected", rejected.describe(), warn=True)
+    else:
+        _progress_condition(
+            cond, spec, model, remaining, ready, revision, stalled, bool(plan.create)
+        )
+    _ready_condition(cond, spec, model, world, remaining, ready, stalled, held)
     _scaling(cond, plan, spec, world.decision)
     plan.events = cond.events
     return plan
@@ -584,6 +603,7 @@ def _ready_condition(
     remaining: Sequence[Group],
     ready: Sequence[Group],
     stalled: bool,
+    held: bool = False,
 ) -> None:
     desired = spec.replicas
     _, unavailable = rollout_bounds(spec, desired)
@@ -598,8 +618,18 @@ def _ready_condition(
         )  # fmt: skip
         return
     pods = [p for g in remaining for p in g.pods]
+    problem = next((found for p in pods if (found := observe.start_problem(p))), None)
+    looping = next((loop for p in pods if (loop := observe.crash_loop(p))), None)
     if isinstance(model, ModelProblem):
         reason, message = model.reason, model.message
+    elif held and world.rejection is not None:
+        reason, message = "PodCreateRejected", world.rejection.describe()
+    elif problem is not None:
+        reason = problem.condition_reason
+        message = f"{problem.describe()}. Fix spec.image, the pull secret or the referenced ConfigMap/Secret."
+    elif looping is not None:
+        reason = "CrashLoopBackOff"
+        message = f"{looping.describe()}. See the server's log (kubectl logs --previous)."
     elif world.verdict is not None:
         reason, message = world.verdict
         message = f"A group of {spec.nodes_per_replica} pods cannot be placed: {message}"

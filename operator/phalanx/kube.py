@@ -116,8 +116,33 @@ def custom() -> client.CustomObjectsApi:
     return client.CustomObjectsApi(connect())
 
 
+class Rejected(Exception):
+    """The API server refused a write for a reason retrying cannot fix (4xx, not a conflict):
+    an invalid object, a quota, an admission webhook. `message` is the server's own."""
+
+    def __init__(self, kind: str, name: str, code: int, message: str) -> None:
+        super().__init__(f"{kind} {name}: HTTP {code}: {message}")
+        self.kind = kind
+        self.name = name
+        self.code = code
+        self.message = message
+
+
+def server_message(error: ApiException) -> str:
+    """The `message` of the Status object the API server answered with, else its body."""
+    body = error.body.decode() if isinstance(error.body, bytes) else str(error.body or "")
+    try:
+        status = json.loads(body)
+    except ValueError:
+        return body.strip() or str(error.reason or error.status)
+    return str(status.get("message") or body) if isinstance(status, dict) else body
+
+
 def create(manifest: dict[str, Any]) -> dict[str, Any] | None:
-    """Create a namespaced object; None when it already exists (creation is idempotent)."""
+    """Create a namespaced object; None when it already exists (creation is idempotent).
+
+    Raises `Rejected` when the API server refuses the object itself (4xx other than 409).
+    """
     kind = manifest["kind"]
     namespace = manifest["metadata"]["namespace"]
     plural = _CORE_PLURALS.get(kind) or kind.lower() + "s"
@@ -129,6 +154,10 @@ def create(manifest: dict[str, Any]) -> dict[str, Any] | None:
     except ApiException as error:
         if error.status == 409 or _namespace_terminating(error):
             return None
+        if error.status is not None and 400 <= error.status < 500 and error.status != 429:
+            raise Rejected(
+                kind, manifest["metadata"]["name"], error.status, server_message(error)
+            ) from error
         raise
 
 

@@ -13,8 +13,10 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+from phalanx import observe
 from phalanx.api.trainjob import FailureRule, LLMTrainJobSpec
-from phalanx.constants import GANG_GATE, LABEL_GENERATION, LABEL_RANK
+from phalanx.constants import PERMANENT_REASONS, PERMANENT_START_REASONS
+from phalanx.observe import CreateRejection
 from phalanx.render.hccl import rank_table
 from phalanx.render.trainjob import CONTAINER, JobRef, render_pod
 from phalanx.status import (
@@ -32,8 +34,6 @@ from phalanx.status import (
     trainjob_phase,
 )
 
-# Directory of the trainer's serving export inside the checkpoint volume.
-EXPORT_DIR = "export"
 # A pod stuck terminating on a node that stopped answering is removed by force after this.
 FORCE_DELETE_AFTER = timedelta(seconds=30)
 
@@ -46,6 +46,7 @@ class World:
     ready_nodes: frozenset[str]
     verdict: tuple[str, str] | None = None  # (reason, message) from the admission loop
     progress: Mapping[str, Any] | None = None
+    rejection: CreateRejection | None = None  # the API server's last refusal of a pod
 
 
 @dataclass
@@ -74,91 +75,66 @@ class RankFailure:
     pod: str
     node: str
     exit_code: int | None
-    reason: str
+    reasons: tuple[str, ...]
+    message: str = ""  # the trainer's own sentence, when it followed the termination contract
+
+    @property
+    def reason(self) -> str:
+        return self.reasons[0] if self.reasons else "Failed"
 
     def describe(self) -> str:
-        code = f"exit code {self.exit_code}" if self.exit_code is not None else self.reason
+        if self.exit_code is not None:
+            shown = [r for r in self.reasons if r not in ("Error", "Completed")][:1]
+            code = f"exit code {self.exit_code}" + (f" ({shown[0]})" if shown else "")
+        else:
+            code = self.reason
         where = f" on node {self.node}" if self.node else ""
-        return f"rank {self.rank} (pod {self.pod}{where}) failed: {code}"
-
-
-def _parse_time(value: Any) -> datetime | None:
-    if not isinstance(value, str) or not value:
-        return None
-    return datetime.fromisoformat(value.replace("Z", "+00:00"))
-
-
-def _generation_of(pod: Mapping[str, Any]) -> int:
-    try:
-        return int(pod["metadata"]["labels"][LABEL_GENERATION])
-    except (KeyError, ValueError, TypeError):
-        return 0
-
-
-def _rank_of(pod: Mapping[str, Any]) -> int:
-    try:
-        return int(pod["metadata"]["labels"][LABEL_RANK])
-    except (KeyError, ValueError, TypeError):
-        return -1
-
-
-def _terminating(pod: Mapping[str, Any]) -> bool:
-    return bool(pod.get("metadata", {}).get("deletionTimestamp"))
-
-
-def _phase(pod: Mapping[str, Any]) -> str:
-    return str(pod.get("status", {}).get("phase", "Pending"))
-
-
-def _gated(pod: Mapping[str, Any]) -> bool:
-    return any(g.get("name") == GANG_GATE for g in pod.get("spec", {}).get("schedulingGates") or [])
-
-
-def _node(pod: Mapping[str, Any]) -> str:
-    return str(pod.get("spec", {}).get("nodeName") or "")
-
-
-def _running(pod: Mapping[str, Any]) -> bool:
-    return _phase(pod) == "Running" and not _terminating(pod)
-
-
-def _termination(pod: Mapping[str, Any]) -> tuple[int | None, str]:
-    """Exit code and reason of the trainer container, else the pod's own reason."""
-    for status in pod.get("status", {}).get("containerStatuses") or []:
-        terminated = (status.get("state") or {}).get("terminated")
-        if status.get("name") == CONTAINER and terminated:
-            return terminated.get("exitCode"), str(terminated.get("reason") or "Error")
-    for status in pod.get("status", {}).get("containerStatuses") or []:
-        terminated = (status.get("state") or {}).get("terminated")
-        if terminated:
-            return terminated.get("exitCode"), str(terminated.get("reason") or "Error")
-    return None, str(pod.get("status", {}).get("reason") or "Failed")
+        said = f": {self.message!r}" if self.message else ""
+        return f"rank {self.rank} (pod {self.pod}{where}) failed: {code}{said}"
 
 
 def rank_failure(pod: Mapping[str, Any], ready_nodes: frozenset[str]) -> RankFailure | None:
     """Why this rank can no longer finish, or None while it still can (or already did)."""
-    name = str(pod.get("metadata", {}).get("name", ""))
-    node = _node(pod)
-    if _phase(pod) == "Succeeded":
+    name = observe.name(pod)
+    node = observe.node_of(pod)
+    rank = observe.rank(pod)
+    if observe.phase(pod) == "Succeeded":
         return None
-    if _phase(pod) == "Failed":
-        code, reason = _termination(pod)
-        return RankFailure(_rank_of(pod), name, node, code, reason)
+    if observe.phase(pod) == "Failed":
+        ended = observe.termination(pod, CONTAINER)
+        return RankFailure(rank, name, node, ended.exit_code, ended.reasons, ended.message)
     if node and node not in ready_nodes:
-        return RankFailure(_rank_of(pod), name, node, None, "NodeLost")
-    if _terminating(pod):
-        return RankFailure(_rank_of(pod), name, node, None, "PodDeleted")
+        return RankFailure(rank, name, node, None, ("NodeLost",))
+    if observe.terminating(pod):
+        return RankFailure(rank, name, node, None, ("PodDeleted",))
+    problem = observe.start_problem(pod)
+    if problem is not None and problem.reason in PERMANENT_START_REASONS:
+        return RankFailure(rank, name, node, None, (problem.reason,), problem.describe())
     return None
 
 
-def failure_action(failure: RankFailure, rules: Sequence[FailureRule]) -> str:
-    """The first matching rule's action; unmatched failures restart the gang."""
-    for rule in rules:
+def failure_verdict(failure: RankFailure, rules: Sequence[FailureRule]) -> tuple[str, str]:
+    """(action, why): the first matching rule, else the built-in defaults (the permanent
+    classes of the termination contract fail the job; everything else restarts the gang)."""
+    for index, rule in enumerate(rules):
         if failure.exit_code is not None and failure.exit_code in rule.on_exit_codes:
-            return rule.action
-        if failure.reason in rule.on_reasons:
-            return rule.action
-    return "RestartGang"
+            return (
+                rule.action,
+                f"failurePolicy.rules[{index}] matches exit code {failure.exit_code}",
+            )
+        matched = next((r for r in failure.reasons if r in rule.on_reasons), None)
+        if matched is not None:
+            return rule.action, f"failurePolicy.rules[{index}] matches {matched}"
+    permanent = next(
+        (r for r in failure.reasons if r in PERMANENT_REASONS | PERMANENT_START_REASONS), None
+    )
+    if permanent is not None:
+        return "FailJob", f"{permanent} is permanent by default: retrying cannot help"
+    return "RestartGang", "unmatched failures restart the gang"
+
+
+def failure_action(failure: RankFailure, rules: Sequence[FailureRule]) -> str:
+    return failure_verdict(failure, rules)[0]
 
 
 class _Status:
@@ -183,7 +159,8 @@ class _Status:
             self.data["conditions"], kind, status, reason, message, self.now, self.generation
         )
         value = "True" if status else "False"
-        if changed and before.get(kind) != (value, reason) and (status or kind == ADMITTED):
+        flipped = before.get(kind) != (value, reason)
+        if changed and flipped and (status or warn or kind == ADMITTED):
             self.events.append(("Warning" if warn else "Normal", reason, message))
 
     def clear(self, kind: str, reason: str, message: str) -> None:
@@ -213,7 +190,7 @@ def plan_trainjob(
         return _finish(plan, st, pods)
 
     if spec.run_policy.suspend:
-        plan.delete += [p["metadata"]["name"] for p in pods if not _terminating(p)]
+        plan.delete += [p["metadata"]["name"] for p in pods if not observe.terminating(p)]
         _force_stuck(pods, world.ready_nodes, now, plan)
         st.condition(
             SUSPENDED,
@@ -230,7 +207,7 @@ def plan_trainjob(
         st.condition(SUSPENDED, False, "Resumed", "The job was resumed; a new gang is queued.")
         generation = _next_generation(st, generation)
 
-    started = _parse_time(st.data.get("startTime"))
+    started = observe.parse_time(st.data.get("startTime"))
     deadline = spec.run_policy.active_deadline_seconds
     if deadline is not None and started is not None:
         remaining = (started + timedelta(seconds=deadline) - now).total_seconds()
@@ -245,54 +222,59 @@ def plan_trainjob(
             return _finish(plan, st, pods)
         plan.later(remaining)
 
-    old = [p for p in pods if _generation_of(p) != generation]
-    current = {_rank_of(p): p for p in pods if _generation_of(p) == generation}
+    old = [p for p in pods if observe.generation(p) != generation]
+    current = {observe.rank(p): p for p in pods if observe.generation(p) == generation}
 
     # A rank that can no longer finish decides the fate of the whole gang.
     failures = [f for f in (rank_failure(p, world.ready_nodes) for p in current.values()) if f]
-    ignored = {f.rank for f in failures if failure_action(f, spec.failure_policy.rules) == "Ignore"}
-    fatal = [f for f in failures if failure_action(f, spec.failure_policy.rules) == "FailJob"]
+    rules = spec.failure_policy.rules
+    ignored = {f.rank for f in failures if failure_action(f, rules) == "Ignore"}
+    fatal = [f for f in failures if failure_action(f, rules) == "FailJob"]
     restart = [f for f in failures if f.rank not in ignored and f not in fatal]
     if fatal:
-        _fail(
-            st,
-            plan,
-            pods,
-            "PermanentFailure",
-            f"{fatal[0].describe()}; failurePolicy marks this as permanent.",
-        )
+        _fail_permanently(st, plan, pods, fatal[0], rules)
         return _finish(plan, st, pods)
-    admitted_pods = [p for p in current.values() if not _gated(p)]
+    admitted_pods = [p for p in current.values() if not observe.gated(p)]
     missing = [r for r in range(spec.nodes) if r not in current]
     if missing and admitted_pods and not old:
         # A rank vanished from an admitted gang: its peers cannot finish without it.
-        restart.append(RankFailure(missing[0], f"{ref.name}-{missing[0]}", "", None, "PodMissing"))
+        restart.append(
+            RankFailure(missing[0], f"{ref.name}-{missing[0]}", "", None, ("PodMissing",))
+        )
     if restart:
         _restart(spec, st, plan, pods, restart[0], generation)
         _force_stuck(pods, world.ready_nodes, now, plan)
         return _finish(plan, st, pods)
 
-    finished = [r for r, p in current.items() if _phase(p) == "Succeeded" or r in ignored]
+    finished = [r for r, p in current.items() if observe.phase(p) == "Succeeded" or r in ignored]
     if len(current) == spec.nodes and len(finished) == spec.nodes:
         st.condition(
             SUCCEEDED, True, "AllRanksSucceeded", f"All {spec.nodes} ranks completed successfully."
         )
         st.clear(RUNNING, "Completed", "The job completed.")
         st.data["completionTime"] = timestamp(now)
-        if spec.checkpoint.enabled:
-            # The trainer exports for serving before it exits 0 (phalanx_trainer.checkpoint);
-            # it cannot write to the API, so success is what tells an InferenceService.
-            st.data["exportPath"] = EXPORT_DIR
+        # Only what rank 0 reported is an export: its final termination message says what it
+        # published (a user image that reports nothing has exported nothing we know of).
+        if 0 in current:
+            report = observe.termination(current[0], CONTAINER).report
+            if report is not None:
+                _copy_exports(st.data, report.export_path, report.export_steps)
         _finished(spec, pods, st, plan)
         return _finish(plan, st, pods)
 
     if old:
         # The previous gang must be gone before its names and capacity are reused.
-        plan.delete += [p["metadata"]["name"] for p in old if not _terminating(p)]
+        plan.delete += [p["metadata"]["name"] for p in old if not observe.terminating(p)]
         _force_stuck(old, world.ready_nodes, now, plan)
         plan.later(1)
         return _finish(plan, st, pods)
 
+    rejected = world.rejection
+    if missing and rejected is not None and rejected.holds(now, metadata_generation):
+        # Creating again now would only repeat the API server's refusal: back off.
+        st.condition(ADMITTED, False, "PodCreateRejected", rejected.describe(), warn=True)
+        plan.later((rejected.retry_at() - now).total_seconds())
+        return _finish(plan, st, pods)
     if missing:
         plan.create += [render_pod(ref, spec, rank, generation) for rank in missing]
         st.data.setdefault("startTime", timestamp(now))
@@ -305,7 +287,31 @@ def plan_trainjob(
         )
     if world.progress is not None and is_true(st.conditions, RUNNING):
         st.data["progress"] = progress_status(world.progress)
+        _copy_exports(
+            st.data,
+            observe.export_path(world.progress.get("exportPath")),
+            observe.export_steps(world.progress.get("exportSteps")),
+        )
     return _finish(plan, st, pods)
+
+
+def _copy_exports(status: dict[str, Any], path: str | None, steps: tuple[int, ...] | None) -> None:
+    """status.exportPath / exportSteps from what the trainer reported (absent: left as is)."""
+    if path is not None:
+        status["exportPath"] = path
+    if steps is not None:
+        status["exportSteps"] = list(steps)
+
+
+def _fail_permanently(
+    st: _Status,
+    plan: Plan,
+    pods: list[Mapping[str, Any]],
+    failure: RankFailure,
+    rules: Sequence[FailureRule],
+) -> None:
+    _, why = failure_verdict(failure, rules)
+    _fail(st, plan, pods, "PermanentFailure", f"{failure.describe()}; {why}, so the job failed.")
 
 
 def _admission(
@@ -321,7 +327,7 @@ def _admission(
     """Admitted / Running conditions, and the gang timeout of a placed but stuck gang."""
     builtin = spec.run_policy.gang_scheduler == "builtin"
     complete = not missing and len(pods) == spec.nodes
-    gated = [p for p in pods if _gated(p)]
+    gated = [p for p in pods if observe.gated(p)]
     if complete and not gated:
         placement = st.data.get("placement") or {}
         where = (
@@ -340,19 +346,43 @@ def _admission(
             ADMITTED, False, "Queued", f"Waiting for capacity for {spec.nodes} pods in one domain."
         )
 
-    running = [p for p in pods if _running(p) or _rank_of(p) in finished]
+    running = [p for p in pods if observe.running(p) or observe.rank(p) in finished]
     if complete and len(running) == spec.nodes:
         st.condition(RUNNING, True, "AllRanksRunning", f"All {spec.nodes} ranks are running.")
         st.clear(RESTARTING, "GangRunning", "The restarted gang is running.")
         return
-    admitted_at = _parse_time(st.data.get("admittedAt"))
+    timeout = spec.failure_policy.gang_timeout_seconds
+    stuck = [p for p in pods if p not in running]
+    problems = [found for p in stuck if (found := observe.start_problem(p)) is not None]
+    if complete and not gated and problems:
+        st.condition(
+            RUNNING, False, problems[0].condition_reason,
+            f"{problems[0].describe()}. Fix spec.image, the pull secret or the referenced "
+            f"ConfigMap/Secret; unless it clears, the gang restarts {timeout}s after placement "
+            "(counted against failurePolicy.maxRestarts).",
+            warn=True,
+        )  # fmt: skip
+    admitted_at = observe.parse_time(st.data.get("admittedAt"))
     if builtin and complete and not gated and admitted_at is not None:
-        timeout = spec.failure_policy.gang_timeout_seconds
         waited = (now - admitted_at).total_seconds()
+        if waited >= timeout and problems:
+            # A gang that cannot start its containers would be re-queued forever; as a rank
+            # failure it meets the failure rules and the restart limit instead.
+            problem = problems[0]
+            pod = next(p for p in pods if observe.name(p) == problem.pod)
+            failure = RankFailure(
+                observe.rank(pod), problem.pod, observe.node_of(pod), None,
+                (problem.reason, problem.condition_reason),
+                f"image {problem.image!r}: {problem.message}" if problem.image else problem.message,
+            )  # fmt: skip
+            if failure_action(failure, spec.failure_policy.rules) == "FailJob":
+                _fail_permanently(st, plan, pods, failure, spec.failure_policy.rules)
+            else:
+                _restart(spec, st, plan, pods, failure, int(st.data["gangGeneration"]))
+            return
         if waited >= timeout:
-            stuck = [p for p in pods if p not in running]
             names = ", ".join(f"{p['metadata']['name']} ({_pending_reason(p)})" for p in stuck[:5])
-            plan.delete += [p["metadata"]["name"] for p in pods if not _terminating(p)]
+            plan.delete += [p["metadata"]["name"] for p in pods if not observe.terminating(p)]
             st.condition(
                 ADMITTED,
                 False,
@@ -366,10 +396,7 @@ def _admission(
 
 
 def _pending_reason(pod: Mapping[str, Any]) -> str:
-    for condition in pod.get("status", {}).get("conditions") or []:
-        if condition.get("type") == "PodScheduled" and condition.get("status") == "False":
-            return str(condition.get("message") or condition.get("reason") or "unscheduled")
-    return _phase(pod)
+    return observe.unschedulable_message(pod) or observe.phase(pod)
 
 
 def _next_generation(st: _Status, generation: int) -> int:
@@ -400,7 +427,7 @@ def _restart(
         )
         return
     st.data["restarts"] = restarts + 1
-    plan.delete += [p["metadata"]["name"] for p in pods if not _terminating(p)]
+    plan.delete += [p["metadata"]["name"] for p in pods if not observe.terminating(p)]
     st.condition(
         RESTARTING,
         True,
@@ -423,7 +450,7 @@ def _fail(
     plan.delete += [
         p["metadata"]["name"]
         for p in pods
-        if _phase(p) not in ("Succeeded", "Failed") and not _terminating(p)
+        if observe.phase(p) not in ("Succeeded", "Failed") and not observe.terminating(p)
     ]
 
 
@@ -434,11 +461,11 @@ def _finished(
     plan.delete += [
         p["metadata"]["name"]
         for p in pods
-        if _phase(p) not in ("Succeeded", "Failed") and not _terminating(p)
+        if observe.phase(p) not in ("Succeeded", "Failed") and not observe.terminating(p)
     ]
     st.data["accelerators"] = 0
     ttl = spec.run_policy.ttl_seconds_after_finished
-    done = _parse_time(st.data.get("completionTime"))
+    done = observe.parse_time(st.data.get("completionTime"))
     if ttl is None or done is None:
         return
     remaining = (done + timedelta(seconds=ttl) - st.now).total_seconds()
@@ -454,8 +481,8 @@ def _force_stuck(
     """Terminating pods on dead nodes never finish: no kubelet is left to confirm."""
     for pod in pods:
         meta = pod.get("metadata", {})
-        deleted = _parse_time(meta.get("deletionTimestamp"))
-        node = _node(pod)
+        deleted = observe.parse_time(meta.get("deletionTimestamp"))
+        node = observe.node_of(pod)
         if deleted is None or not node or node in ready_nodes:
             continue
         requested = deleted - timedelta(seconds=int(meta.get("deletionGracePeriodSeconds") or 0))

@@ -12,6 +12,7 @@ from phalanx.devcluster.testing import Kubectl, wait_for
 OUTCOME = "phalanx.dev/fake-outcome"
 EXIT_CODE = "phalanx.dev/fake-exit-code"
 DURATION = "phalanx.dev/fake-duration"
+TERMINATION_MESSAGE = "phalanx.dev/fake-termination-message"
 
 
 def job_manifest(name: str, **spec: Any) -> dict[str, Any]:
@@ -25,12 +26,18 @@ def job_manifest(name: str, **spec: Any) -> dict[str, Any]:
 
 
 def outcome(
-    result: str = "Succeeded", after: str = "3s", exit_code: int | None = None
+    result: str = "Succeeded",
+    after: str = "3s",
+    exit_code: int | None = None,
+    report: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """A pod template overlay that makes every rank end `result` after `after` of running."""
+    """A pod template overlay that makes every rank end `result` after `after` of running,
+    optionally with `report` as its termination message (the trainer's classified end)."""
     annotations = {OUTCOME: result, DURATION: after}
     if exit_code is not None:
         annotations[EXIT_CODE] = str(exit_code)
+    if report is not None:
+        annotations[TERMINATION_MESSAGE] = json.dumps(report)
     return {"metadata": {"annotations": annotations}}
 
 

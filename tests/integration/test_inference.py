@@ -234,7 +234,11 @@ def test_from_train_job_waits_for_the_export_then_mounts_its_claim_read_only(
             nodes=1,
             accelerator=GPU_1,
             checkpoint={"size": "1Gi"},
-            podTemplate=outcome("Succeeded", "3s"),
+            podTemplate=outcome(
+                "Succeeded",
+                "3s",
+                report={"exitCode": 0, "reason": "Completed", "exportPath": "export"},
+            ),
         )
         waiting = services.wait_condition("serve", "ModelLoaded", "False", "ExportNotReady")
         assert "gpt" in waiting["message"]

@@ -8,6 +8,7 @@ says. Each scenario is its own test in a fresh namespace.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -178,6 +179,74 @@ def test_permanent_exit_code_fails_at_once(jobs: Jobs, operator: Any) -> None:
         next(c for c in status["conditions"] if c["type"] == "Failed")["reason"]
         == "PermanentFailure"
     )
+
+
+def test_trainers_classified_failure_fails_at_once_quoting_its_message(
+    jobs: Jobs, operator: Any
+) -> None:
+    # torchrun exits 1; the trainer's termination message says what really happened.
+    report = {"exitCode": 2, "reason": "InvalidConfig", "message": "unknown preset 'nanoo'"}
+    jobs.apply(
+        "typo",
+        nodes=2,
+        accelerator=GPU_NODE,
+        podTemplate=outcome("Failed", "1s", exit_code=1, report=report),
+        failurePolicy={"maxRestarts": 5},
+    )
+    status = jobs.wait_phase("typo", "Failed", timeout=60)
+    failed = next(c for c in status["conditions"] if c["type"] == "Failed")
+    assert failed["reason"] == "PermanentFailure"
+    assert "exit code 2 (InvalidConfig)" in failed["message"]
+    assert "unknown preset 'nanoo'" in failed["message"]
+    assert status["restarts"] == 0
+    container = jobs.pods("typo")[0]["spec"]["containers"][0]
+    assert container["terminationMessagePath"] == "/dev/termination-log"
+    assert env(jobs.pods("typo")[0])["PHALANX_TERMINATION_LOG"] == "/dev/termination-log"
+
+
+def test_export_is_what_rank_zero_reported_never_assumed(jobs: Jobs, operator: Any) -> None:
+    done = {"exitCode": 0, "reason": "Completed", "message": "trained", "exportPath": "export"}
+    jobs.apply(
+        "reported",
+        nodes=1,
+        accelerator=GPU_NODE,
+        podTemplate=outcome("Succeeded", "1s", report={**done, "exportSteps": [100, 200]}),
+    )
+    jobs.apply("silent", nodes=1, accelerator=GPU_NODE, podTemplate=outcome("Succeeded", "1s"))
+    reported = jobs.wait_phase("reported", "Succeeded", timeout=60)
+    assert (reported["exportPath"], reported["exportSteps"]) == ("export", [100, 200])
+    silent = jobs.wait_phase("silent", "Succeeded", timeout=60)
+    assert "exportPath" not in silent
+    assert not silent.get("exportSteps")
+
+
+def test_pod_template_the_api_server_rejects_is_reported_and_backed_off(
+    jobs: Jobs, operator: Any
+) -> None:
+    from phalanx import metrics
+
+    def creates() -> float:
+        labels = {"verb": "create", "resource": "pod"}
+        return metrics.REGISTRY.get_sample_value("phalanx_api_requests_total", labels) or 0.0
+
+    jobs.apply(
+        "invalid",
+        nodes=2,
+        accelerator=GPU_NODE,
+        podTemplate={"spec": {"dnsPolicy": "Bogus"}},
+    )
+    rejected = jobs.wait_condition("invalid", "Admitted", "False", "PodCreateRejected", timeout=60)
+    assert "dnsPolicy" in rejected["message"]
+    assert "HTTP 422" in rejected["message"]
+    # The retry rate is the point here, so the test watches a fixed window: 30 s in which a
+    # 5-second retry loop would try 6 times, and the backoff (10 s, 20 s, ...) 3 times at most.
+    before = creates()
+    deadline = time.monotonic() + 30
+    wait_for(lambda: time.monotonic() >= deadline, 40, "the observation window to pass")
+    attempts = (creates() - before) / 2  # two pods per attempt
+    assert attempts <= 3, f"{attempts} create attempts in 30 s"
+    assert jobs.pods("invalid") == []
+    assert jobs.condition("invalid", "Admitted")["reason"] == "PodCreateRejected"
 
 
 def test_node_not_ready_reschedules_the_gang_on_healthy_nodes(

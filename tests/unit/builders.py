@@ -54,6 +54,10 @@ def pod(
     exit_code: int | None = None,
     reason: str | None = None,
     terminating: str | None = None,
+    message: str | None = None,
+    pod_reason: str | None = None,
+    waiting: tuple[str, str] | None = None,
+    image: str = "trainer:1",
 ) -> dict[str, Any]:
     obj: dict[str, Any] = {
         "metadata": {
@@ -61,7 +65,7 @@ def pod(
             "namespace": "ml",
             "labels": {LABEL_JOB: job, LABEL_RANK: str(rank), LABEL_GENERATION: str(generation)},
         },
-        "spec": {},
+        "spec": {"containers": [{"name": "trainer", "image": image}]},
         "status": {"phase": phase},
     }
     if node:
@@ -69,12 +73,22 @@ def pod(
     if gated:
         obj["spec"]["schedulingGates"] = [{"name": GANG_GATE}]
     if exit_code is not None:
+        terminated: dict[str, Any] = {"exitCode": exit_code, "reason": reason or "Error"}
+        if message is not None:
+            terminated["message"] = message
+        obj["status"]["containerStatuses"] = [
+            {"name": "trainer", "state": {"terminated": terminated}}
+        ]
+    if waiting is not None:
         obj["status"]["containerStatuses"] = [
             {
                 "name": "trainer",
-                "state": {"terminated": {"exitCode": exit_code, "reason": reason or "Error"}},
+                "image": image,
+                "state": {"waiting": {"reason": waiting[0], "message": waiting[1]}},
             }
         ]
+    if pod_reason is not None:
+        obj["status"]["reason"] = pod_reason
     if terminating:
         obj["metadata"]["deletionTimestamp"] = terminating
         obj["metadata"]["deletionGracePeriodSeconds"] = 0

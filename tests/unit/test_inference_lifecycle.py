@@ -20,6 +20,7 @@ from phalanx.inference_lifecycle import (
     resolve_model,
     rollout_bounds,
 )
+from phalanx.observe import CreateRejection
 from phalanx.render.inference import ModelMount, ServiceRef, render_group, template_revision
 
 NOW = datetime(2025, 1, 1, 12, 0, 0, tzinfo=UTC)
@@ -59,12 +60,19 @@ def group(
     return pods
 
 
-def trainjob(phase: str | None = None, export: str | None = None, **spec: Any) -> dict[str, Any]:
+def trainjob(
+    phase: str | None = None,
+    export: str | None = None,
+    steps: list[int] | None = None,
+    **spec: Any,
+) -> dict[str, Any]:
     status: dict[str, Any] = {}
     if phase:
         status["phase"] = phase
     if export:
         status["exportPath"] = export
+    if steps is not None:
+        status["exportSteps"] = steps
     return {
         "apiVersion": "phalanx.dev/v1alpha1",
         "kind": "LLMTrainJob",
@@ -139,12 +147,26 @@ def trainjob(phase: str | None = None, export: str | None = None, **spec: Any) -
         ),
         pytest.param(
             {"fromTrainJob": {"name": "gpt", "step": 200}},
-            trainjob("Succeeded"),
+            trainjob("Running", steps=[100, 200]),
             None,
             ModelMount(
                 "/models/exports/step-200", "gpt/exports/step-200@12345678", "gpt-checkpoint"
             ),
-            id="job-step",
+            id="job-step-reported",
+        ),
+        pytest.param(
+            {"fromTrainJob": {"name": "gpt", "step": 200}},
+            trainjob("Succeeded", "export", steps=[100, 300]),
+            None,
+            ModelProblem("ExportNotReady", ""),
+            id="job-step-not-reported-even-after-success",
+        ),
+        pytest.param(
+            {"fromTrainJob": {"name": "gpt"}},
+            trainjob("Succeeded"),
+            None,
+            ModelProblem("ExportNotReady", ""),
+            id="job-succeeded-without-reported-export",
         ),
     ],
 )
@@ -445,3 +467,85 @@ def test_autoscaler_decision_scales_and_is_reported() -> None:
     quiet = plan(spec, [], decision=Decision(1, "NoMetrics", "no samples"))
     assert quiet.scale_to is None
     assert conditions(quiet.status)["ScalingActive"] == ("False", "NoMetrics")
+
+
+def test_missing_step_names_the_steps_that_exist() -> None:
+    resolved = resolve_model(
+        make_spec(model={"fromTrainJob": {"name": "gpt", "step": 250}}),
+        trainjob("Running", steps=[100, 200]),
+        None,
+    )
+    assert resolved == ModelProblem(
+        "ExportNotReady",
+        "LLMTrainJob gpt has not reported an export of step 250 (export steps: 100, 200); "
+        "waiting. Steps are exported every spec.trainer.exportEvery steps.",
+    )
+
+
+def test_crash_looping_server_is_reported_with_its_last_exit() -> None:
+    spec = make_spec(replicas=1)
+    rev = template_revision(spec, TINY)
+    pods = group(
+        spec,
+        0,
+        rev,
+        ready=False,
+        containerStatuses=[
+            {
+                "name": "server",
+                "restartCount": 4,
+                "state": {"waiting": {"reason": "CrashLoopBackOff", "message": "back-off 40s"}},
+                "lastState": {
+                    "terminated": {"exitCode": 1, "message": "no config.json in /models"}
+                },
+            }
+        ],
+    )
+    p = plan(spec, pods)
+    ready = next(c for c in p.status["conditions"] if c["type"] == "Ready")
+    assert (ready["status"], ready["reason"]) == ("False", "CrashLoopBackOff")
+    assert ready["message"] == (
+        "container server of pod chat-0-0 is in CrashLoopBackOff (restarted 4 times; last exit "
+        "code 1: 'no config.json in /models'). See the server's log (kubectl logs --previous)."
+    )
+
+
+def test_image_pull_failure_is_reported_on_ready() -> None:
+    spec = make_spec(replicas=1, image="ghcr.io/x/inference:typo")
+    rev = template_revision(spec, TINY)
+    pods = group(
+        spec,
+        0,
+        rev,
+        ready=False,
+        containerStatuses=[
+            {
+                "name": "server",
+                "state": {"waiting": {"reason": "ErrImagePull", "message": "not found"}},
+            }
+        ],
+    )
+    pods[0]["status"]["phase"] = "Pending"
+    ready = next(c for c in plan(spec, pods).status["conditions"] if c["type"] == "Ready")
+    assert (ready["status"], ready["reason"]) == ("False", "ImagePullFailed")
+    assert "'ghcr.io/x/inference:typo'" in ready["message"]
+    assert "pod chat-0-0" in ready["message"]
+
+
+def test_rejected_pods_back_off_and_are_reported() -> None:
+    spec = make_spec(replicas=1)
+    refused = CreateRejection("Pod chat-0-0", 422, "spec.dnsPolicy: Unsupported value", 1, NOW, 2)
+    p = plan(spec, [], rejection=refused)
+    assert not p.create
+    assert p.requeue_after == 10
+    assert conditions(p.status)["Ready"] == ("False", "PodCreateRejected")
+    assert conditions(p.status)["Progressing"] == ("False", "PodCreateRejected")
+    later = plan_service(
+        REF,
+        spec,
+        2,
+        {},
+        ServiceWorld([], NODES, TINY, rejection=refused),
+        NOW + timedelta(seconds=10),
+    )
+    assert [pod["metadata"]["name"] for pod in later.create] == ["chat-0-0"]

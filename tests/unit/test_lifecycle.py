@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -9,6 +10,7 @@ import pytest
 from builders import make_job, pod
 
 from phalanx.lifecycle import Plan, World, plan_trainjob
+from phalanx.observe import CreateRejection
 from phalanx.render.trainjob import JobRef
 from phalanx.status import find
 
@@ -29,10 +31,12 @@ def plan(
     verdict: tuple[str, str] | None = None,
     progress: dict[str, Any] | None = None,
     now: datetime = NOW,
+    rejection: CreateRejection | None = None,
     **spec: Any,
 ) -> Plan:
     job = make_job("j", nodes=nodes, **spec).build()
-    return plan_trainjob(REF, job, 1, status or {}, World(pods, ready, verdict, progress), now)
+    world = World(pods, ready, verdict, progress, rejection)
+    return plan_trainjob(REF, job, 1, status or {}, world, now)
 
 
 def cond(p: Plan, kind: str) -> tuple[str, str] | None:
@@ -227,3 +231,244 @@ def test_conditions_keep_transition_time_when_status_does_not_flip() -> None:
         first.status["conditions"], "Running"
     )
     assert again.events == []
+
+
+# --- the termination contract -----------------------------------------------------------
+
+
+def report(code: int, reason: str, message: str = "", **extra: Any) -> str:
+    return json.dumps({"exitCode": code, "reason": reason, "message": message, **extra})
+
+
+def failed_rank(**fields: Any) -> list[dict[str, Any]]:
+    return [pod("j", 0, 1, "Running", node="n1"), pod("j", 1, 1, "Failed", node="n2", **fields)]
+
+
+@pytest.mark.parametrize(
+    ("rules", "ending", "outcome"),
+    [
+        pytest.param(
+            [],
+            {"exit_code": 1, "message": report(2, "InvalidConfig", "unknown preset 'nanoo'")},
+            ("Failed", "PermanentFailure"),
+            id="invalid-config-is-permanent-by-default",
+        ),
+        pytest.param(
+            [],
+            {"exit_code": 1, "message": report(3, "DataError", "shard 4 is truncated")},
+            ("Failed", "PermanentFailure"),
+            id="data-error-is-permanent-by-default",
+        ),
+        pytest.param(
+            [],
+            {"exit_code": 1, "message": report(4, "CheckpointError", "step-400 is corrupt")},
+            ("Failed", "PermanentFailure"),
+            id="checkpoint-error-is-permanent-by-default",
+        ),
+        pytest.param(
+            [],
+            {"exit_code": 1, "message": report(11, "CommunicationError", "peer lost")},
+            ("Restarting", "RankFailed"),
+            id="communication-error-restarts",
+        ),
+        pytest.param(
+            [{"action": "FailJob", "onExitCodes": [10]}],
+            {"exit_code": 1, "message": report(10, "OutOfMemory", "CUDA out of memory")},
+            ("Failed", "PermanentFailure"),
+            id="rule-matches-the-trainers-exit-code-not-torchruns",
+        ),
+        pytest.param(
+            [{"action": "FailJob", "onExitCodes": [1]}],
+            {"exit_code": 1, "message": report(11, "CommunicationError")},
+            ("Restarting", "RankFailed"),
+            id="container-exit-code-ignored-when-the-trainer-classified",
+        ),
+        pytest.param(
+            [{"action": "RestartGang", "onReasons": ["InvalidConfig"]}],
+            {"exit_code": 1, "message": report(2, "InvalidConfig")},
+            ("Restarting", "RankFailed"),
+            id="a-user-rule-overrides-the-default",
+        ),
+        pytest.param(
+            [{"action": "FailJob", "onReasons": ["OOMKilled"]}],
+            {"exit_code": 137, "reason": "OOMKilled", "message": report(1, "Error")},
+            ("Failed", "PermanentFailure"),
+            id="kubelet-reason-still-matches",
+        ),
+        pytest.param(
+            [{"action": "FailJob", "onReasons": ["Evicted"]}],
+            {"exit_code": 137, "pod_reason": "Evicted"},
+            ("Failed", "PermanentFailure"),
+            id="pod-reason-still-matches",
+        ),
+        pytest.param(
+            [{"action": "FailJob", "onExitCodes": [2]}],
+            {"exit_code": 2, "message": "Traceback (most recent call last): ..."},
+            ("Failed", "PermanentFailure"),
+            id="not-the-contract-falls-back-to-the-container-exit-code",
+        ),
+        pytest.param(
+            [],
+            {"exit_code": 2, "message": '{"exitCode": "2", "reason": "InvalidConfig"}'},
+            ("Restarting", "RankFailed"),
+            id="malformed-json-is-not-the-contract",
+        ),
+    ],
+)
+def test_failure_rules_read_the_termination_message(
+    rules: list[dict[str, Any]], ending: dict[str, Any], outcome: tuple[str, str]
+) -> None:
+    p = plan(failed_rank(**ending), status={"gangGeneration": 1}, failurePolicy={"rules": rules})
+    kind, reason = outcome
+    assert cond(p, kind) == ("True", reason)
+
+
+def test_failed_condition_quotes_the_trainers_message() -> None:
+    ending = {"exit_code": 1, "message": report(2, "InvalidConfig", "unknown preset 'nanoo'")}
+    p = plan(failed_rank(**ending), status={"gangGeneration": 1})
+    assert find(p.status["conditions"], "Failed")["message"] == (
+        "rank 1 (pod j-1 on node n2) failed: exit code 2 (InvalidConfig): "
+        "\"unknown preset 'nanoo'\"; InvalidConfig is permanent by default: retrying cannot "
+        "help, so the job failed."
+    )
+    assert p.status["restarts"] == 0
+    assert p.delete == ["j-0"]
+
+
+def succeeded(message: str | None = None) -> list[dict[str, Any]]:
+    return [
+        pod("j", 0, 1, "Succeeded", node="n1", exit_code=0, reason="Completed", message=message),
+        pod("j", 1, 1, "Succeeded", node="n2", exit_code=0, reason="Completed"),
+    ]
+
+
+def test_success_takes_the_export_from_rank_zeros_message() -> None:
+    message = report(0, "Completed", "done", exportPath="export", exportSteps=[200, 100])
+    p = plan(succeeded(message), status={"gangGeneration": 1, "exportSteps": [100]})
+    assert cond(p, "Succeeded") == ("True", "AllRanksSucceeded")
+    assert (p.status["exportPath"], p.status["exportSteps"]) == ("export", [100, 200])
+
+
+@pytest.mark.parametrize(
+    "message",
+    [None, "all good", report(0, "Completed", exportPath="../../etc")],
+    ids=["no-message", "not-the-contract", "path-outside-the-volume"],
+)
+def test_success_without_a_reported_export_sets_no_export_path(message: str | None) -> None:
+    p = plan(succeeded(message), status={"gangGeneration": 1})
+    assert cond(p, "Succeeded") == ("True", "AllRanksSucceeded")
+    assert "exportPath" not in p.status
+
+
+def test_exports_in_progress_are_copied_while_running() -> None:
+    progress = {"step": 300, "totalSteps": 1000, "exportSteps": [200, 100, "x", True]}
+    p = plan(running(), status={"gangGeneration": 1}, progress=progress)
+    assert p.status["exportSteps"] == [100, 200]
+    assert "exportPath" not in p.status
+    done = {**progress, "exportPath": "export"}
+    assert plan(running(), status=p.status, progress=done).status["exportPath"] == "export"
+
+
+# --- containers that cannot start -------------------------------------------------------
+
+
+def pulling(reason: str = "ImagePullBackOff", gen: int = 1) -> list[dict[str, Any]]:
+    return [
+        pod("j", 0, gen, "Running", node="n1", image="ghcr.io/x/trainer:typo"),
+        pod(
+            "j", 1, gen, "Pending", node="n2", image="ghcr.io/x/trainer:typo",
+            waiting=(reason, 'Back-off pulling image "ghcr.io/x/trainer:typo"'),
+        ),
+    ]  # fmt: skip
+
+
+def test_image_pull_failure_is_a_condition_naming_the_image_and_the_pod() -> None:
+    p = plan(pulling(), status={"gangGeneration": 1, "admittedAt": stamp(-10)})
+    assert cond(p, "Running") == ("False", "ImagePullFailed")
+    message = find(p.status["conditions"], "Running")["message"]
+    assert "pod j-1" in message
+    assert "'ghcr.io/x/trainer:typo'" in message
+    assert "ImagePullBackOff" in message
+    assert ("Warning", "ImagePullFailed", message) in p.events
+    assert p.delete == []
+    assert p.requeue_after == 290
+
+
+def test_image_pull_failure_at_the_gang_timeout_is_a_counted_restart() -> None:
+    p = plan(pulling(), status={"gangGeneration": 1, "admittedAt": stamp(-301), "restarts": 0})
+    assert cond(p, "Restarting") == ("True", "RankFailed")
+    assert "ImagePullBackOff" in find(p.status["conditions"], "Restarting")["message"]
+    assert (p.status["restarts"], p.status["gangGeneration"]) == (1, 2)
+    assert p.delete == ["j-0", "j-1"]
+    limited = plan(
+        pulling(gen=4),
+        status={"gangGeneration": 4, "admittedAt": stamp(-301), "restarts": 3},
+        failurePolicy={"maxRestarts": 3},
+    )
+    assert cond(limited, "Failed") == ("True", "RestartLimitExceeded")
+
+
+def test_a_rule_can_fail_the_job_on_an_image_pull_failure() -> None:
+    p = plan(
+        pulling(),
+        status={"gangGeneration": 1, "admittedAt": stamp(-301)},
+        failurePolicy={"rules": [{"action": "FailJob", "onReasons": ["ImagePullFailed"]}]},
+    )
+    assert cond(p, "Failed") == ("True", "PermanentFailure")
+
+
+def test_an_invalid_image_name_fails_the_job_at_once() -> None:
+    p = plan(pulling("InvalidImageName"), status={"gangGeneration": 1, "admittedAt": stamp(-1)})
+    assert cond(p, "Failed") == ("True", "PermanentFailure")
+    assert "InvalidImageName" in find(p.status["conditions"], "Failed")["message"]
+
+
+def test_missing_config_map_is_a_container_config_error() -> None:
+    pods = [
+        pod("j", 0, 1, "Running", node="n1"),
+        pod("j", 1, 1, "Pending", node="n2", waiting=("CreateContainerConfigError", 'configmap "x" not found')),
+    ]  # fmt: skip
+    p = plan(pods, status={"gangGeneration": 1, "admittedAt": stamp(-10)})
+    assert cond(p, "Running") == ("False", "ContainerConfigError")
+    assert 'configmap "x" not found' in find(p.status["conditions"], "Running")["message"]
+
+
+# --- pods the API server refuses --------------------------------------------------------
+
+
+def rejection(attempts: int = 1, at: float = 0, generation: int = 1) -> CreateRejection:
+    return CreateRejection(
+        object="Pod j-0",
+        code=422,
+        message='Pod "j-0" is invalid: spec.dnsPolicy: Unsupported value: "Bogus"',
+        attempts=attempts,
+        at=NOW + timedelta(seconds=at),
+        generation=generation,
+    )
+
+
+def test_a_rejected_pod_is_reported_and_retried_with_backoff() -> None:
+    p = plan([], status={"gangGeneration": 1}, rejection=rejection(attempts=2, at=-5))
+    assert p.create == []
+    assert cond(p, "Admitted") == ("False", "PodCreateRejected")
+    message = find(p.status["conditions"], "Admitted")["message"]
+    assert "Unsupported value" in message
+    assert "HTTP 422" in message
+    assert p.requeue_after == 15  # the second attempt waits 20 s
+    again = plan([], status=p.status, now=NOW + timedelta(seconds=3), rejection=rejection(2, -5))
+    assert again.status == p.status, "a held rejection must not rewrite status every pass"
+
+
+@pytest.mark.parametrize(
+    ("reject", "now"),
+    [(rejection(attempts=1, at=-11), NOW), (rejection(generation=0), NOW)],
+    ids=["backoff-over", "spec-changed"],
+)
+def test_creation_is_tried_again(reject: CreateRejection, now: datetime) -> None:
+    assert len(plan([], status={"gangGeneration": 1}, rejection=reject, now=now).create) == 2
+
+
+def test_backoff_doubles_up_to_five_minutes() -> None:
+    assert [rejection(n).backoff().total_seconds() for n in (1, 2, 3, 4, 5, 6, 9)] == [
+        10, 20, 40, 80, 160, 300, 300
+    ]  # fmt: skip

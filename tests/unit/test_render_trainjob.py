@@ -265,3 +265,14 @@ def test_hccl_job_mounts_rank_table_and_sets_env() -> None:
     assert (env["HCCL_CONNECT_TIMEOUT"], env["HCCL_IF_IP"]) == ("1800", "10.9.9.9")
     assert pod["spec"]["containers"][0]["resources"]["limits"] == {"huawei.com/Ascend910": "8"}
     assert {"name": "hccl", "configMap": {"name": "gpt-hccl"}} in pod["spec"]["volumes"]
+
+
+def test_trainer_container_carries_the_termination_contract() -> None:
+    pod = render_pod(REF, make_job(nodes=1).build(), 0, 1)
+    container = pod["spec"]["containers"][0]
+    assert (container["terminationMessagePath"], container["terminationMessagePolicy"]) == (
+        "/dev/termination-log",
+        "File",
+    )
+    assert env_of(pod)["PHALANX_TERMINATION_LOG"] == "/dev/termination-log"
+    assert "PHALANX_TERMINATION_LOG" in RESERVED_ENV

@@ -406,7 +406,17 @@ class LLMTrainJobStatus(ApiModel):
     progress: Progress | None = Field(default=None, description="Live progress from rank 0.")
     export_path: Str | None = Field(
         default=None,
-        description="Path of the exported model inside the checkpoint volume, once written.",
+        description=(
+            "The final export inside the checkpoint volume, as the trainer reported it "
+            "(rank 0's /progress or termination message); never assumed."
+        ),
+    )
+    export_steps: Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=10000)] = Field(
+        default_factory=list,
+        description=(
+            "Steps whose exports/step-N snapshot the trainer reported complete and kept, "
+            "ascending; an InferenceService serves one with model.fromTrainJob.step."
+        ),
     )
 
 

@@ -169,6 +169,8 @@ async def trainjob_event(event: kopf.RawEvent, **_: Any) -> None:
     if event.get("type") == "DELETED":
         op.cache.trainjobs.drop(obj)
         op.verdicts.pop(key_of(obj), None)
+        op.progress.pop(key_of(obj), None)
+        op.rejections.pop(key_of(obj), None)
         op.wake_admission()
         for key in inference.services_using_job(op, *key_of(obj)):
             op.services.add(key)

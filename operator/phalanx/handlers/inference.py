@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from phalanx import kube, metrics
@@ -25,7 +25,7 @@ from phalanx.render.inference import ServiceRef, render_client_service, render_p
 from phalanx.status import READY, set_condition
 
 from .state import Key, Obj, Operator, run_reconcile
-from .trainjob import status_patch
+from .trainjob import create_all, record_rejection, status_patch
 
 log = logging.getLogger("phalanx.inference")
 CONTROLLER = "inferenceservice"
@@ -41,6 +41,7 @@ def forget(op: Operator, key: Key) -> None:
     """Drop what the operator holds for a deleted service (its pods go with the owner)."""
     op.samples.pop(key, None)
     op.service_verdicts.pop(key, None)
+    op.service_rejections.pop(key, None)
     for kind in ("desired", "ready"):
         with contextlib.suppress(KeyError):
             metrics.INFERENCE_REPLICAS.remove(key[0], key[1], kind)
@@ -51,7 +52,7 @@ async def _reconcile(op: Operator, key: Key) -> None:
     if obj is None or obj["metadata"].get("deletionTimestamp"):
         forget(op, key)
         return
-    now = datetime.now(UTC)
+    now = op.clock()
     meta = obj["metadata"]
     status = dict(obj.get("status") or {})
     try:
@@ -74,9 +75,10 @@ async def _reconcile(op: Operator, key: Key) -> None:
         model=model,
         verdict=op.service_verdicts.get(key),
         decision=decision,
+        rejection=op.service_rejections.get(key),
     )
     plan = plan_service(ref, spec, meta.get("generation"), status, world, now)
-    await _apply(op, key, obj, status, plan, spec)
+    await _apply(op, key, obj, status, plan, spec, now)
 
 
 async def _ensure_services(op: Operator, ref: ServiceRef, spec: InferenceServiceSpec) -> None:
@@ -95,6 +97,7 @@ async def _apply(
     old_status: dict[str, Any],
     plan: ServicePlan,
     spec: InferenceServiceSpec,
+    now: datetime,
 ) -> None:
     namespace, name = key
     for pod_name in plan.delete:
@@ -103,12 +106,12 @@ async def _apply(
             op.cache.put_pod(pod)  # terminating gracefully: it still holds its node and name
         elif (stale := op.cache.pods.get((namespace, pod_name))) is not None:
             op.cache.drop_pod(stale)
-    created = await asyncio.gather(*(asyncio.to_thread(kube.create, pod) for pod in plan.create))
-    for pod in created:
-        if pod is not None:
-            op.cache.put_pod(pod)
+    created = await create_all(op, plan.create)
     if plan.delete or any(_gated(p) for p in plan.create):
         op.wake_admission()
+    if not record_rejection(op.service_rejections, key, created, obj, now):
+        op.services.add(key)  # the next pass reports the refusal and waits out its backoff
+        return
     patch = status_patch(old_status, plan.status)
     if patch:
         updated = await asyncio.to_thread(

@@ -19,6 +19,7 @@ from typing import Any
 from phalanx import metrics
 from phalanx.autoscaler import Sample
 from phalanx.constants import LABEL_JOB, LABEL_SERVICE
+from phalanx.observe import CreateRejection
 
 log = logging.getLogger("phalanx")
 Key = tuple[str, str]  # (namespace, name)
@@ -252,6 +253,11 @@ class Operator:
     samples: dict[Key, list[Sample]] = field(default_factory=dict)
     # Child objects already created (by owner uid and object kind/name): no repeated creates.
     ensured: set[tuple[str, str]] = field(default_factory=set)
+    # The API server's latest refusal to create a pod, per job / service (cleared on success).
+    rejections: dict[Key, CreateRejection] = field(default_factory=dict)
+    service_rejections: dict[Key, CreateRejection] = field(default_factory=dict)
+    # The one clock of the shell; tests substitute their own.
+    clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
     admission_wanted: asyncio.Event = field(default_factory=asyncio.Event)
     started: float = field(default_factory=time.monotonic)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from phalanx import kube, metrics
@@ -18,6 +18,7 @@ from phalanx.api.trainjob import LLMTrainJob
 from phalanx.api.validate import SpecError, parse
 from phalanx.constants import TRAINJOB_PLURAL
 from phalanx.lifecycle import Plan, World, plan_trainjob
+from phalanx.observe import CreateRejection
 from phalanx.render.trainjob import (
     JobRef,
     hccl_configmap_name,
@@ -50,8 +51,9 @@ async def _reconcile(op: Operator, key: Key) -> None:
     if obj is None or obj["metadata"].get("deletionTimestamp"):
         op.verdicts.pop(key, None)
         op.progress.pop(key, None)
+        op.rejections.pop(key, None)
         return
-    now = datetime.now(UTC)
+    now = op.clock()
     meta = obj["metadata"]
     status = dict(obj.get("status") or {})
     try:
@@ -66,13 +68,14 @@ async def _reconcile(op: Operator, key: Key) -> None:
         ready_nodes=op.cache.ready_nodes(),
         verdict=op.verdicts.get(key),
         progress=op.progress.get(key),
+        rejection=op.rejections.get(key),
     )
     plan = plan_trainjob(ref, job.spec, meta.get("generation"), status, world, now)
     log.debug(
         "%s/%s: phase %s, create %d, delete %d, requeue %s",
         *key, plan.status.get("phase"), len(plan.create), len(plan.delete), plan.requeue_after,
     )  # fmt: skip
-    await _apply(op, key, obj, status, plan)
+    await _apply(op, key, obj, status, plan, now)
     # A rank on a node that just went NotReady is judged once the node's grace has run out.
     wait = op.cache.seconds_until_lost(str(p["spec"].get("nodeName") or "") for p in world.pods)
     if wait is not None:
@@ -108,7 +111,9 @@ async def _ensure_children(op: Operator, ref: JobRef, job: LLMTrainJob) -> None:
         op.ensured.add(marker)
 
 
-async def _apply(op: Operator, key: Key, obj: Obj, old_status: dict[str, Any], plan: Plan) -> None:
+async def _apply(
+    op: Operator, key: Key, obj: Obj, old_status: dict[str, Any], plan: Plan, now: datetime
+) -> None:
     namespace = key[0]
     for name, force in [
         *((n, False) for n in plan.delete),
@@ -119,12 +124,13 @@ async def _apply(op: Operator, key: Key, obj: Obj, old_status: dict[str, Any], p
             op.cache.put_pod(pod)  # terminating gracefully: it still holds its node
         elif (stale := op.cache.pods.get((namespace, name))) is not None:
             op.cache.drop_pod(stale)  # gone at once: forget it now
-    created = await asyncio.gather(*(asyncio.to_thread(kube.create, pod) for pod in plan.create))
-    for pod in created:
-        if pod is not None:
-            op.cache.put_pod(pod)
+    created = await create_all(op, plan.create)
     if plan.create:
         op.wake_admission()
+    if not record_rejection(op.rejections, key, created, obj, now):
+        # Re-plan at once: the next pass reports the refusal and waits out its backoff.
+        op.trainjobs.add(key)
+        return
     if plan.hccl_table is not None:
         data = {"hccl.json": json.dumps(plan.hccl_table, indent=2, sort_keys=True)}
         marker = (obj["metadata"]["uid"], f"hccl:{data['hccl.json']}")
@@ -151,6 +157,52 @@ async def _apply(op: Operator, key: Key, obj: Obj, old_status: dict[str, Any], p
         op.trainjobs.add_after(key, plan.requeue_after)
     if plan.delete or plan.force_delete:
         op.wake_admission()  # freed capacity may admit a waiting gang
+
+
+async def create_all(op: Operator, objects: list[dict[str, Any]]) -> list[Obj | kube.Rejected]:
+    """Create pods side by side; each answer goes into the cache, each refusal is returned."""
+    results = await asyncio.gather(
+        *(asyncio.to_thread(kube.create, o) for o in objects), return_exceptions=True
+    )
+    answers: list[Obj | kube.Rejected] = []
+    for result in results:
+        if isinstance(result, kube.Rejected):
+            answers.append(result)
+        elif isinstance(result, BaseException):
+            raise result
+        elif result is not None:
+            op.cache.put_pod(result)
+            answers.append(result)
+    return answers
+
+
+def record_rejection(
+    rejections: dict[Key, CreateRejection],
+    key: Key,
+    answers: list[Obj | kube.Rejected],
+    owner: Obj,
+    now: datetime,
+) -> bool:
+    """Remember the API server's refusal (counting attempts); True when nothing was refused."""
+    refused = [a for a in answers if isinstance(a, kube.Rejected)]
+    if not refused:
+        if answers:
+            rejections.pop(key, None)
+        return True
+    first = refused[0]
+    generation = owner["metadata"].get("generation")
+    previous = rejections.get(key)
+    attempts = previous.attempts + 1 if previous and previous.generation == generation else 1
+    rejections[key] = CreateRejection(
+        object=f"{first.kind} {first.name}",
+        code=first.code,
+        message=first.message,
+        attempts=attempts,
+        at=now,
+        generation=generation,
+    )
+    log.warning("%s/%s: %s (attempt %d)", *key, first, attempts)
+    return False
 
 
 def _count_transitions(old: dict[str, Any], new: dict[str, Any]) -> None:

@@ -7,7 +7,7 @@ every name in `phalanx.constants.RESERVED_ENV`; users extend, never override, th
 from __future__ import annotations
 
 from phalanx.api.trainjob import LLMTrainJobSpec
-from phalanx.constants import DEFAULT_METRICS_PORT
+from phalanx.constants import DEFAULT_METRICS_PORT, TERMINATION_LOG, TERMINATION_LOG_ENV
 
 HCCL_DIR = "/etc/phalanx/hccl"
 RANK_TABLE_PATH = f"{HCCL_DIR}/hccl.json"
@@ -49,6 +49,7 @@ def rendezvous_env(
             "PHALANX_RESTART": generation - 1,
             "PHALANX_CHECKPOINT_DIR": spec.checkpoint.mount_path,
             "PHALANX_METRICS_PORT": spec.trainer.metrics_port or DEFAULT_METRICS_PORT,
+            TERMINATION_LOG_ENV: TERMINATION_LOG,
         }
     )
 

@@ -11,6 +11,7 @@ from phalanx.constants import (
     LABEL_GENERATION,
     LABEL_JOB,
     LABEL_RANK,
+    TERMINATION_LOG,
     TRAINJOB_KIND,
 )
 
@@ -182,6 +183,9 @@ def render_pod(ref: JobRef, spec: LLMTrainJobSpec, rank: int, generation: int) -
         ],
         "resources": _resources(spec),
         "volumeMounts": mounts,
+        # The trainer's classified end (docs/progress-contract.md) reaches the operator here.
+        "terminationMessagePath": TERMINATION_LOG,
+        "terminationMessagePolicy": "File",
         "securityContext": {
             "allowPrivilegeEscalation": False,
             "capabilities": {"drop": ["ALL"]},
