@@ -25,7 +25,10 @@ from phalanx.devcluster import paths
 from phalanx.devcluster.errors import DevClusterError
 from phalanx.devcluster.versions import (
     ALL_BINARIES,
+    CONTAINERD_BINARIES,
+    COREDNS_BINARY,
     ETCD_BINARY,
+    KUBELET_BINARY,
     KUBERNETES_BINARIES,
     KUBERNETES_VERSION,
     KWOK_BINARY,
@@ -52,13 +55,24 @@ def ensure_binaries(*, force: bool = False, progress: Progress | None = None) ->
         if not stale:
             return target
         builder = _Builder(go, target, report)
-        kubernetes = [b for b in stale if b in KUBERNETES_BINARIES]
+        kubernetes = [b for b in stale if b in (*KUBERNETES_BINARIES, KUBELET_BINARY)]
         if kubernetes:
             builder.build_kubernetes(kubernetes)
         if ETCD_BINARY in stale:
             builder.build_etcd()
         if KWOK_BINARY in stale:
-            builder.build_kwok()
+            builder.install(
+                [KWOK_BINARY],
+                f"-s -w -X sigs.k8s.io/kwok/pkg/consts.Version={KWOK_BINARY.version.lstrip('v')}",
+            )
+        containerd = [b for b in stale if b in CONTAINERD_BINARIES]
+        if containerd:
+            builder.install(
+                containerd,
+                f"-s -w -X github.com/containerd/containerd/v2/version.Version={CONTAINERD_BINARIES[0].version}",
+            )
+        if COREDNS_BINARY in stale:
+            builder.install([COREDNS_BINARY], "-s -w")
     return target
 
 
@@ -172,7 +186,9 @@ class _Builder:
         workdir = self._consumer(
             f"kubernetes-{KUBERNETES_VERSION}", kubernetes_consumer_go_mod(go_mod)
         )
-        self._go_get(workdir, [f"{b.package}@{b.version}" for b in KUBERNETES_BINARIES])
+        self._go_get(
+            workdir, [f"{b.package}@{b.version}" for b in (*KUBERNETES_BINARIES, KUBELET_BINARY)]
+        )
         ldflags = kubernetes_ldflags(_release_date(module))
         for binary in binaries:
             self._build(workdir, binary, ldflags)
@@ -188,28 +204,31 @@ class _Builder:
         ldflags = f"-s -w -X go.etcd.io/etcd/api/v3/version.GitSHA={binary.version}"
         self._build(workdir, binary, ldflags)
 
-    def build_kwok(self) -> None:
-        binary = KWOK_BINARY
-        self._download(f"sigs.k8s.io/kwok@{binary.version}")
-        ldflags = f"-s -w -X sigs.k8s.io/kwok/pkg/consts.Version={binary.version.lstrip('v')}"
+    def install(self, binaries: Sequence[GoBinary], ldflags: str) -> None:
+        """`go install` packages of one clean module (no local replaces) at one version."""
+        first = binaries[0]
+        tags = ",".join(first.tags)
+        started = time.monotonic()
         with tempfile.TemporaryDirectory(dir=self.target) as gobin:
-            started = time.monotonic()
             self._go(
                 [
                     "install",
                     "-p",
                     "2",
                     "-trimpath",
+                    *(["-tags", tags] if tags else []),
                     "-ldflags",
                     ldflags,
-                    f"{binary.package}@{binary.version}",
+                    *(f"{b.package}@{b.version}" for b in binaries),
                 ],
                 cwd=paths.build_dir(),
                 env={"GOBIN": gobin, "GOFLAGS": _without_mod_flag()},
-                what=f"build {binary.name}",
+                what=f"build {', '.join(b.name for b in binaries)}",
             )
-            os.replace(Path(gobin) / binary.name, self.target / binary.name)
-        self._stamp(binary, time.monotonic() - started)
+            for binary in binaries:
+                os.replace(Path(gobin) / binary.name, self.target / binary.name)
+        for binary in binaries:
+            self._stamp(binary, time.monotonic() - started)
 
     def _download(self, module: str) -> dict[str, str]:
         result = subprocess.run(
@@ -243,9 +262,13 @@ class _Builder:
         return workdir
 
     def _go_get(self, workdir: Path, packages: Sequence[str]) -> None:
-        if (workdir / "go.sum").exists():
+        # Resolved once per package list: a cache from before a binary was added resolves again.
+        wanted = "\n".join(sorted(packages)) + "\n"
+        resolved = workdir / "packages.txt"
+        if (workdir / "go.sum").exists() and resolved.exists() and resolved.read_text() == wanted:
             return
         self._go(["get", *packages], cwd=workdir, env={}, what="resolve modules")
+        resolved.write_text(wanted)
 
     def _build(self, workdir: Path, binary: GoBinary, ldflags: str) -> None:
         started = time.monotonic()

@@ -41,6 +41,10 @@ CLIENTS = (
     # kwok plays every kubelet at once; node authorization cannot express that.
     ClientIdentity("kwok", "kwok", ("system:masters",)),
     ClientIdentity("apiserver-etcd-client", "kube-apiserver-etcd-client"),
+    # kubectl exec/logs/port-forward: the API server's identity towards real kubelets.
+    ClientIdentity(
+        "apiserver-kubelet-client", "kube-apiserver-kubelet-client", ("system:masters",)
+    ),
 )
 
 
@@ -140,6 +144,18 @@ def ensure_pki(root: Path, now: datetime.datetime | None = None) -> Pki:
         )
     )
     return pki
+
+
+def issue_client(pki: Pki, identity: ClientIdentity, now: datetime.datetime | None = None) -> None:
+    """A client certificate signed by the cluster CA (a real node's kubelet, for one)."""
+    ca_cert = x509.load_pem_x509_certificate(pki.ca_cert.read_bytes())
+    ca_key = serialization.load_pem_private_key(pki.ca_key.read_bytes(), password=None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    key = _new_key()
+    subject = _name(identity.user, identity.groups)
+    issued = now or datetime.datetime.now(datetime.UTC)
+    cert = _issue(ca_cert, ca_key, key, subject, issued, [ExtendedKeyUsageOID.CLIENT_AUTH])
+    _write_pair(pki.cert(identity.file_stem), pki.key(identity.file_stem), cert, key)
 
 
 def _new_key() -> ec.EllipticCurvePrivateKey:

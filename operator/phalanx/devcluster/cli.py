@@ -61,6 +61,30 @@ def build(
 
 
 @app.command()
+def images(
+    only: Annotated[
+        list[str] | None,
+        typer.Option("--only", help="Build only these images: operator, trainer, inference."),
+    ] = None,
+) -> None:
+    """Build the operator, trainer and inference images from images/*/Dockerfile (buildah)."""
+    from phalanx.devcluster.images import IMAGES, ImageBuilder
+
+    known = {image.name for image in IMAGES}
+    unknown = sorted(set(only or ()) - known)
+    if unknown:
+        typer.echo(
+            f"error: --only {', '.join(unknown)}: choose from {', '.join(sorted(known))}", err=True
+        )
+        raise typer.Exit(2)
+    started = time.monotonic()
+    built = _run(lambda: ImageBuilder(progress=typer.echo).build_all(only or None))
+    for tag, stamp in built.items():
+        typer.echo(f"{tag:48} {stamp}")
+    typer.echo(f"images ready ({time.monotonic() - started:.1f}s)")
+
+
+@app.command()
 def up(
     profile: Annotated[
         str, typer.Option("--profile", help=f"Node profile: {', '.join(PROFILES)}.")
@@ -72,6 +96,16 @@ def up(
     port: Annotated[
         int | None, typer.Option("--port", help="kube-apiserver port (default: a free one).")
     ] = None,
+    real: Annotated[
+        int,
+        typer.Option(
+            "--real",
+            min=0,
+            max=8,
+            help="Real kubelet nodes (containerd, runc, CNI) to add; they run the images "
+            "`phalanx dev images` built.",
+        ),
+    ] = 0,
     timeout: Annotated[
         float, typer.Option("--timeout", help="Seconds to wait for readiness.")
     ] = 180.0,
@@ -82,10 +116,45 @@ def up(
     cluster = _cluster(directory, name)
     kubeconfig = _run(
         lambda: cluster.up(
-            profile=profile, nodes=nodes, port=port, timeout=timeout, progress=typer.echo
+            profile=profile,
+            nodes=nodes,
+            port=port,
+            real=real,
+            timeout=timeout,
+            progress=typer.echo,
         )
     )
     typer.echo(_export_line(kubeconfig))
+
+
+@app.command(
+    name="exec",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+)
+def exec_(
+    ctx: typer.Context,
+    directory: DirOption = None,
+    name: NameOption = "default",
+) -> None:
+    """Run a command inside the cluster's network namespace (where pod IPs are reachable),
+    with KUBECONFIG set: `phalanx dev exec -- phalanx operator run`."""
+    import os
+
+    from phalanx.devcluster import netns
+
+    cluster = _cluster(directory, name)
+    if not ctx.args:
+        typer.echo("error: give a command: phalanx dev exec -- COMMAND [ARGS...]", err=True)
+        raise typer.Exit(2)
+    namespace = cluster.namespace()
+    if namespace is not None:
+        netns.setns(netns.namespace_path(namespace))
+    os.environ["KUBECONFIG"] = str(cluster.kubeconfig)
+    try:
+        os.execvp(ctx.args[0], ctx.args)
+    except OSError as error:
+        typer.echo(f"error: {ctx.args[0]}: {error.strerror}", err=True)
+        raise typer.Exit(127) from None
 
 
 @app.command()

@@ -7,7 +7,9 @@ until they are Ready. Each `up` starts from an empty etcd: a dev cluster is disp
 
 from __future__ import annotations
 
+import json
 import shutil
+import sys
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -16,10 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from phalanx.devcluster import components as components_
-from phalanx.devcluster import kwok_stages, paths, profiles
+from phalanx.devcluster import kwok_stages, netns, paths, profiles, realnode
 from phalanx.devcluster.apiclient import ApiClient, probe
 from phalanx.devcluster.build import require_binaries
-from phalanx.devcluster.certs import CLIENTS, ensure_pki
+from phalanx.devcluster.certs import CLIENTS, ClientIdentity, ensure_pki, issue_client
 from phalanx.devcluster.components import Component
 from phalanx.devcluster.errors import DevClusterError
 from phalanx.devcluster.kubeconfig import render_kubeconfig, write_kubeconfig
@@ -36,6 +38,10 @@ from phalanx.devcluster.processes import (
 
 Progress = Callable[[str], None]
 COMPONENT_NAMES = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok")
+# Processes beside the control plane: dynamic volumes always; the relay into the cluster's
+# network namespace and cluster DNS only with real nodes.
+ADDON_NAMES = ("provisioner", "relay", "coredns")
+REAL_NODE_PREFIX = "real"
 ACCELERATOR_RESOURCES = ("nvidia.com/gpu", "huawei.com/Ascend910")
 NODE_CREATE_WORKERS = 8
 
@@ -94,31 +100,60 @@ class DevCluster:
         profile: str = "gpu",
         nodes: int | None = None,
         port: int | None = None,
+        real: int = 0,
         timeout: float = 120.0,
         progress: Progress | None = None,
     ) -> Path:
-        """Start the control plane and its fake nodes; returns the admin kubeconfig path."""
+        """Start the control plane, its fake nodes and `real` kubelet nodes.
+
+        With real nodes, everything runs in the cluster's own network namespace and a relay
+        publishes the API server on the machine's 127.0.0.1 at the same port.
+        Returns the admin kubeconfig path.
+        """
         report = progress or (lambda _line: None)
         chosen_profile = _profile_or_error(profile)
         bin_dir = require_binaries()
         if self._check_not_running():
             report(f"already running in {self.root}")
             return self.kubeconfig
+        if real:
+            realnode.check_host()
         started = time.monotonic()
         ports = choose_ports(port)
-        self._prepare_files(ports, chosen_profile.name)
-        plan = components_.control_plane(self.layout, ports, bin_dir)
+        namespace = netns.namespace_name(self.root) if real else None
+        self._prepare_files(ports, chosen_profile.name, real=real, namespace=namespace)
+        plan = components_.control_plane(self.layout, ports, bin_dir, in_namespace=real > 0)
         try:
-            self._start(plan[:2])
+            if namespace is not None:
+                netns.create(namespace)
+                # Fake pods get addresses the EndpointSlice controller accepts; routed locally
+                # in the namespace, anything there can serve and dial them.
+                netns.run_in(
+                    namespace,
+                    ["ip", "route", "add", "local", components_.NETNS_POD_CIDR, "dev", "lo"],
+                )
+            self._start(plan[:2], namespace)
+            if namespace is not None:
+                self._start_addon(
+                    "relay",
+                    (
+                        "-m",
+                        "phalanx.devcluster.relay",
+                        str(netns.namespace_path(namespace)),
+                        f"127.0.0.1:{ports.apiserver}",
+                    ),
+                )
             client = self.client(ports)
             self._wait_ready(plan[:2], client, deadline=started + timeout)
             report(
                 f"kube-apiserver ready on https://127.0.0.1:{ports.apiserver} ({time.monotonic() - started:.1f}s)"
             )
-            self._start(plan[2:])
+            self._start(plan[2:], namespace)
             node_objects = profiles.render_nodes(chosen_profile, nodes)
             create_nodes(client, node_objects)
-            create_volumes(client, render_volumes(self.root))
+            self._start_addon(
+                "provisioner", ("-m", "phalanx.devcluster.provisioner", str(self.root))
+            )
             self._wait_ready(plan, client, deadline=started + timeout)
             self._wait_nodes_ready(
                 client, {n["metadata"]["name"] for n in node_objects}, plan, started + timeout
@@ -126,17 +161,155 @@ class DevCluster:
             report(
                 f"{len(node_objects)} {chosen_profile.name} nodes Ready ({time.monotonic() - started:.1f}s)"
             )
+            if namespace is not None:
+                self._start_real_nodes(
+                    client,
+                    chosen_profile,
+                    len(node_objects),
+                    real,
+                    namespace,
+                    bin_dir,
+                    report,
+                    deadline=time.monotonic() + timeout,
+                )
+                report(f"{real} real nodes Ready ({time.monotonic() - started:.1f}s)")
         except BaseException:
             self.down()
             raise
         return self.kubeconfig
 
+    def real_nodes(self) -> list[realnode.RealNode]:
+        """The real nodes of this cluster, as recorded by `up`."""
+        try:
+            data = json.loads(self.layout.cluster_file.read_text())
+        except (OSError, ValueError):
+            return []
+        return [
+            realnode.RealNode(
+                self.root, entry["index"], entry["name"], tuple(map(tuple, entry["labels"]))
+            )
+            for entry in data.get("realNodes", [])
+        ]
+
+    def namespace(self) -> str | None:
+        try:
+            value = json.loads(self.layout.cluster_file.read_text()).get("netns")
+        except (OSError, ValueError):
+            return None
+        return str(value) if value else None
+
+    def _start_real_nodes(
+        self,
+        client: ApiClient,
+        profile: profiles.Profile,
+        fake_nodes: int,
+        count: int,
+        namespace: str,
+        bin_dir: Path,
+        report: Progress,
+        *,
+        deadline: float,
+    ) -> None:
+        from phalanx.devcluster.images import IMAGES, PAUSE_IMAGE, ImageBuilder
+
+        nodes = self.real_nodes()
+        # Kubelets authenticate webhook-style through the API server (TokenReview/SAR).
+        _ensure(
+            client,
+            "/apis/rbac.authorization.k8s.io/v1/clusterrolebindings",
+            {
+                "apiVersion": "rbac.authorization.k8s.io/v1",
+                "kind": "ClusterRoleBinding",
+                "metadata": {"name": "phalanx-dev:nodes-auth-delegator"},
+                "roleRef": {
+                    "apiGroup": "rbac.authorization.k8s.io",
+                    "kind": "ClusterRole",
+                    "name": "system:auth-delegator",
+                },
+                "subjects": [
+                    {
+                        "apiGroup": "rbac.authorization.k8s.io",
+                        "kind": "Group",
+                        "name": "system:nodes",
+                    }
+                ],
+            },
+        )
+        resolv = self.root / "resolv.conf"
+        resolv.write_text(f"nameserver {netns.DNS_IP}\nsearch cluster.local\noptions ndots:5\n")
+        corefile = self.root / "Corefile"
+        corefile.write_text(render_corefile(self.kubeconfig))
+        self._start_addon(
+            "coredns",
+            (str(bin_dir / "coredns"), "-conf", str(corefile)),
+            binary=True,
+            namespace=namespace,
+        )
+        builder = ImageBuilder(progress=report)
+        builder.buildah.prepare()
+        builder.pause()
+        references = [PAUSE_IMAGE] + [
+            i.tag for i in IMAGES if builder.buildah.image_labels(i.tag) is not None
+        ]
+        processes = []
+        for node in nodes:
+            realnode.claim_store(node)
+            identity = ClientIdentity(
+                f"node-{node.name}", f"system:node:{node.name}", ("system:nodes",)
+            )
+            issue_client(self.layout.pki, identity)
+            kubeconfig = self.root / "kubeconfigs" / f"{node.name}.kubeconfig"
+            write_kubeconfig(
+                kubeconfig,
+                render_kubeconfig(
+                    cluster="phalanx-dev",
+                    server=f"https://127.0.0.1:{self.layout.read_ports().apiserver}",
+                    ca_cert=self.layout.pki.ca_cert,
+                    client_cert=self.layout.pki.cert(identity.file_stem),
+                    client_key=self.layout.pki.key(identity.file_stem),
+                    user=identity.user,
+                ),
+            )
+            process = realnode.NodeProcess(node, namespace, bin_dir)
+            process.configure(kubeconfig, self.layout.pki.ca_cert, resolv, PAUSE_IMAGE)
+            process.start()
+            processes.append(process)
+        for process in processes:
+            process.wait_for_containerd(deadline)
+            for line in builder.load(references, bin_dir / "ctr", process.node.socket):
+                report(f"loaded {line} into {process.node.name}")
+            process.start_kubelet()
+        names = {node.name for node in nodes}
+        while True:
+            items = client.get("/api/v1/nodes?labelSelector=" + realnode.REAL_NODE_LABEL).json()[
+                "items"
+            ]
+            if names <= {n["metadata"]["name"] for n in items if node_is_ready(n)}:
+                return
+            for process in processes:
+                process._raise_if_exited()
+            if time.monotonic() > deadline:
+                raise DevClusterError(
+                    f"real nodes not Ready in time (logs in {self.root / 'nodes'})"
+                )
+            time.sleep(0.2)
+
     def down(self) -> list[str]:
-        """Stop exactly the processes `up` started; returns the names that were running."""
+        """Stop exactly the processes `up` started, real nodes first; remove the namespace.
+
+        Returns the names that were running.
+        """
         stopped = []
-        for name in reversed(COMPONENT_NAMES):
+        for node in self.real_nodes():
+            bin_dir = paths.bin_dir()
+            if realnode.NodeProcess(node, self.namespace() or "", bin_dir).stop():
+                stopped.append(node.name)
+        for name in reversed((*COMPONENT_NAMES, *ADDON_NAMES)):
             if stop_process(self.layout.pid_file(name)):
                 stopped.append(name)
+        namespace = self.namespace()
+        if namespace is not None:
+            netns.delete(namespace)
         return stopped
 
     def status(self) -> ClusterStatus:
@@ -180,7 +353,9 @@ class DevCluster:
     def _dir_flag(self) -> str:
         return "" if self.root == paths.default_state_dir() else f" --dir {self.root}"
 
-    def _prepare_files(self, ports: Ports, profile: str) -> None:
+    def _prepare_files(
+        self, ports: Ports, profile: str, *, real: int = 0, namespace: str | None = None
+    ) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(self.layout.etcd_data, ignore_errors=True)
         for name in COMPONENT_NAMES:
@@ -204,15 +379,44 @@ class DevCluster:
             )
             write_kubeconfig(path, config)
         kwok_stages.write_kwok_config(self.layout.kwok_config)
-        self.layout.write_ports(ports, profile=profile)
+        chosen = profiles.get_profile(profile)
+        self.layout.write_ports(
+            ports,
+            profile=profile,
+            netns=namespace,
+            realNodes=[
+                {
+                    "index": i + 1,
+                    "name": f"{REAL_NODE_PREFIX}-{i + 1}",
+                    "labels": real_node_labels(chosen, i, real),
+                }
+                for i in range(real)
+            ],
+        )
 
-    def _start(self, plan: Iterable[Component]) -> None:
+    def _start(self, plan: Iterable[Component], namespace: str | None = None) -> None:
         for component in plan:
             start_process(
                 component.argv,
                 pid_file=self.layout.pid_file(component.name),
                 log_file=self.layout.log(component.name),
+                preexec=netns.enter(namespace),
             )
+
+    def _start_addon(
+        self,
+        name: str,
+        argv: tuple[str, ...],
+        *,
+        binary: bool = False,
+        namespace: str | None = None,
+    ) -> None:
+        start_process(
+            argv if binary else (sys.executable, *argv),
+            pid_file=self.layout.pid_file(name),
+            log_file=self.layout.log(name),
+            preexec=netns.enter(namespace),
+        )
 
     def _wait_ready(self, plan: Iterable[Component], client: ApiClient, *, deadline: float) -> None:
         pending = list(plan)
@@ -286,39 +490,52 @@ def create_nodes(client: ApiClient, nodes: list[dict[str, Any]]) -> None:
         list(pool.map(create, nodes))
 
 
-# Claims need volumes to bind, and the dev cluster has no provisioner: it starts with a pool of
-# local volumes (no storage class) that claims without a class bind to.
-DEV_VOLUMES = 16
-DEV_VOLUME_SIZE = "1Ti"
+def real_node_labels(profile: profiles.Profile, index: int, count: int) -> list[list[str]]:
+    """Topology labels for real node `index` (0-based): its own rack after the fake ones.
+
+    Real nodes report the machine's own capacity, so only the topology and profile labels
+    are copied; `kubernetes.io/hostname` the kubelet sets itself.
+    """
+    place = profiles.host_places(profile, count)[index]
+    labels = {
+        profiles.REGION_LABEL: profiles.REGION,
+        profiles.ZONE_LABEL: place.zone,
+        profiles.BLOCK_LABEL: f"real-{place.block}",
+        profiles.RACK_LABEL: f"real-{place.rack}",
+        "phalanx.dev/profile": profile.name,
+        **{label: f"real-{place.rack}" for label in profile.rack_labels},
+    }
+    return [[key, value] for key, value in sorted(labels.items())]
 
 
-def render_volumes(root: Path, count: int = DEV_VOLUMES) -> list[dict[str, Any]]:
-    return [
-        {
-            "apiVersion": "v1",
-            "kind": "PersistentVolume",
-            "metadata": {
-                "name": f"phalanx-dev-{index:02d}",
-                "labels": {"phalanx.dev/dev-volume": "true"},
-            },
-            "spec": {
-                "capacity": {"storage": DEV_VOLUME_SIZE},
-                "accessModes": ["ReadWriteOnce", "ReadWriteMany", "ReadOnlyMany"],
-                "persistentVolumeReclaimPolicy": "Retain",
-                "hostPath": {"path": str(root / "volumes" / f"{index:02d}")},
-            },
-        }
-        for index in range(count)
-    ]
+def render_corefile(kubeconfig: Path) -> str:
+    """Cluster DNS for pods on real nodes: Services and pods of cluster.local, nothing else."""
+    return f"""cluster.local:53 in-addr.arpa:53 {{
+    bind {netns.DNS_IP}
+    errors
+    kubernetes cluster.local in-addr.arpa {{
+        kubeconfig {kubeconfig} phalanx-dev
+        pods insecure
+        fallthrough in-addr.arpa
+        ttl 5
+    }}
+}}
+.:53 {{
+    bind {netns.DNS_IP}
+    errors
+    template ANY ANY {{
+        rcode NXDOMAIN
+    }}
+}}
+"""
 
 
-def create_volumes(client: ApiClient, volumes: list[dict[str, Any]]) -> None:
-    for volume in volumes:
-        reply = client.post("/api/v1/persistentvolumes", volume)
-        if reply.status not in (201, 409):
-            raise DevClusterError(
-                f"creating volume {volume['metadata']['name']} failed with HTTP {reply.status}"
-            )
+def _ensure(client: ApiClient, path: str, body: dict[str, Any]) -> None:
+    reply = client.post(path, body)
+    if reply.status not in (201, 409):
+        raise DevClusterError(
+            f"creating {body['kind']} failed with HTTP {reply.status}: {reply.body[:200]!r}"
+        )
 
 
 def node_is_ready(node: dict[str, Any]) -> bool:

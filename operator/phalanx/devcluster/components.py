@@ -12,6 +12,9 @@ SERVICE_CIDR = "10.96.0.0/16"
 # Pod and node addresses live in the loopback range: anything that dials a fake pod (the
 # operator's progress poller, a test) stays on this machine.
 POD_CIDR = "127.244.0.0/16"
+# In a cluster with real nodes (its own network namespace) fake pods get addresses that are
+# valid endpoints, routed to the namespace's loopback.
+NETNS_POD_CIDR = "10.245.0.0/16"
 SERVICE_ACCOUNT_ISSUER = "https://kubernetes.default.svc.cluster.local"
 # Without kubelet leases every node heartbeat is a status write; the stages send one every
 # 40-55 s, so two minutes of grace keep nodes Ready while still noticing a stopped kwok.
@@ -28,13 +31,15 @@ class Component:
     health_url: str | None
 
 
-def control_plane(layout: ClusterLayout, ports: Ports, bin_dir: Path) -> tuple[Component, ...]:
+def control_plane(
+    layout: ClusterLayout, ports: Ports, bin_dir: Path, *, in_namespace: bool = False
+) -> tuple[Component, ...]:
     return (
         etcd(layout, ports, bin_dir),
         kube_apiserver(layout, ports, bin_dir),
         kube_controller_manager(layout, ports, bin_dir),
         kube_scheduler(layout, ports, bin_dir),
-        kwok(layout, ports, bin_dir),
+        kwok(layout, ports, bin_dir, pod_cidr=NETNS_POD_CIDR if in_namespace else POD_CIDR),
     )
 
 
@@ -92,7 +97,13 @@ def kube_apiserver(layout: ClusterLayout, ports: Ports, bin_dir: Path) -> Compon
         f"--service-account-key-file={pki.service_account_pub}",
         f"--service-account-signing-key-file={pki.service_account_key}",
         f"--service-cluster-ip-range={SERVICE_CIDR}",
-        "--authorization-mode=RBAC",
+        # Real kubelets are authorised as nodes (their own pods, secrets and volumes only).
+        "--authorization-mode=Node,RBAC",
+        "--enable-admission-plugins=NodeRestriction",
+        f"--kubelet-client-certificate={pki.cert('apiserver-kubelet-client')}",
+        f"--kubelet-client-key={pki.key('apiserver-kubelet-client')}",
+        # Node host names resolve nowhere; the InternalIP is on the cluster bridge.
+        "--kubelet-preferred-address-types=InternalIP,Hostname",
         "--allow-privileged=true",
         "--profiling=false",
         "--event-ttl=1h",
@@ -146,7 +157,9 @@ def kube_scheduler(layout: ClusterLayout, ports: Ports, bin_dir: Path) -> Compon
     return Component("kube-scheduler", argv, f"https://127.0.0.1:{ports.scheduler}/healthz")
 
 
-def kwok(layout: ClusterLayout, ports: Ports, bin_dir: Path) -> Component:
+def kwok(
+    layout: ClusterLayout, ports: Ports, bin_dir: Path, *, pod_cidr: str = POD_CIDR
+) -> Component:
     argv = (
         str(bin_dir / "kwok"),
         f"--kubeconfig={layout.component_kubeconfig('kwok')}",
@@ -154,7 +167,7 @@ def kwok(layout: ClusterLayout, ports: Ports, bin_dir: Path) -> Component:
         "--manage-all-nodes=false",
         "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
         f"--server-address=127.0.0.1:{ports.kwok}",
-        f"--cidr={POD_CIDR}",
+        f"--cidr={pod_cidr}",
         "--node-ip=127.0.0.1",
     )
     return Component("kwok", argv, f"http://127.0.0.1:{ports.kwok}/healthz")

@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -42,9 +43,17 @@ class PidRecord:
 
 
 def start_process(
-    argv: tuple[str, ...], *, pid_file: Path, log_file: Path, env: dict[str, str] | None = None
+    argv: tuple[str, ...],
+    *,
+    pid_file: Path,
+    log_file: Path,
+    env: dict[str, str] | None = None,
+    preexec: Callable[[], None] | None = None,
 ) -> PidRecord:
-    """Start `argv` in its own session (it outlives the caller) and record it in `pid_file`."""
+    """Start `argv` in its own session (it outlives the caller) and record it in `pid_file`.
+
+    `preexec` runs in the child before exec (to enter the cluster's network namespace).
+    """
     log_file.parent.mkdir(parents=True, exist_ok=True)
     pid_file.parent.mkdir(parents=True, exist_ok=True)
     with open(log_file, "ab") as log:
@@ -56,6 +65,7 @@ def start_process(
             start_new_session=True,
             close_fds=True,
             env=env,
+            preexec_fn=preexec,
         )
     ticks = process_start_ticks(process.pid)
     record = PidRecord(process.pid, ticks if ticks is not None else -1, argv[0])

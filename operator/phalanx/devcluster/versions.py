@@ -9,6 +9,9 @@ KUBERNETES_VERSION = "v1.36.3"
 STAGING_VERSION = "v0.36.3"
 ETCD_VERSION = "v3.6.16"
 KWOK_VERSION = "v0.8.0"
+# Real nodes: containerd 2.x speaks the CRI RuntimeConfig call kubelet 1.36 asks for (1.6 is EOL).
+CONTAINERD_VERSION = "v2.4.2"
+COREDNS_VERSION = "v1.15.0"
 MINIMUM_GO = (1, 26)
 
 
@@ -19,13 +22,30 @@ class GoBinary:
     name: str
     package: str
     version: str
+    tags: tuple[str, ...] = ()
 
 
 KUBERNETES_BINARIES = tuple(
     GoBinary(name, f"k8s.io/kubernetes/cmd/{name}", KUBERNETES_VERSION)
     for name in ("kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl")
 )
+# The kubelet of real nodes, at the control plane's own version (no skew to reason about).
+KUBELET_BINARY = GoBinary("kubelet", "k8s.io/kubernetes/cmd/kubelet", KUBERNETES_VERSION)
 # Since etcd 3.5 the server module's root package is the etcd main.
 ETCD_BINARY = GoBinary("etcd", "go.etcd.io/etcd/server/v3", ETCD_VERSION)
 KWOK_BINARY = GoBinary("kwok", "sigs.k8s.io/kwok/cmd/kwok", KWOK_VERSION)
-ALL_BINARIES = (*KUBERNETES_BINARIES, ETCD_BINARY, KWOK_BINARY)
+# Storage drivers that need cgo or kernel features the dev nodes never use.
+_CONTAINERD_TAGS = ("no_btrfs", "no_devmapper", "no_zfs", "no_aufs")
+CONTAINERD_BINARIES = tuple(
+    GoBinary(
+        name,
+        f"github.com/containerd/containerd/v2/cmd/{name}",
+        CONTAINERD_VERSION,
+        _CONTAINERD_TAGS,
+    )
+    for name in ("containerd", "containerd-shim-runc-v2", "ctr")
+)
+COREDNS_BINARY = GoBinary("coredns", "github.com/coredns/coredns", COREDNS_VERSION)
+CONTROL_PLANE_BINARIES = (*KUBERNETES_BINARIES, ETCD_BINARY, KWOK_BINARY)
+NODE_BINARIES = (KUBELET_BINARY, *CONTAINERD_BINARIES, COREDNS_BINARY)
+ALL_BINARIES = (*CONTROL_PLANE_BINARIES, *NODE_BINARIES)
