@@ -50,7 +50,7 @@ def _wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
 
 def _slots_free(server: LiveServer) -> bool:
     engine = server.runtime.engine
-    return engine.num_running == 0 and sum(engine.cache.lengths) == 0
+    return engine.num_running == 0 and engine.cache.blocks.num_used == 0
 
 
 def test_streaming_client_disconnect_frees_its_kv_slot(
@@ -117,17 +117,14 @@ BAD_REQUESTS = [
     pytest.param("/v1/completions", b'{"prompt": "x",', 400, "not valid JSON", id="malformed-json"),
     pytest.param("/v1/completions", b'["a list"]', 400, "", id="json-not-an-object"),
     pytest.param(
-        "/v1/completions", {"prompt": "x", "model": "gpt-9"}, 400, "not served", id="unknown-model"
-    ),
-    pytest.param(
         "/v1/completions", {"prompt": "x", "temperature": 2.5}, 400, "temperature", id="temperature"
     ),
     pytest.param("/v1/completions", {"prompt": "x", "top_p": 0}, 400, "top_p", id="top-p-zero"),
     pytest.param("/v1/completions", {"prompt": "x", "top_k": -2}, 400, "top_k", id="top-k"),
     pytest.param(
-        "/v1/completions", {"prompt": "x", "max_tokens": 0}, 400, "max_tokens", id="max-tokens-zero"
+        "/v1/completions", {"prompt": "x", "max_tokens": -1}, 400, "max_tokens", id="max-tokens"
     ),
-    pytest.param("/v1/completions", {"prompt": "x", "n": 3}, 400, "n", id="n"),
+    pytest.param("/v1/completions", {"prompt": "x", "n": 17}, 400, "n", id="n"),
     pytest.param(
         "/v1/completions", {"prompt": "x", "stop": ["a"] * 5}, 400, "stop", id="too-many-stops"
     ),
@@ -149,7 +146,7 @@ BAD_REQUESTS = [
     pytest.param(
         "/v1/completions", {"prompt": [1, 99999]}, 400, "vocabulary", id="token-out-of-vocab"
     ),
-    pytest.param("/v1/completions", {"prompt": ["a", "b"]}, 400, "prompt", id="batched-prompts"),
+    pytest.param("/v1/completions", {"prompt": ["a", 1]}, 400, "prompt", id="mixed-prompts"),
     pytest.param("/v1/completions", {}, 400, "prompt", id="missing-prompt"),
     pytest.param("/v1/chat/completions", {"messages": []}, 400, "messages", id="no-messages"),
     pytest.param(

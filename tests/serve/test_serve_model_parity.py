@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from phalanx_serve.kv_cache import DecodeView, PackedPrefillView, Segment, SlotKVCache
+from phalanx_serve.kv_cache import Chunk, DecodeView, PackedPrefillView, PagedKVCache
 from phalanx_trainer.hf import load_pretrained
 from phalanx_trainer.model import Transformer
 
@@ -61,13 +61,13 @@ def test_logits_match_hf_llama(tmp_path: Path, tie: bool, dtype: torch.dtype) ->
     torch.testing.assert_close(actual, expected, atol=ATOL, rtol=0)
 
 
-def _cache_for(model: Transformer, slots: int, max_len: int) -> SlotKVCache:
+def _cache_for(model: Transformer, blocks: int, block_size: int = 4) -> PagedKVCache:
     cfg = model.cfg
-    return SlotKVCache(
+    return PagedKVCache(
         n_layers=cfg.n_layers,
-        max_slots=slots,
+        num_blocks=blocks,
+        block_size=block_size,
         n_kv_heads=cfg.n_kv_heads,
-        max_len=max_len,
         head_dim=cfg.head_dim,
         dtype=torch.float64,
         device=torch.device("cpu"),
@@ -75,56 +75,71 @@ def _cache_for(model: Transformer, slots: int, max_len: int) -> SlotKVCache:
 
 
 def test_kv_cached_decoding_matches_full_forward(tmp_path: Path) -> None:
-    """Three prompts of different lengths prefilled packed, then decoded together."""
+    """Three prompts of different lengths prefilled packed, in two chunks for the longest,
+    into scattered blocks, then decoded together."""
     model, _ = load_pretrained(_tiny_llama(tmp_path, tie=False), dtype=torch.float64)
     gen = torch.Generator().manual_seed(2)
     prompts = [torch.randint(0, 97, (n,), generator=gen).tolist() for n in (5, 11, 2)]
     continuations = [torch.randint(0, 97, (6,), generator=gen).tolist() for _ in prompts]
-    cache = _cache_for(model, slots=3, max_len=32)
+    cache = _cache_for(model, blocks=16)
+    # Blocks deliberately out of order and interleaved between sequences.
+    tables = [[9, 2, 14], [0, 13, 5, 7, 1], [11, 3]]
 
     with torch.no_grad():
-        segments, start = [], 0
-        for slot, p in enumerate(prompts):
-            segments.append(Segment(slot, start, len(p)))
-            start += len(p)
-        view = PackedPrefillView(cache, segments)
-        packed = torch.tensor([[t for p in prompts for t in p]])
-        prefill_logits = model(packed, positions=view.positions(), kv_cache=view)[0]
-        view.commit()
+        first = [Chunk(tuple(tables[0]), 0, 5), Chunk(tuple(tables[1]), 0, 6)]
+        second = [Chunk(tuple(tables[1]), 6, 11), Chunk(tuple(tables[2]), 0, 2)]
+        prefill: dict[int, torch.Tensor] = {}
+        parts: list[torch.Tensor] = []
+        for chunks, owners in ((first, [0, 1]), (second, [1, 2])):
+            view = PackedPrefillView(cache, chunks)
+            packed = torch.tensor(
+                [
+                    [
+                        prompts[o][p]
+                        for c, o in zip(chunks, owners, strict=True)
+                        for p in range(c.start, c.end)
+                    ]
+                ]
+            )
+            logits = model(packed, positions=view.positions(), kv_cache=view)[0]
+            offset = 0
+            for c, o in zip(chunks, owners, strict=True):
+                piece = logits[offset : offset + c.length]
+                prefill[o] = piece if o not in prefill else torch.cat([prefill[o], piece])
+                offset += c.length
+            parts.append(logits)
         step_logits: list[torch.Tensor] = []
         for step in range(6):
-            dview = DecodeView(cache, 3)
+            lengths = [len(p) + step for p in prompts]
+            dview = DecodeView(cache, tables, lengths)
             tokens = torch.tensor([[c[step]] for c in continuations])
             step_logits.append(model(tokens, positions=dview.positions(), kv_cache=dview)[:, 0])
-            dview.commit()
 
         for i, (p, c) in enumerate(zip(prompts, continuations, strict=True)):
             full = model(torch.tensor([p + c]))[0]
-            seg = segments[i]
-            torch.testing.assert_close(
-                prefill_logits[seg.start : seg.start + seg.length],
-                full[: len(p)],
-                atol=1e-9,
-                rtol=0,
-            )
+            torch.testing.assert_close(prefill[i], full[: len(p)], atol=1e-9, rtol=0)
             for step in range(6):
                 torch.testing.assert_close(
                     step_logits[step][i], full[len(p) + step], atol=1e-9, rtol=0
                 )
 
 
-def test_slot_move_keeps_a_sequence_decodable(tmp_path: Path) -> None:
-    """Retiring a sequence moves the last slot into the hole; decoding continues unchanged."""
+def test_shared_prefix_blocks_give_the_same_logits_as_recomputing(tmp_path: Path) -> None:
+    """A second prompt reusing the first one's cached blocks computes only its own tail."""
     model, _ = load_pretrained(_tiny_llama(tmp_path, tie=True), dtype=torch.float64)
-    a, b = [3, 1, 4, 1, 5], [9, 2, 6]
-    cache = _cache_for(model, slots=2, max_len=16)
+    cache = _cache_for(model, blocks=8)
+    shared = [3, 1, 4, 1, 5, 9, 2, 6]  # two full blocks of 4
+    a, b = [*shared, 5, 3], [*shared, 7]
+    blocks = cache.blocks
     with torch.no_grad():
-        view = PackedPrefillView(cache, [Segment(0, 0, len(a)), Segment(1, len(a), len(b))])
-        model(torch.tensor([a + b]), positions=view.positions(), kv_cache=view)
-        view.commit()
-        cache.move(1, 0)  # sequence a finished; b now lives in slot 0
-        assert cache.lengths == [len(b), 0]
-        dview = DecodeView(cache, 1)
-        logits = model(torch.tensor([[7]]), positions=dview.positions(), kv_cache=dview)[0, 0]
-        full = model(torch.tensor([[*b, 7]]))[0, -1]
-    torch.testing.assert_close(logits, full, atol=1e-9, rtol=0)
+        table_a = [blocks.allocate() for _ in range(3)]
+        view = PackedPrefillView(cache, [Chunk(tuple(table_a), 0, len(a))])
+        model(torch.tensor([a]), positions=view.positions(), kv_cache=view)
+        blocks.register(table_a, a, len(a))
+        cached = blocks.lookup_prefix(b)
+        assert cached == table_a[:2]
+        table_b = [*cached, blocks.allocate()]
+        view = PackedPrefillView(cache, [Chunk(tuple(table_b), len(shared), len(b))])
+        tail = model(torch.tensor([b[len(shared) :]]), positions=view.positions(), kv_cache=view)
+        full = model(torch.tensor([b]))[0, len(shared) :]
+    torch.testing.assert_close(tail[0], full, atol=1e-9, rtol=0)

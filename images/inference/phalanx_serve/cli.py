@@ -38,6 +38,18 @@ def build_parser() -> argparse.ArgumentParser:
     add("--max-model-len", type_=int, help_="context length per sequence (default: the model's)")
     add("--max-queue", type_=int, default=64, help_="requests allowed to wait; beyond that 429")
     add("--max-prefill-tokens", type_=int, default=2048, help_="prompt tokens prefilled per step")
+    add("--block-size", type_=int, default=16, help_="tokens per KV-cache block")
+    add(
+        "--kv-cache-tokens",
+        type_=int,
+        help_="KV-cache capacity in tokens (default: max-batch-size x max-model-len)",
+    )
+    add(
+        "--enable-prefix-caching",
+        type_=_boolean,
+        default="true",
+        help_="reuse cached KV blocks of shared prompt prefixes (true/false)",
+    )
     add("--dtype", default="auto", help_="auto, float32, bfloat16, float16 or float64")
     add("--device", default="auto", help_="auto (cuda if available), cpu, cuda, cuda:N")
     add("--api-key", help_="require 'Authorization: Bearer <key>' on /v1 routes")
@@ -48,12 +60,26 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _boolean(value: str) -> bool:
+    if value.lower() in ("1", "true", "yes", "on"):
+        return True
+    if value.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+
+
 def settings_from_args(argv: Sequence[str] | None = None) -> ServerSettings:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not args.model:
         parser.error("--model (or PHALANX_SERVE_MODEL) is required")
-    for name in ("max_batch_size", "max_queue", "max_prefill_tokens", "max_body_bytes"):
+    for name in (
+        "max_batch_size",
+        "max_queue",
+        "max_prefill_tokens",
+        "max_body_bytes",
+        "block_size",
+    ):
         if getattr(args, name) < (0 if name == "max_queue" else 1):
             parser.error(f"--{name.replace('_', '-')} is out of range")
     if args.max_model_len is not None and args.max_model_len < 2:
@@ -67,6 +93,9 @@ def settings_from_args(argv: Sequence[str] | None = None) -> ServerSettings:
         max_model_len=args.max_model_len,
         max_queue=args.max_queue,
         max_prefill_tokens=args.max_prefill_tokens,
+        block_size=args.block_size,
+        kv_cache_tokens=args.kv_cache_tokens,
+        enable_prefix_caching=args.enable_prefix_caching,
         dtype=args.dtype,
         device=args.device,
         api_key=args.api_key or None,

@@ -55,12 +55,21 @@ class StopStringMatcher:
         self.text = ""
         self.emitted = 0
         self.stopped = False
+        self.search_floor = 0
 
-    def add(self, delta: str) -> str:
-        """Add decoded text; return the new text that can be sent now."""
+    def add(self, delta: str, *, check: bool = True) -> str:
+        """Add decoded text; return the new text that can be sent now.
+
+        With ``check`` false (``min_tokens`` not reached yet) the text is never searched for
+        stop strings, and later searches start after it.
+        """
         if self.stopped or not delta:
             return ""
-        search_from = max(0, len(self.text) - self.longest + 1)
+        if not check:
+            self.text += delta
+            self.search_floor = len(self.text)
+            return self._emit(len(self.text))
+        search_from = max(self.search_floor, len(self.text) - self.longest + 1)
         self.text += delta
         if self.stop:
             hits = [i for s in self.stop if (i := self.text.find(s, search_from)) >= 0]

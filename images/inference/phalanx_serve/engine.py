@@ -1,15 +1,20 @@
 """The generation engine: one background thread doing continuous (iteration-level) batching.
 
 Each iteration of the loop
-1. drops requests whose client went away, freeing their KV slots at once;
-2. admits waiting requests into free slots and prefills their prompts in one packed forward
-   pass (no padding), sampling each one's first token;
-3. runs one decode step for every running sequence together, each at its own position;
-4. retires finished sequences immediately, so their slots serve the next waiting request.
+1. drops requests whose client went away, freeing their KV blocks at once;
+2. admits waiting requests while batch slots and KV blocks last, reusing cached blocks of a
+   prompt prefix it has seen before (automatic prefix caching);
+3. prefills prompt chunks of at most ``max_prefill_tokens`` tokens in one packed forward pass,
+   so a long prompt is spread over several iterations instead of stalling every stream;
+4. runs one decode step for every sequence whose prompt is done, each at its own position;
+   when a sequence needs a new block and none is free, the most recently admitted sequence is
+   preempted: its blocks are freed and it is recomputed later (its tokens so far are kept);
+5. retires finished sequences immediately, so their blocks serve the next waiting request.
 
-Requests therefore join and leave the batch between decode steps instead of waiting for the
-whole batch to drain. Results go to a per-request ``sink`` callback (the API turns it into an
-asyncio queue); the engine never blocks on a client.
+A sequence is simply tokens (prompt, then output) of which the first ``num_computed`` have
+keys/values in the cache; prefill, decode and recompute after preemption are all "compute the
+rest, sample after the last". Results go to a per-request ``sink`` callback (the API turns it
+into an asyncio queue); the engine never blocks on a client.
 """
 
 from __future__ import annotations
@@ -26,9 +31,21 @@ import torch
 from torch import nn
 
 from phalanx_serve.detokenizer import IncrementalDetokenizer, StopStringMatcher, TokenDecoder
-from phalanx_serve.kv_cache import DecodeView, PackedPrefillView, Segment, SlotKVCache
+from phalanx_serve.kv_cache import (
+    Chunk,
+    DecodeView,
+    OutOfBlocksError,
+    PackedPrefillView,
+    PagedKVCache,
+)
 from phalanx_serve.metrics import ServeMetrics
-from phalanx_serve.sampling import SamplingParams, sample_next_tokens
+from phalanx_serve.sampling import (
+    RowContext,
+    SamplingParams,
+    TokenLogprob,
+    sample_next_tokens,
+    token_logprobs,
+)
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +65,19 @@ class EngineConfig:
     max_batch_size: int = 16
     max_model_len: int = 2048
     max_queue: int = 64
-    # Prompt tokens prefilled together in one iteration; bounds the prefill's activation memory
-    # and how long running sequences wait for their next token while newcomers prefill.
+    # Prompt tokens prefilled in one iteration (the chunk size of chunked prefill); bounds the
+    # prefill's activation memory and how long decoding streams wait for their next token.
     max_prefill_tokens: int = 2048
+    block_size: int = 16
+    # KV blocks in the cache; None: enough for max_batch_size full-length sequences.
+    num_blocks: int | None = None
+    prefix_caching: bool = True
+
+    @property
+    def total_blocks(self) -> int:
+        if self.num_blocks is not None:
+            return self.num_blocks
+        return self.max_batch_size * -(-self.max_model_len // self.block_size)
 
 
 @dataclass
@@ -64,9 +91,21 @@ class RequestOutput:
     finished: bool = False
     finish_reason: FinishReason | None = None
     error: str | None = None
+    logprobs: list[TokenLogprob] | None = None
+    # Sent once, with the first output: None for the first prompt token, then one per token.
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    cumulative_logprob: float = 0.0
 
 
 Sink = Callable[[RequestOutput], None]
+
+
+@dataclass(frozen=True)
+class SubmitRequest:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    sink: Sink
 
 
 @dataclass(eq=False)
@@ -76,6 +115,7 @@ class Sequence:
     params: SamplingParams
     sink: Sink
     detokenizer: IncrementalDetokenizer
+    stop_ids: tuple[int, ...] = ()
     arrival_time: float = field(default_factory=time.monotonic)
     output_ids: list[int] = field(default_factory=list)
     generator: torch.Generator | None = None
@@ -84,10 +124,38 @@ class Sequence:
     last_token_time: float | None = None
     finish_reason: FinishReason | None = None
     aborted: bool = False
+    # Paged-cache state: blocks in order, and how many leading tokens have keys/values there.
+    table: list[int] = field(default_factory=list)
+    num_computed: int = 0
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    prompt_logprobs_sent: bool = False
+    cumulative_logprob: float = 0.0
+    counted_prompt: bool = False
 
     def __post_init__(self) -> None:
         self.matcher = StopStringMatcher(self.params.stop)
         self.generator = self.params.make_generator()
+        if self.params.prompt_logprobs is not None:
+            self.prompt_logprobs = [None]
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    def token(self, position: int) -> int:
+        n = len(self.prompt_ids)
+        return self.prompt_ids[position] if position < n else self.output_ids[position - n]
+
+    def tokens(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def pending(self) -> int:
+        return self.num_tokens - self.num_computed
+
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        return self.prompt_logprobs is not None and len(self.prompt_logprobs) < len(self.prompt_ids)
 
 
 class Engine:
@@ -111,29 +179,34 @@ class Engine:
         self.metrics = metrics
         self.eos_token_ids = eos_token_ids
         self.device = torch.device(device)
-        self.cache = SlotKVCache(
+        self.cache = PagedKVCache(
             n_layers=n_layers,
-            max_slots=config.max_batch_size,
+            num_blocks=config.total_blocks,
+            block_size=config.block_size,
             n_kv_heads=n_kv_heads,
-            max_len=config.max_model_len,
             head_dim=head_dim,
             dtype=dtype,
             device=self.device,
+            prefix_caching=config.prefix_caching,
         )
+        if config.total_blocks * config.block_size < config.max_model_len:
+            raise ValueError(
+                f"the KV cache ({config.total_blocks} blocks of {config.block_size} tokens) "
+                f"cannot hold one sequence of max_model_len {config.max_model_len} tokens"
+            )
         self._cv = threading.Condition()
         self._waiting: deque[Sequence] = deque()
-        # Sequence i of the running batch lives in KV slot i (see kv_cache.py).
+        # Admitted sequences (prefilling or decoding), oldest first; preemption takes the last.
         self._running: list[Sequence] = []
-        # Taken from the queue but not yet in the batch (their prefill is running).
-        self._prefilling: list[Sequence] = []
         self._stopping = False
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None
         log.info(
-            "KV cache: %d slots x %d tokens, %.1f MiB",
-            config.max_batch_size,
-            config.max_model_len,
+            "KV cache: %d blocks x %d tokens, %.1f MiB, prefix caching %s",
+            config.total_blocks,
+            config.block_size,
             self.cache.nbytes / 2**20,
+            "on" if config.prefix_caching else "off",
         )
 
     # -- called from the API threads -------------------------------------------------------
@@ -150,6 +223,9 @@ class Engine:
     def num_waiting(self) -> int:
         return len(self._waiting)
 
+    def blocks_needed(self, tokens: int) -> int:
+        return self.cache.blocks.blocks_for(tokens)
+
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="phalanx-engine", daemon=True)
         self._thread.start()
@@ -164,23 +240,38 @@ class Engine:
     def submit(
         self, request_id: str, prompt_ids: list[int], params: SamplingParams, sink: Sink
     ) -> Sequence:
-        seq = Sequence(request_id, prompt_ids, params, sink, IncrementalDetokenizer(self.decoder))
+        return self.submit_group([SubmitRequest(request_id, prompt_ids, params, sink)])[0]
+
+    def submit_group(self, requests: list[SubmitRequest]) -> list[Sequence]:
+        """Queue several sequences (the choices of one request) all together or none."""
+        stop_ids = tuple(self.eos_token_ids)
+        seqs = [
+            Sequence(
+                r.request_id,
+                r.prompt_ids,
+                r.params,
+                r.sink,
+                IncrementalDetokenizer(self.decoder),
+                stop_ids=() if r.params.ignore_eos else (*stop_ids, *r.params.stop_token_ids),
+            )
+            for r in requests
+        ]
         with self._cv:
             if self._stopping or not self.alive:
                 raise EngineDeadError("the generation engine is not running")
-            free_slots = self.config.max_batch_size - len(self._running)
-            if len(self._waiting) >= self.config.max_queue + max(free_slots, 0):
+            free_slots = max(self.config.max_batch_size - len(self._running), 0)
+            if len(self._waiting) + len(seqs) > self.config.max_queue + free_slots:
                 raise QueueFullError(
                     f"server is at capacity ({self.config.max_batch_size} running, "
                     f"{len(self._waiting)} waiting); retry later"
                 )
-            self._waiting.append(seq)
+            self._waiting.extend(seqs)
             self.metrics.num_requests_waiting.set(len(self._waiting))
             self._cv.notify()
-        return seq
+        return seqs
 
     def abort(self, seq: Sequence) -> None:
-        """Stop a request whose client left; its slot is freed at the next iteration."""
+        """Stop a request whose client left; its blocks are freed at the next iteration."""
         if seq.finish_reason is None:
             seq.aborted = True
             with self._cv:
@@ -200,11 +291,11 @@ class Engine:
         with self._cv:
             self.error = error
             self._stopping = True
-            victims = list(dict.fromkeys([*self._prefilling, *self._running, *self._waiting]))
-            self._prefilling, self._running = [], []
+            victims = list(dict.fromkeys([*self._running, *self._waiting]))
+            for seq in self._running:
+                self._release(seq)
+            self._running = []
             self._waiting.clear()
-            for slot in range(self.cache.max_slots):
-                self.cache.free(slot)
         message = None if error is None else f"{type(error).__name__}: {error}"
         for seq in victims:
             out = RequestOutput("", 0, len(seq.prompt_ids), len(seq.output_ids), True, "abort")
@@ -221,78 +312,176 @@ class Engine:
             aborted_waiting = [s for s in self._waiting if s.aborted]
             for seq in aborted_waiting:
                 self._waiting.remove(seq)
-            admitted = self._prefilling = self._admit()
+            self._admit()
         now = time.monotonic()
         for seq in aborted_waiting:
             self._finish(seq, "abort", now)
-        self._retire([i for i, s in enumerate(self._running) if s.aborted], "abort")
-        if admitted:
-            self._prefill(admitted)
-        if self._running:
-            self._decode()
+        for seq in [s for s in self._running if s.aborted]:
+            self._retire(seq, "abort")
+        decoding = self._reserve_decode_blocks()
+        prefill = [s for s in self._running if s.pending > 1 and s not in decoding]
+        if prefill:
+            self._prefill(prefill)
+        decoding = [s for s in decoding if s in self._running]
+        if decoding:
+            self._decode(decoding)
         self._update_gauges()
         return True
 
-    def _admit(self) -> list[Sequence]:
-        admitted: list[Sequence] = []
-        budget = self.config.max_prefill_tokens
-        while self._waiting and len(self._running) + len(admitted) < self.config.max_batch_size:
-            n = len(self._waiting[0].prompt_ids)
-            if admitted and n > budget:
+    def _admit(self) -> None:
+        """Move waiting sequences into the batch while slots and blocks for their tokens last."""
+        blocks = self.cache.blocks
+        while self._waiting and len(self._running) < self.config.max_batch_size:
+            seq = self._waiting[0]
+            tokens = seq.tokens()
+            # Prompt logprobs need the logits of every prompt position: nothing may be skipped.
+            cached = [] if seq.needs_prompt_logprobs else blocks.lookup_prefix(tokens)
+            needed = blocks.blocks_for(len(tokens)) - len(cached)
+            if needed > blocks.num_available:
+                blocks.release(cached)
+                blocks.hits -= len(cached) * blocks.block_size
                 break
-            admitted.append(self._waiting.popleft())
+            self._waiting.popleft()
+            seq.table = cached + [blocks.allocate() for _ in range(needed)]
+            seq.num_computed = len(cached) * blocks.block_size
+            if seq.scheduled_time is None:  # first admission, not a recompute
+                seq.scheduled_time = time.monotonic()
+                self.metrics.prefix_cache_queries.inc(len(seq.prompt_ids))
+                self.metrics.prefix_cache_hits.inc(seq.num_computed)
+            self._running.append(seq)
+
+    def _reserve_decode_blocks(self) -> list[Sequence]:
+        """Give every decoding sequence room for its next token, preempting if blocks run out."""
+        decoding: list[Sequence] = []
+        for seq in list(self._running):
+            if seq not in self._running or seq.pending != 1:
+                continue
+            while seq.num_computed // self.cache.block_size >= len(seq.table):
+                try:
+                    seq.table.append(self.cache.blocks.allocate())
+                except OutOfBlocksError:
+                    victim = self._running[-1]
+                    self._preempt(victim)
+                    if victim is seq:
+                        break
+            if seq in self._running:
+                decoding.append(seq)
+        return decoding
+
+    def _preempt(self, seq: Sequence) -> None:
+        self._running.remove(seq)
+        self._release(seq)
+        seq.num_computed = 0
+        self.metrics.num_preemptions.inc()
+        with self._cv:
+            self._waiting.appendleft(seq)
+
+    def _release(self, seq: Sequence) -> None:
+        self.cache.blocks.release(seq.table)
+        seq.table = []
+
+    def _prefill(self, candidates: list[Sequence]) -> None:
+        budget = self.config.max_prefill_tokens
+        seqs: list[Sequence] = []
+        chunks: list[Chunk] = []
+        for seq in candidates:
+            if budget <= 0:
+                break
+            n = min(seq.pending, budget)
+            chunks.append(Chunk(tuple(seq.table), seq.num_computed, seq.num_computed + n))
+            seqs.append(seq)
             budget -= n
-        return admitted
-
-    def _prefill(self, admitted: list[Sequence]) -> None:
-        now = time.monotonic()
-        segments: list[Segment] = []
-        start = 0
-        for j, seq in enumerate(admitted):
-            seq.scheduled_time = now
-            segments.append(
-                Segment(slot=len(self._running) + j, start=start, length=len(seq.prompt_ids))
-            )
-            start += len(seq.prompt_ids)
-        tokens = torch.tensor([[t for s in admitted for t in s.prompt_ids]], device=self.device)
-        view = PackedPrefillView(self.cache, segments)
-        logits = self.model(tokens, positions=view.positions(), kv_cache=view)
-        last = torch.tensor([s.start + s.length - 1 for s in segments], device=self.device)
-        next_tokens = sample_next_tokens(
-            logits[0, last], [s.params for s in admitted], [s.generator for s in admitted]
+        tokens = torch.tensor(
+            [
+                [
+                    s.token(p)
+                    for s, c in zip(seqs, chunks, strict=True)
+                    for p in range(c.start, c.end)
+                ]
+            ],
+            device=self.device,
         )
-        view.commit()
-        self._running.extend(admitted)
-        self._prefilling = []
-        self.metrics.prompt_tokens.inc(start)
-        self._accept_tokens(len(self._running) - len(admitted), next_tokens)
-
-    def _decode(self) -> None:
-        running = self._running
-        tokens = torch.tensor([[s.output_ids[-1]] for s in running], device=self.device)
-        view = DecodeView(self.cache, len(running))
-        logits = self.model(tokens, positions=view.positions(), kv_cache=view)
-        next_tokens = sample_next_tokens(
-            logits[:, -1], [s.params for s in running], [s.generator for s in running]
-        )
-        view.commit()
-        self._accept_tokens(0, next_tokens)
-
-    def _accept_tokens(self, first_index: int, next_tokens: list[int]) -> None:
-        """Append the sampled tokens to running[first_index:], emit text, retire finished."""
+        view = PackedPrefillView(self.cache, chunks)
+        logits = self.model(tokens, positions=view.positions(), kv_cache=view)[0]
+        done_rows: list[int] = []
+        done: list[Sequence] = []
+        offset = 0
+        for seq, chunk in zip(seqs, chunks, strict=True):
+            if seq.needs_prompt_logprobs:
+                self._add_prompt_logprobs(seq, chunk, logits[offset : offset + chunk.length])
+            self._computed(seq, chunk.end)
+            offset += chunk.length
+            if seq.pending == 0:
+                done_rows.append(offset - 1)
+                done.append(seq)
+        for seq in done:
+            if not seq.counted_prompt:
+                seq.counted_prompt = True
+                self.metrics.prompt_tokens.inc(len(seq.prompt_ids))
         now = time.monotonic()
-        finished: list[int] = []
-        for offset, token in enumerate(next_tokens):
-            i = first_index + offset
-            seq = self._running[i]
-            out = self._append_token(seq, token, now)
-            self._emit(seq, out)
+        scoring = [s for s in done if s.params.max_tokens == 0]
+        for seq in scoring:  # prompt scoring only (echo with max_tokens 0): nothing to sample
+            self._retire(seq, None, self._final_output(seq, "length", now))
+        keep = [i for i, s in enumerate(done) if s.params.max_tokens > 0]
+        if keep:
+            self._sample([done[i] for i in keep], logits[[done_rows[i] for i in keep]])
+
+    def _add_prompt_logprobs(self, seq: Sequence, chunk: Chunk, logits: torch.Tensor) -> None:
+        """Logits at prompt position p score prompt token p + 1."""
+        assert seq.prompt_logprobs is not None
+        assert seq.params.prompt_logprobs is not None
+        # After a preemption the prompt is recomputed; positions already scored are skipped.
+        first = max(chunk.start, len(seq.prompt_logprobs) - 1)
+        last = min(chunk.end, len(seq.prompt_ids) - 1)
+        if last <= first:
+            return
+        targets = [seq.prompt_ids[p + 1] for p in range(first, last)]
+        k = seq.params.prompt_logprobs
+        rows = logits[first - chunk.start : last - chunk.start]
+        scored = token_logprobs(rows, targets, [k] * len(targets))
+        seq.prompt_logprobs.extend(scored)
+
+    def _computed(self, seq: Sequence, upto: int) -> None:
+        bs = self.cache.block_size
+        before = seq.num_computed // bs
+        seq.num_computed = upto
+        if upto // bs > before:
+            self.cache.blocks.register(seq.table, seq.tokens(), upto)
+
+    def _decode(self, seqs: list[Sequence]) -> None:
+        tokens = torch.tensor([[s.token(s.num_computed)] for s in seqs], device=self.device)
+        view = DecodeView(self.cache, [s.table for s in seqs], [s.num_computed for s in seqs])
+        logits = self.model(tokens, positions=view.positions(), kv_cache=view)[:, -1]
+        for seq in seqs:
+            self._computed(seq, seq.num_computed + 1)
+        self._sample(seqs, logits)
+
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
+        params = [s.params for s in seqs]
+        contexts = [RowContext(s.prompt_ids, s.output_ids, s.stop_ids) for s in seqs]
+        next_tokens = sample_next_tokens(logits, params, [s.generator for s in seqs], contexts)
+        scored = [i for i, p in enumerate(params) if p.needs_logprob]
+        lps: dict[int, TokenLogprob] = {}
+        if scored:
+            tops = [params[i].logprobs or 0 for i in scored]
+            picked = [next_tokens[i] for i in scored]
+            for i, lp in zip(scored, token_logprobs(logits[scored], picked, tops), strict=True):
+                lps[i] = lp
+        now = time.monotonic()
+        finished: list[tuple[Sequence, RequestOutput]] = []
+        for i, (seq, token) in enumerate(zip(seqs, next_tokens, strict=True)):
+            out = self._append_token(seq, token, lps.get(i), now)
             if out.finished:
-                finished.append(i)
+                finished.append((seq, out))
+            else:
+                self._emit(seq, out)
         self.metrics.generation_tokens.inc(len(next_tokens))
-        self._retire(finished, None)
+        for seq, out in finished:
+            self._retire(seq, None, out)
 
-    def _append_token(self, seq: Sequence, token: int, now: float) -> RequestOutput:
+    def _append_token(
+        self, seq: Sequence, token: int, lp: TokenLogprob | None, now: float
+    ) -> RequestOutput:
         if seq.first_token_time is None:
             seq.first_token_time = now
             self.metrics.time_to_first_token.observe(now - seq.arrival_time)
@@ -300,59 +489,70 @@ class Engine:
             self.metrics.inter_token_latency.observe(now - seq.last_token_time)
         seq.last_token_time = now
         seq.output_ids.append(token)
+        if lp is not None:
+            seq.cumulative_logprob += lp.logprob
         params = seq.params
+        # Stop strings, like end-of-sequence tokens, only count once min_tokens are out.
+        may_stop = len(seq.output_ids) > params.min_tokens
         reason: FinishReason | None = None
-        if not params.ignore_eos and (
-            token in self.eos_token_ids or token in params.stop_token_ids
-        ):
+        if token in seq.stop_ids and may_stop:
             reason = "stop"
             text = seq.matcher.add(seq.detokenizer.flush())
         else:
-            text = seq.matcher.add(seq.detokenizer.push(token))
+            text = seq.matcher.add(seq.detokenizer.push(token), check=may_stop)
             if seq.matcher.stopped:
                 reason = "stop"
             elif (
                 len(seq.output_ids) >= params.max_tokens
-                or len(seq.prompt_ids) + len(seq.output_ids) >= self.config.max_model_len
+                or seq.num_tokens >= self.config.max_model_len
             ):
                 text += seq.matcher.add(seq.detokenizer.flush())
                 reason = "stop" if seq.matcher.stopped else "length"
         if reason is not None:
             text += seq.matcher.finish()
             seq.finish_reason = reason
-        return RequestOutput(
+        out = RequestOutput(
             text=text,
             num_new_tokens=1,
             prompt_tokens=len(seq.prompt_ids),
             completion_tokens=len(seq.output_ids),
             finished=reason is not None,
             finish_reason=reason,
+            logprobs=[lp] if lp is not None and params.logprobs is not None else None,
+            cumulative_logprob=seq.cumulative_logprob,
         )
+        self._attach_prompt_logprobs(seq, out)
+        return out
 
-    def _retire(self, indices: list[int], reason: FinishReason | None) -> None:
-        """Remove running[indices] and keep the batch packed in slots 0..n-1."""
+    def _attach_prompt_logprobs(self, seq: Sequence, out: RequestOutput) -> None:
+        if seq.prompt_logprobs is not None and not seq.prompt_logprobs_sent:
+            out.prompt_logprobs = seq.prompt_logprobs
+            seq.prompt_logprobs_sent = True
+
+    def _final_output(self, seq: Sequence, reason: FinishReason, now: float) -> RequestOutput:
+        seq.finish_reason = reason
+        out = RequestOutput(
+            "", 0, len(seq.prompt_ids), len(seq.output_ids), True, reason,
+            cumulative_logprob=seq.cumulative_logprob,
+        )  # fmt: skip
+        if reason != "abort":
+            self._attach_prompt_logprobs(seq, out)
+        return out
+
+    def _retire(
+        self, seq: Sequence, reason: FinishReason | None, out: RequestOutput | None = None
+    ) -> None:
+        """Remove a running sequence, free its blocks and send its last output."""
         now = time.monotonic()
-        # Highest index first: whatever sits last is then always a sequence that stays.
-        for i in sorted(indices, reverse=True):
-            seq = self._running[i]
-            last = len(self._running) - 1
-            if i != last:
-                self.cache.move(last, i)
-            else:
-                self.cache.free(i)
-            self._running[i] = self._running[last]
-            self._running.pop()
-            if reason is not None:
-                self._finish(seq, reason, now)
-            else:
-                self._record_finished(seq, now)
+        self._running.remove(seq)
+        self._release(seq)
+        if out is None:
+            out = self._final_output(seq, reason or "abort", now)
+        self._emit(seq, out)
+        self._record_finished(seq, now)
 
     def _finish(self, seq: Sequence, reason: FinishReason, now: float) -> None:
-        seq.finish_reason = reason
-        self._emit(
-            seq,
-            RequestOutput("", 0, len(seq.prompt_ids), len(seq.output_ids), True, reason),
-        )
+        self._emit(seq, self._final_output(seq, reason, now))
         self._record_finished(seq, now)
 
     def _record_finished(self, seq: Sequence, now: float) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -10,6 +12,8 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from phalanx_serve.protocol import error_json
+
+log = logging.getLogger(__name__)
 
 
 class APIError(Exception):
@@ -49,6 +53,33 @@ def error_response(
     )
 
 
+def describe_validation_errors(errors: list[Any]) -> tuple[str, str | None]:
+    """One sentence per problem (at most three), and the first offending field."""
+    problems: list[str] = []
+    params: list[str] = []
+    for err in errors:
+        kind = err.get("type")
+        loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+        field = ".".join(loc)
+        if kind == "json_invalid":
+            problems.append(f"request body is not valid JSON ({err.get('msg')})")
+            continue
+        msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
+        if kind == "extra_forbidden":
+            text = f"Unrecognized request argument supplied: {field}"
+        elif kind == "missing":
+            text = f"{field} is required"
+        elif field and not msg.startswith(loc[-1]):
+            text = f"{field}: {msg}"
+        else:
+            text = msg
+        if text not in problems:
+            problems.append(text)
+            params.append(field)
+    param = next((p for p in params if p), None)
+    return "; ".join(problems[:3]) or "invalid request", param
+
+
 _TYPE_BY_STATUS = {
     401: "authentication_error",
     404: "not_found_error",
@@ -72,24 +103,15 @@ def install_error_handlers(app: FastAPI, on_invalid: Callable[[], None] = lambda
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
         # Malformed JSON and out-of-range fields alike are the client's to fix: 400, not 422.
         on_invalid()
-        problems = []
-        for err in exc.errors()[:5]:
-            if err.get("type") == "json_invalid":
-                problems.append(f"request body is not valid JSON ({err.get('msg')})")
-                continue
-            loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
-            problems.append(f"{loc}: {err.get('msg')}" if loc else str(err.get("msg")))
-        first = exc.errors()[0] if exc.errors() else {}
-        param = None
-        if first.get("type") != "json_invalid":
-            param = ".".join(str(p) for p in first.get("loc", ())[1:])
-        return error_response(
-            400,
-            "; ".join(problems) or "invalid request",
-            "invalid_request_error",
-            None,
-            param or None,
-        )
+        errors = list(exc.errors())
+        message, param = describe_validation_errors(errors)
+        return error_response(400, message, "invalid_request_error", None, param)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        # A bug, not the client's fault; still an OpenAI-shaped body rather than plain text.
+        log.exception("unhandled error")
+        return error_response(500, f"internal error: {type(exc).__name__}", "internal_error")
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -1,10 +1,17 @@
-"""Key/value memory for running sequences: a fixed budget of pre-allocated slots.
+"""Key/value memory for running sequences: a paged cache of fixed-size blocks.
 
-Each layer owns two tensors ``[max_slots, n_kv_heads, max_len, head_dim]`` allocated once at
-start-up, so the server's memory use is known before the first request and never grows.
-Sequence ``i`` of the running batch always lives in slot ``i``: when a sequence leaves, the last
-one is moved into its hole. Keeping the batch packed at the front means a decode step attends
-over ``cache[:batch, :, :longest]``, a view, rather than gathering scattered slots every step.
+Each layer owns two tensors ``[num_blocks * block_size, n_kv_heads, head_dim]`` allocated once
+at start-up, so memory use is known before the first request and never grows. A sequence owns
+a *block table*, the list of blocks holding its tokens in order: token ``p`` lives in row
+``table[p // block_size] * block_size + p % block_size``. Short sequences therefore take only
+the blocks they fill, not a whole ``max_model_len`` reservation.
+
+Automatic prefix caching (as vLLM's): a block whose ``block_size`` tokens are all computed is
+registered under a key made of its parent block's key and its own token ids, so two prompts that
+start with the same tokens share those blocks instead of recomputing them. The key is compared
+exactly (not a digest), so a hash collision can never hand one prompt another's keys/values.
+Blocks nobody references stay cached until memory is needed; the least recently freed is
+reused first.
 
 The per-step ``*View`` objects implement the model's KV-cache protocol
 (``k, v, mask = view.update(layer, k, v)``).
@@ -12,117 +19,226 @@ The per-step ``*View`` objects implement the model's KV-cache protocol
 
 from __future__ import annotations
 
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 
 import torch
 
+BlockKey = tuple[int, tuple[int, ...]]  # (parent block's key id, the block's token ids)
+NO_PARENT = -1
 
-class SlotKVCache:
+
+class OutOfBlocksError(Exception):
+    """No free or evictable block is left; the scheduler must preempt a sequence."""
+
+
+class BlockManager:
+    """Pure bookkeeping of blocks: allocation, reference counts and the prefix cache."""
+
+    def __init__(self, num_blocks: int, block_size: int, *, prefix_caching: bool = True) -> None:
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError("the KV cache needs at least one block of at least one token")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.prefix_caching = prefix_caching
+        self._free: deque[int] = deque(range(num_blocks))
+        self._refs = [0] * num_blocks
+        # Cached blocks with no reference, least recently freed first: reused before eviction.
+        self._evictable: OrderedDict[int, None] = OrderedDict()
+        self._by_key: dict[BlockKey, int] = {}
+        self._key_of: dict[int, BlockKey] = {}
+        self._key_ids: dict[BlockKey, int] = {}
+        self.hits = 0  # prompt tokens served from the cache (for metrics and tests)
+
+    @property
+    def num_used(self) -> int:
+        return self.num_blocks - len(self._free) - len(self._evictable)
+
+    @property
+    def num_available(self) -> int:
+        return len(self._free) + len(self._evictable)
+
+    @property
+    def usage(self) -> float:
+        """Blocks referenced by live sequences over all blocks (vLLM's kv_cache_usage_perc)."""
+        return self.num_used / self.num_blocks
+
+    def blocks_for(self, tokens: int) -> int:
+        return -(-tokens // self.block_size)
+
+    def allocate(self) -> int:
+        if self._free:
+            block = self._free.popleft()
+        elif self._evictable:
+            block, _ = self._evictable.popitem(last=False)
+            self._forget(block)
+        else:
+            raise OutOfBlocksError("every KV block is in use")
+        self._refs[block] = 1
+        return block
+
+    def release(self, table: list[int]) -> None:
+        for block in table:
+            self._refs[block] -= 1
+            if self._refs[block] == 0:
+                if block in self._key_of:
+                    self._evictable[block] = None
+                else:
+                    self._free.append(block)
+
+    def lookup_prefix(self, tokens: list[int]) -> list[int]:
+        """Referenced blocks caching the longest run of full blocks that starts ``tokens``.
+
+        At least the last token is always left to compute: its logits choose the next token.
+        """
+        if not self.prefix_caching:
+            return []
+        table: list[int] = []
+        parent = NO_PARENT
+        full = (len(tokens) - 1) // self.block_size
+        for i in range(full):
+            key = (parent, tuple(tokens[i * self.block_size : (i + 1) * self.block_size]))
+            block = self._by_key.get(key)
+            if block is None:
+                break
+            if self._refs[block] == 0:
+                del self._evictable[block]
+            self._refs[block] += 1
+            table.append(block)
+            parent = self._key_ids[key]
+        self.hits += len(table) * self.block_size
+        return table
+
+    def register(self, table: list[int], tokens: list[int], computed: int) -> None:
+        """Make the full blocks among the first ``computed`` tokens findable by their content."""
+        if not self.prefix_caching:
+            return
+        parent = NO_PARENT
+        for i in range(min(computed // self.block_size, len(table))):
+            key = (parent, tuple(tokens[i * self.block_size : (i + 1) * self.block_size]))
+            block = table[i]
+            known = self._by_key.get(key)
+            if known is None and block not in self._key_of:
+                self._by_key[key] = block
+                self._key_of[block] = key
+            parent = self._key_ids.setdefault(key, len(self._key_ids))
+
+    def _forget(self, block: int) -> None:
+        key = self._key_of.pop(block)
+        del self._by_key[key]
+
+
+class PagedKVCache:
     def __init__(
         self,
         *,
         n_layers: int,
-        max_slots: int,
+        num_blocks: int,
+        block_size: int,
         n_kv_heads: int,
-        max_len: int,
         head_dim: int,
         dtype: torch.dtype,
         device: torch.device,
+        prefix_caching: bool = True,
     ) -> None:
-        shape = (max_slots, n_kv_heads, max_len, head_dim)
+        shape = (num_blocks * block_size, n_kv_heads, head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
-        self.max_slots = max_slots
-        self.max_len = max_len
+        self.blocks = BlockManager(num_blocks, block_size, prefix_caching=prefix_caching)
+        self.block_size = block_size
         self.device = device
-        # Tokens whose keys/values are stored, per slot; 0 means free.
-        self.lengths = [0] * max_slots
 
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
 
     @property
-    def used_tokens(self) -> int:
-        return sum(self.lengths)
-
-    @property
     def usage(self) -> float:
-        """Fraction of token positions holding live keys/values (vLLM's kv_cache_usage_perc)."""
-        return self.used_tokens / (self.max_slots * self.max_len)
+        return self.blocks.usage
 
-    def move(self, src: int, dst: int) -> None:
-        """Copy slot ``src`` into ``dst`` (only the filled prefix) and free ``src``."""
-        n = self.lengths[src]
-        if src != dst and n:
-            for k, v in zip(self.keys, self.values, strict=True):
-                k[dst, :, :n] = k[src, :, :n]
-                v[dst, :, :n] = v[src, :, :n]
-        self.lengths[dst] = n
-        self.lengths[src] = 0
-
-    def free(self, slot: int) -> None:
-        self.lengths[slot] = 0
+    def rows(self, table: list[int], start: int, end: int) -> list[int]:
+        """Cache rows of token positions ``[start, end)`` of a sequence with block ``table``."""
+        bs = self.block_size
+        return [table[p // bs] * bs + p % bs for p in range(start, end)]
 
 
 @dataclass(frozen=True)
-class Segment:
-    """One prompt inside a packed prefill row: tokens ``[start, start+length)`` go to ``slot``."""
+class Chunk:
+    """Tokens ``[start, end)`` of one sequence computed in this step; keys span ``[0, end)``."""
 
-    slot: int
+    table: tuple[int, ...]
     start: int
-    length: int
+    end: int
+
+    @property
+    def length(self) -> int:
+        return self.end - self.start
 
 
 class PackedPrefillView:
-    """Prefill several prompts packed end to end in one row, without padding.
+    """Prefill chunks of several sequences packed end to end in one row, without padding.
 
-    Positions restart at 0 for every prompt and a block-diagonal causal mask keeps the prompts
-    from seeing each other. The keys/values of each segment are copied into its slot.
+    Each chunk's queries attend to its own sequence's keys at positions ``[0, end)``: those
+    already in the cache (a shared prefix, an earlier chunk) and the ones written in this step.
+    A block-diagonal causal mask keeps sequences apart.
     """
 
-    def __init__(self, cache: SlotKVCache, segments: list[Segment]) -> None:
+    def __init__(self, cache: PagedKVCache, chunks: list[Chunk]) -> None:
         self.cache = cache
-        self.segments = segments
-        total = sum(s.length for s in segments)
-        seq_id = torch.empty(total, dtype=torch.int64)
-        for i, s in enumerate(segments):
-            seq_id[s.start : s.start + s.length] = i
-        idx = torch.arange(total)
-        same = seq_id[:, None] == seq_id[None, :]
-        causal = idx[None, :] <= idx[:, None]
-        self.mask = (same & causal)[None, None].to(cache.device)
+        self.chunks = chunks
+        dev = cache.device
+        write: list[int] = []
+        read: list[int] = []
+        for c in chunks:
+            write += cache.rows(list(c.table), c.start, c.end)
+            read += cache.rows(list(c.table), 0, c.end)
+        self.write = torch.tensor(write, dtype=torch.int64, device=dev)
+        self.read = torch.tensor(read, dtype=torch.int64, device=dev)
+        q_seq = torch.cat([torch.full((c.length,), i) for i, c in enumerate(chunks)])
+        q_pos = torch.cat([torch.arange(c.start, c.end) for c in chunks])
+        k_seq = torch.cat([torch.full((c.end,), i) for i, c in enumerate(chunks)])
+        k_pos = torch.cat([torch.arange(c.end) for c in chunks])
+        mask = (q_seq[:, None] == k_seq[None, :]) & (k_pos[None, :] <= q_pos[:, None])
+        self.mask = mask[None, None].to(dev)
+        self._positions = q_pos[None].to(dev)
 
     def positions(self) -> torch.Tensor:
-        pos = torch.cat([torch.arange(s.length) for s in self.segments])
-        return pos[None].to(self.cache.device)
+        return self._positions
 
     def update(
         self, layer: int, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         keys, values = self.cache.keys[layer], self.cache.values[layer]
-        for s in self.segments:
-            keys[s.slot, :, : s.length] = k[0, :, s.start : s.start + s.length]
-            values[s.slot, :, : s.length] = v[0, :, s.start : s.start + s.length]
-        return k, v, self.mask
-
-    def commit(self) -> None:
-        for s in self.segments:
-            self.cache.lengths[s.slot] = s.length
+        # k is [1, kv_heads, T, head_dim]; the cache is row-major by token.
+        keys[self.write] = k[0].transpose(0, 1)
+        values[self.write] = v[0].transpose(0, 1)
+        k_all = keys[self.read].transpose(0, 1)[None]
+        v_all = values[self.read].transpose(0, 1)[None]
+        return k_all, v_all, self.mask
 
 
 class DecodeView:
-    """One new token for each of the first ``batch`` slots, each at its own position."""
+    """One new token per sequence, each at its own position, batched as ``[B, 1]``.
 
-    def __init__(self, cache: SlotKVCache, batch: int) -> None:
+    Keys are gathered from each sequence's blocks into ``[B, kv_heads, longest, head_dim]``;
+    positions past a sequence's end point at row 0 and are masked out.
+    """
+
+    def __init__(self, cache: PagedKVCache, tables: list[list[int]], lengths: list[int]) -> None:
+        """``lengths[i]``: tokens of sequence ``i`` already cached; the new one goes after."""
         self.cache = cache
-        self.batch = batch
-        lengths = cache.lengths[:batch]
-        self.pos = torch.tensor(lengths, dtype=torch.int64, device=cache.device)
-        self.rows = torch.arange(batch, device=cache.device)
-        # Attend only as far as the longest sequence: the rest of the slot memory is not read.
-        self.span = max(lengths) + 1
-        keys_idx = torch.arange(self.span, device=cache.device)
+        dev = cache.device
+        span = max(lengths) + 1
+        read = torch.zeros((len(tables), span), dtype=torch.int64)
+        write: list[int] = []
+        for i, (table, n) in enumerate(zip(tables, lengths, strict=True)):
+            rows = cache.rows(table, 0, n + 1)
+            read[i, : n + 1] = torch.tensor(rows)
+            write.append(rows[-1])
+        self.read = read.to(dev)
+        self.write = torch.tensor(write, dtype=torch.int64, device=dev)
+        self.pos = torch.tensor(lengths, dtype=torch.int64, device=dev)
+        keys_idx = torch.arange(span, device=dev)
         self.mask = (keys_idx[None, :] <= self.pos[:, None])[:, None, None, :]
 
     def positions(self) -> torch.Tensor:
@@ -132,11 +248,7 @@ class DecodeView:
         self, layer: int, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         keys, values = self.cache.keys[layer], self.cache.values[layer]
-        keys[self.rows, :, self.pos] = k[:, :, 0]
-        values[self.rows, :, self.pos] = v[:, :, 0]
-        n, s = self.batch, self.span
-        return keys[:n, :, :s], values[:n, :, :s], self.mask
-
-    def commit(self) -> None:
-        for i in range(self.batch):
-            self.cache.lengths[i] += 1
+        keys[self.write] = k[:, :, 0]
+        values[self.write] = v[:, :, 0]
+        # [B, S, kv_heads, D] -> [B, kv_heads, S, D]
+        return keys[self.read].transpose(1, 2), values[self.read].transpose(1, 2), self.mask

@@ -51,7 +51,16 @@ class ServeMetrics:
             "num_requests_waiting", "Requests accepted but waiting for a batch slot."
         )
         self.kv_cache_usage_perc = gauge(
-            "kv_cache_usage_perc", "Fraction of KV-cache token positions in use (1 = full)."
+            "kv_cache_usage_perc", "Fraction of KV-cache blocks in use (1 = full)."
+        )
+        self.prefix_cache_queries = counter(
+            "prefix_cache_queries", "Prompt tokens looked up in the prefix cache."
+        )
+        self.prefix_cache_hits = counter(
+            "prefix_cache_hits", "Prompt tokens whose keys/values came from the prefix cache."
+        )
+        self.num_preemptions = counter(
+            "num_preemptions", "Sequences preempted (blocks freed, recomputed later)."
         )
         self.prompt_tokens = counter("prompt_tokens", "Prefill tokens processed.")
         self.generation_tokens = counter("generation_tokens", "Tokens generated.")

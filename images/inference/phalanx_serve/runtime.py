@@ -35,6 +35,7 @@ class ServerRuntime:
     engine: Engine | None = None
     chat_template: ChatTemplate | None = None
     max_model_len: int = 0
+    _token_texts: dict[int, str] = field(default_factory=dict, repr=False)
     _thread: threading.Thread | None = field(default=None, repr=False)
 
     @property
@@ -45,6 +46,15 @@ class ServerRuntime:
         if self.status == "ready" and not self.ready:
             return "engine stopped"
         return self.status
+
+    def token_text(self, token: int) -> str:
+        """One token's text, as logprobs report it (special tokens included)."""
+        text = self._token_texts.get(token)
+        if text is None:
+            assert self.loaded is not None
+            text = self.loaded.tokenizer.decode([token], skip_special_tokens=False)
+            self._token_texts[token] = text
+        return text
 
     def start_loading(self) -> None:
         self._thread = threading.Thread(target=self._load, name="phalanx-loader", daemon=True)
@@ -86,6 +96,11 @@ class ServerRuntime:
                 max_model_len=max_len,
                 max_queue=s.max_queue,
                 max_prefill_tokens=max(s.max_prefill_tokens, 1),
+                block_size=s.block_size,
+                num_blocks=None
+                if s.kv_cache_tokens is None
+                else -(-s.kv_cache_tokens // s.block_size),
+                prefix_caching=s.enable_prefix_caching,
             ),
             self.metrics,
             n_layers=cfg.n_layers,

@@ -15,6 +15,10 @@ class ServerSettings:
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     max_queue: int = 64
     max_prefill_tokens: int = 2048
+    block_size: int = 16
+    # KV-cache capacity in tokens; None: max_batch_size sequences of max_model_len tokens.
+    kv_cache_tokens: int | None = None
+    enable_prefix_caching: bool = True
     dtype: str = "auto"
     device: str = "auto"
     api_key: str | None = None
