@@ -1,7 +1,9 @@
-"""Conditions (Kubernetes API conventions), the derived phase, and progress formatting. Pure."""
+"""Conditions (Kubernetes API conventions), the status draft both planners fill, the status
+patch the shell writes, the derived phase, and progress formatting. Pure."""
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
@@ -69,6 +71,60 @@ def set_condition(
         return list(conditions), False
     others = [c for c in conditions if c.get("type") != kind]
     return [*others, updated], True
+
+
+Event = tuple[str, str, str]  # (type, reason, message)
+
+
+class StatusDraft:
+    """The status being built in one reconcile, with the events its condition changes announce.
+
+    A change of a condition's (status, reason) is announced when the condition turns True,
+    when it is a warning, or when its kind is in `announce` (kinds whose every move is news).
+    """
+
+    def __init__(
+        self,
+        current: Mapping[str, Any],
+        now: datetime,
+        generation: int | None,
+        announce: frozenset[str] = frozenset(),
+    ) -> None:
+        self.data: dict[str, Any] = copy.deepcopy(dict(current))
+        self.data.setdefault("conditions", [])
+        self.now = now
+        self.generation = generation
+        self.announce = announce
+        self.events: list[Event] = []
+
+    @property
+    def conditions(self) -> list[Condition]:
+        return list(self.data["conditions"])
+
+    def is_true(self, kind: str) -> bool:
+        return is_true(self.data["conditions"], kind)
+
+    def set(self, kind: str, status: bool, reason: str, message: str, warn: bool = False) -> None:
+        before = find(self.data["conditions"], kind)
+        self.data["conditions"], changed = set_condition(
+            self.data["conditions"], kind, status, reason, message, self.now, self.generation
+        )
+        value = "True" if status else "False"
+        moved = before is None or (before.get("status"), before.get("reason")) != (value, reason)
+        if changed and moved and (status or warn or kind in self.announce):
+            self.events.append(("Warning" if warn else "Normal", reason, message))
+
+    def clear(self, kind: str, reason: str, message: str) -> None:
+        """Turn a True condition False (a condition that is not True stays as it is)."""
+        if self.is_true(kind):
+            self.set(kind, False, reason, message)
+
+
+def status_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
+    """A JSON merge patch turning status `old` into `new` (removed keys become null)."""
+    patch: dict[str, Any] = {k: v for k, v in new.items() if old.get(k) != v}
+    patch.update({k: None for k in old if k not in new})
+    return patch
 
 
 def trainjob_phase(conditions: Sequence[Condition], has_pods: bool) -> str:

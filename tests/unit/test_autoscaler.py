@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from phalanx.api.inference import Autoscaling
-from phalanx.autoscaler import Sample, recommend, trim
+from phalanx.plan.autoscale import Sample, recommend, trim
 
 NOW = datetime(2025, 1, 1, 12, 0, 0, tzinfo=UTC)
 

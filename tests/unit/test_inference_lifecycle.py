@@ -8,19 +8,12 @@ from typing import Any
 import pytest
 
 from phalanx.api.inference import InferenceService, InferenceServiceSpec
-from phalanx.autoscaler import Decision
-from phalanx.inference_lifecycle import (
-    GroupView,
-    ModelProblem,
-    ServiceWorld,
-    group_failure,
-    groups_of,
-    plan_rollout,
-    plan_service,
-    resolve_model,
-    rollout_bounds,
-)
 from phalanx.observe import CreateRejection
+from phalanx.plan.autoscale import Decision
+from phalanx.plan.groups import group_failure, groups_of
+from phalanx.plan.inference import ServiceWorld, plan_service
+from phalanx.plan.model_source import ModelProblem, resolve_model
+from phalanx.plan.rollout import GroupView, plan_rollout, rollout_bounds
 from phalanx.render.inference import ModelMount, ServiceRef, render_group, template_revision
 
 NOW = datetime(2025, 1, 1, 12, 0, 0, tzinfo=UTC)

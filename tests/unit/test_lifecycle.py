@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 from builders import make_job, pod
 
-from phalanx.lifecycle import Plan, World, plan_trainjob
 from phalanx.observe import CreateRejection
+from phalanx.plan.trainjob import Plan, World, plan_trainjob
 from phalanx.render.trainjob import JobRef
 from phalanx.status import find
 

@@ -20,19 +20,17 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from phalanx import kube, metrics
+from phalanx import kube, metrics, observe
 from phalanx.api.inference import InferenceService
 from phalanx.api.trainjob import LLMTrainJob, LLMTrainJobSpec
 from phalanx.api.validate import SpecError, parse
 from phalanx.constants import (
     GANG_GATE,
-    LABEL_GENERATION,
     LABEL_HOSTNAME,
     LABEL_RANK,
     LABEL_WORKER_INDEX,
     TRAINJOB_PLURAL,
 )
-from phalanx.inference_lifecycle import groups_of
 from phalanx.placement import (
     CapacitySnapshot,
     GangRequest,
@@ -44,6 +42,7 @@ from phalanx.placement import (
     pod_requests,
     queue_order,
 )
+from phalanx.plan.groups import groups_of
 from phalanx.render.inference import ANNOTATION_PLACEMENT
 from phalanx.status import is_true, timestamp
 
@@ -99,23 +98,11 @@ class Gang:
         return list(nodes) if isinstance(nodes, list) and len(nodes) == self.size else None
 
 
-def _gated(pod: Obj) -> bool:
-    return any(g.get("name") == GANG_GATE for g in pod.get("spec", {}).get("schedulingGates") or [])
-
-
-def _generation_of(pod: Obj) -> int:
-    try:
-        return int(pod["metadata"]["labels"][LABEL_GENERATION])
-    except (KeyError, ValueError):
-        return 0
-
-
 def _created(job: Obj) -> float:
+    """When the gang joined the queue (its job's queuedAt, else the object's creation)."""
     stamp = (job.get("status") or {}).get("queuedAt") or job["metadata"].get("creationTimestamp")
-    try:
-        return datetime.fromisoformat(str(stamp).replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        return 0.0
+    when = observe.parse_time(stamp)
+    return when.timestamp() if when is not None else 0.0
 
 
 _SPECS: dict[tuple[str, int], LLMTrainJobSpec | None] = {}
@@ -140,7 +127,7 @@ def queued_gangs(op: Operator) -> tuple[list[Gang], list[Gang]]:
     waiting: list[Gang] = []
     unfinished: list[Gang] = []
     for gang in [*_trainjob_gangs(op), *_service_gangs(op)]:
-        gated = [p for p in gang.pods if _gated(p)]
+        gated = [p for p in gang.pods if observe.gated(p)]
         if not gated:
             continue
         if gang.recorded() is not None:
@@ -163,7 +150,7 @@ def _trainjob_gangs(op: Operator) -> list[Gang]:
         if spec.run_policy.gang_scheduler != "builtin" or spec.run_policy.suspend:
             continue
         generation = int(status.get("gangGeneration") or 1)
-        pods = [p for p in op.cache.pods_of_job(key) if _generation_of(p) == generation]
+        pods = [p for p in op.cache.pods_of_job(key) if observe.generation(p) == generation]
         if len(pods) != spec.nodes or any(p["metadata"].get("deletionTimestamp") for p in pods):
             continue
         gangs.append(Gang(key, job, spec, generation, pods))
@@ -213,7 +200,7 @@ async def _release(op: Operator, gang: Gang, nodes: list[str]) -> None:
     """Pin each gated pod to its node and lift the gate, all pods concurrently."""
 
     async def pin(pod: Obj) -> None:
-        if not _gated(pod):
+        if not observe.gated(pod):
             return
         gates = [g for g in pod["spec"].get("schedulingGates") or [] if g.get("name") != GANG_GATE]
         selector = {
@@ -242,7 +229,7 @@ async def admission_pass(op: Operator, topology: Topology, window: int = 32) -> 
         still_gated = [
             recorded[gang.index_of(p)]
             for p in gang.pods
-            if _gated(p) and recorded[gang.index_of(p)] in snapshot
+            if observe.gated(p) and recorded[gang.index_of(p)] in snapshot
         ]
         snapshot = snapshot.with_reserved(still_gated, request_for(gang).per_pod)
         await _release(op, gang, recorded)

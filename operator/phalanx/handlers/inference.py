@@ -1,4 +1,4 @@
-"""Reconcile one InferenceService: read the cache, ask `inference_lifecycle.plan_service`,
+"""Reconcile one InferenceService: read the cache, ask `plan.inference.plan_service`,
 apply the plan.
 
 The recipe: parse the spec (a bad spec becomes a condition, never a crash), ensure both
@@ -15,17 +15,18 @@ import logging
 from datetime import datetime
 from typing import Any
 
-from phalanx import kube, metrics
+from phalanx import kube, metrics, observe
 from phalanx.api.inference import InferenceService, InferenceServiceSpec
 from phalanx.api.validate import SpecError, parse
-from phalanx.autoscaler import recommend
-from phalanx.constants import GANG_GATE, INFERENCE_PLURAL
-from phalanx.inference_lifecycle import ServicePlan, ServiceWorld, plan_service, resolve_model
+from phalanx.constants import INFERENCE_PLURAL
+from phalanx.plan.autoscale import recommend
+from phalanx.plan.inference import ServicePlan, ServiceWorld, plan_service
+from phalanx.plan.model_source import resolve_model
 from phalanx.render.inference import ServiceRef, render_client_service, render_peers_service
-from phalanx.status import READY, set_condition
+from phalanx.status import READY, set_condition, status_patch
 
 from .state import Key, Obj, Operator, run_reconcile
-from .trainjob import create_all, record_rejection, status_patch
+from .trainjob import create_all, record_rejection
 
 log = logging.getLogger("phalanx.inference")
 CONTROLLER = "inferenceservice"
@@ -107,7 +108,7 @@ async def _apply(
         elif (stale := op.cache.pods.get((namespace, pod_name))) is not None:
             op.cache.drop_pod(stale)
     created = await create_all(op, plan.create)
-    if plan.delete or any(_gated(p) for p in plan.create):
+    if plan.delete or any(observe.gated(p) for p in plan.create):
         op.wake_admission()
     if not record_rejection(op.service_rejections, key, created, obj, now):
         op.services.add(key)  # the next pass reports the refusal and waits out its backoff
@@ -153,10 +154,6 @@ async def _scale(op: Operator, key: Key, obj: Obj, current: int, plan: ServicePl
         kube.event, obj, "Normal", reason, f"{current} -> {plan.scale_to} replicas: {message}"
     )
     log.info("scaled %s/%s from %d to %d replicas", *key, current, plan.scale_to)
-
-
-def _gated(pod: Obj) -> bool:
-    return any(g.get("name") == GANG_GATE for g in pod.get("spec", {}).get("schedulingGates") or [])
 
 
 async def _report_invalid(

@@ -22,9 +22,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from phalanx.api.inference import InferenceService
 from phalanx.api.validate import SpecError, parse
-from phalanx.autoscaler import Sample, trim
 from phalanx.constants import LABEL_WORKER_INDEX
-from phalanx.inference_lifecycle import pod_ready
+from phalanx.observe import pod_ready
+from phalanx.plan.autoscale import Sample, trim
 
 from .state import Key, Operator
 

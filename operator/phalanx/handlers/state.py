@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from phalanx import metrics
-from phalanx.autoscaler import Sample
+from phalanx import metrics, observe
 from phalanx.constants import LABEL_JOB, LABEL_SERVICE
 from phalanx.observe import CreateRejection
+from phalanx.plan.autoscale import Sample
 
 log = logging.getLogger("phalanx")
 Key = tuple[str, str]  # (namespace, name)
@@ -39,24 +39,6 @@ def _version(obj: Obj) -> int:
 
 
 NODE_LOST_GRACE_SECONDS = 30.0
-
-
-def _not_ready_for(node: Obj, now: datetime) -> float:
-    """Seconds since the node's Ready condition left True (inf when unknown)."""
-    for condition in node.get("status", {}).get("conditions") or []:
-        if condition.get("type") == "Ready":
-            stamp = str(condition.get("lastTransitionTime") or "")
-            try:
-                since = datetime.fromisoformat(stamp.replace("Z", "+00:00"))
-            except ValueError:
-                return float("inf")
-            return (now - since).total_seconds()
-    return float("inf")
-
-
-def _node_ready(node: Obj) -> bool:
-    conditions = node.get("status", {}).get("conditions") or []
-    return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
 
 
 @dataclass
@@ -154,8 +136,8 @@ class Cache:
         waits = []
         for name in names:
             node = self.nodes.get(("", name))
-            if node is not None and not _node_ready(node):
-                remaining = NODE_LOST_GRACE_SECONDS - _not_ready_for(node, now)
+            if node is not None and not observe.node_ready(node):
+                remaining = NODE_LOST_GRACE_SECONDS - observe.not_ready_for(node, now)
                 if remaining > 0:
                     waits.append(remaining)
         return min(waits) if waits else None
@@ -168,7 +150,7 @@ class Cache:
         return frozenset(
             key_of(n)[1]
             for n in self.nodes.values()
-            if _node_ready(n) or _not_ready_for(n, now) < NODE_LOST_GRACE_SECONDS
+            if observe.node_ready(n) or observe.not_ready_for(n, now) < NODE_LOST_GRACE_SECONDS
         )
 
 

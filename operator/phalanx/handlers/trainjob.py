@@ -17,8 +17,8 @@ from phalanx import kube, metrics
 from phalanx.api.trainjob import LLMTrainJob
 from phalanx.api.validate import SpecError, parse
 from phalanx.constants import TRAINJOB_PLURAL
-from phalanx.lifecycle import Plan, World, plan_trainjob
 from phalanx.observe import CreateRejection
+from phalanx.plan.trainjob import Plan, World, plan_trainjob
 from phalanx.render.trainjob import (
     JobRef,
     hccl_configmap_name,
@@ -27,19 +27,12 @@ from phalanx.render.trainjob import (
     render_pod_group,
     render_service,
 )
-from phalanx.status import ADMITTED, set_condition
+from phalanx.status import ADMITTED, set_condition, status_patch
 
 from .state import Key, Obj, Operator, run_reconcile
 
 log = logging.getLogger("phalanx.trainjob")
 CONTROLLER = "llmtrainjob"
-
-
-def status_patch(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
-    """A JSON merge patch turning `old` into `new` (removed keys become null)."""
-    patch: dict[str, Any] = {k: v for k, v in new.items() if old.get(k) != v}
-    patch.update({k: None for k in old if k not in new})
-    return patch
 
 
 async def reconcile(op: Operator, key: Key) -> None:

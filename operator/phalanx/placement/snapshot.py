@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from phalanx.observe import node_ready
 from phalanx.placement.topology import HOST_LABEL
 from phalanx.quantity import resource_amount
 
@@ -175,8 +176,7 @@ def _schedulable(node: Mapping[str, Any]) -> bool:
     for taint in spec.get("taints") or ():
         if taint.get("key") in UNSCHEDULABLE_TAINTS and taint.get("effect") in _BLOCKING_EFFECTS:
             return False
-    conditions = (node.get("status") or {}).get("conditions") or ()
-    return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
+    return node_ready(node)
 
 
 def _pod_node(pod: Mapping[str, Any], by_hostname: Mapping[str, str]) -> str | None:

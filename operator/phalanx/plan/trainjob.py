@@ -7,7 +7,6 @@ handler shell applies the plan; nothing here talks to the API server or reads th
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -26,10 +25,8 @@ from phalanx.status import (
     RUNNING,
     SUCCEEDED,
     SUSPENDED,
-    Condition,
-    is_true,
+    StatusDraft,
     progress_status,
-    set_condition,
     timestamp,
     trainjob_phase,
 )
@@ -137,37 +134,6 @@ def failure_action(failure: RankFailure, rules: Sequence[FailureRule]) -> str:
     return failure_verdict(failure, rules)[0]
 
 
-class _Status:
-    """The status being built, with condition edits that also queue events for real changes."""
-
-    def __init__(self, current: Mapping[str, Any], now: datetime, generation: int | None) -> None:
-        self.data: dict[str, Any] = copy.deepcopy(dict(current))
-        self.data.setdefault("conditions", [])
-        self.now = now
-        self.generation = generation
-        self.events: list[tuple[str, str, str]] = []
-
-    @property
-    def conditions(self) -> list[Condition]:
-        return list(self.data["conditions"])
-
-    def condition(
-        self, kind: str, status: bool, reason: str, message: str, warn: bool = False
-    ) -> None:
-        before = {c["type"]: (c["status"], c.get("reason")) for c in self.data["conditions"]}
-        self.data["conditions"], changed = set_condition(
-            self.data["conditions"], kind, status, reason, message, self.now, self.generation
-        )
-        value = "True" if status else "False"
-        flipped = before.get(kind) != (value, reason)
-        if changed and flipped and (status or warn or kind == ADMITTED):
-            self.events.append(("Warning" if warn else "Normal", reason, message))
-
-    def clear(self, kind: str, reason: str, message: str) -> None:
-        if is_true(self.conditions, kind):
-            self.condition(kind, False, reason, message)
-
-
 def plan_trainjob(
     ref: JobRef,
     spec: LLMTrainJobSpec,
@@ -177,7 +143,7 @@ def plan_trainjob(
     now: datetime,
 ) -> Plan:
     """Decide the next step of a job from its spec, its status and the observed world."""
-    st = _Status(current_status, now, metadata_generation)
+    st = StatusDraft(current_status, now, metadata_generation, announce=frozenset({ADMITTED}))
     plan = Plan(status=st.data)
     st.data["observedGeneration"] = metadata_generation
     st.data.setdefault("restarts", 0)
@@ -185,14 +151,14 @@ def plan_trainjob(
     st.data["gangGeneration"] = generation
     pods = list(world.pods)
 
-    if is_true(st.conditions, SUCCEEDED) or is_true(st.conditions, FAILED):
+    if st.is_true(SUCCEEDED) or st.is_true(FAILED):
         _finished(spec, pods, st, plan)
         return _finish(plan, st, pods)
 
     if spec.run_policy.suspend:
         plan.delete += [p["metadata"]["name"] for p in pods if not observe.terminating(p)]
         _force_stuck(pods, world.ready_nodes, now, plan)
-        st.condition(
+        st.set(
             SUSPENDED,
             True,
             "Suspended",
@@ -203,8 +169,8 @@ def plan_trainjob(
         st.data.pop("placement", None)
         st.data["accelerators"] = 0
         return _finish(plan, st, pods)
-    if is_true(st.conditions, SUSPENDED):
-        st.condition(SUSPENDED, False, "Resumed", "The job was resumed; a new gang is queued.")
+    if st.is_true(SUSPENDED):
+        st.set(SUSPENDED, False, "Resumed", "The job was resumed; a new gang is queued.")
         generation = _next_generation(st, generation)
 
     started = observe.parse_time(st.data.get("startTime"))
@@ -248,7 +214,7 @@ def plan_trainjob(
 
     finished = [r for r, p in current.items() if observe.phase(p) == "Succeeded" or r in ignored]
     if len(current) == spec.nodes and len(finished) == spec.nodes:
-        st.condition(
+        st.set(
             SUCCEEDED, True, "AllRanksSucceeded", f"All {spec.nodes} ranks completed successfully."
         )
         st.clear(RUNNING, "Completed", "The job completed.")
@@ -272,7 +238,7 @@ def plan_trainjob(
     rejected = world.rejection
     if missing and rejected is not None and rejected.holds(now, metadata_generation):
         # Creating again now would only repeat the API server's refusal: back off.
-        st.condition(ADMITTED, False, "PodCreateRejected", rejected.describe(), warn=True)
+        st.set(ADMITTED, False, "PodCreateRejected", rejected.describe(), warn=True)
         plan.later((rejected.retry_at() - now).total_seconds())
         return _finish(plan, st, pods)
     if missing:
@@ -285,7 +251,7 @@ def plan_trainjob(
         plan.hccl_table = rank_table(
             [current.get(r) for r in range(spec.nodes)], spec.accelerator.count()
         )
-    if world.progress is not None and is_true(st.conditions, RUNNING):
+    if world.progress is not None and st.is_true(RUNNING):
         st.data["progress"] = progress_status(world.progress)
         _copy_exports(
             st.data,
@@ -304,7 +270,7 @@ def _copy_exports(status: dict[str, Any], path: str | None, steps: tuple[int, ..
 
 
 def _fail_permanently(
-    st: _Status,
+    st: StatusDraft,
     plan: Plan,
     pods: list[Mapping[str, Any]],
     failure: RankFailure,
@@ -316,7 +282,7 @@ def _fail_permanently(
 
 def _admission(
     spec: LLMTrainJobSpec,
-    st: _Status,
+    st: StatusDraft,
     plan: Plan,
     pods: list[Mapping[str, Any]],
     world: World,
@@ -336,26 +302,26 @@ def _admission(
             else ""
         )
         reason = "GangAdmitted" if builtin else "SchedulerManaged"
-        st.condition(ADMITTED, True, reason, f"{spec.nodes} pods placed{where}.")
+        st.set(ADMITTED, True, reason, f"{spec.nodes} pods placed{where}.")
         st.data["accelerators"] = spec.nodes * spec.accelerator.count()
     elif world.verdict is not None:
         reason, message = world.verdict
-        st.condition(ADMITTED, False, reason, message, warn=True)
+        st.set(ADMITTED, False, reason, message, warn=True)
     else:
-        st.condition(
+        st.set(
             ADMITTED, False, "Queued", f"Waiting for capacity for {spec.nodes} pods in one domain."
         )
 
     running = [p for p in pods if observe.running(p) or observe.rank(p) in finished]
     if complete and len(running) == spec.nodes:
-        st.condition(RUNNING, True, "AllRanksRunning", f"All {spec.nodes} ranks are running.")
+        st.set(RUNNING, True, "AllRanksRunning", f"All {spec.nodes} ranks are running.")
         st.clear(RESTARTING, "GangRunning", "The restarted gang is running.")
         return
     timeout = spec.failure_policy.gang_timeout_seconds
     stuck = [p for p in pods if p not in running]
     problems = [found for p in stuck if (found := observe.start_problem(p)) is not None]
     if complete and not gated and problems:
-        st.condition(
+        st.set(
             RUNNING, False, problems[0].condition_reason,
             f"{problems[0].describe()}. Fix spec.image, the pull secret or the referenced "
             f"ConfigMap/Secret; unless it clears, the gang restarts {timeout}s after placement "
@@ -383,7 +349,7 @@ def _admission(
         if waited >= timeout:
             names = ", ".join(f"{p['metadata']['name']} ({_pending_reason(p)})" for p in stuck[:5])
             plan.delete += [p["metadata"]["name"] for p in pods if not observe.terminating(p)]
-            st.condition(
+            st.set(
                 ADMITTED,
                 False,
                 "GangTimeout",
@@ -399,7 +365,7 @@ def _pending_reason(pod: Mapping[str, Any]) -> str:
     return observe.unschedulable_message(pod) or observe.phase(pod)
 
 
-def _next_generation(st: _Status, generation: int) -> int:
+def _next_generation(st: StatusDraft, generation: int) -> int:
     st.data["gangGeneration"] = generation + 1
     for key in ("placement", "admittedAt", "queuedAt"):
         st.data.pop(key, None)
@@ -409,7 +375,7 @@ def _next_generation(st: _Status, generation: int) -> int:
 
 def _restart(
     spec: LLMTrainJobSpec,
-    st: _Status,
+    st: StatusDraft,
     plan: Plan,
     pods: list[Mapping[str, Any]],
     failure: RankFailure,
@@ -428,7 +394,7 @@ def _restart(
         return
     st.data["restarts"] = restarts + 1
     plan.delete += [p["metadata"]["name"] for p in pods if not observe.terminating(p)]
-    st.condition(
+    st.set(
         RESTARTING,
         True,
         "RankFailed",
@@ -441,9 +407,9 @@ def _restart(
 
 
 def _fail(
-    st: _Status, plan: Plan, pods: list[Mapping[str, Any]], reason: str, message: str
+    st: StatusDraft, plan: Plan, pods: list[Mapping[str, Any]], reason: str, message: str
 ) -> None:
-    st.condition(FAILED, True, reason, message, warn=True)
+    st.set(FAILED, True, reason, message, warn=True)
     st.clear(RUNNING, reason, message)
     st.clear(RESTARTING, reason, message)
     st.data["completionTime"] = timestamp(st.now)
@@ -455,7 +421,7 @@ def _fail(
 
 
 def _finished(
-    spec: LLMTrainJobSpec, pods: list[Mapping[str, Any]], st: _Status, plan: Plan
+    spec: LLMTrainJobSpec, pods: list[Mapping[str, Any]], st: StatusDraft, plan: Plan
 ) -> None:
     """After the end: stop stragglers (logs of finished pods stay), then honour the TTL."""
     plan.delete += [
@@ -492,7 +458,7 @@ def _force_stuck(
             plan.later((requested + FORCE_DELETE_AFTER - now).total_seconds())
 
 
-def _finish(plan: Plan, st: _Status, pods: Sequence[Mapping[str, Any]]) -> Plan:
+def _finish(plan: Plan, st: StatusDraft, pods: Sequence[Mapping[str, Any]]) -> Plan:
     plan.status = st.data
     st.data["phase"] = trainjob_phase(st.conditions, bool(pods) or bool(plan.create))
     plan.events = st.events

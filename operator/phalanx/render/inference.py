@@ -253,7 +253,7 @@ def render_group_pod(
             "hostname": name,
             "subdomain": peers_service_name(ref.name),
             # The kubelet restarts a crashed server in place; a group of several pods is
-            # recreated as a whole by the controller instead (see inference_lifecycle).
+            # recreated as a whole by the controller instead (see plan.groups).
             "restartPolicy": "Always",
             "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
             "enableServiceLinks": False,
