@@ -105,7 +105,7 @@ def phalanx_loop(
             "--no-export",
             "--compile" if compile else "--no-compile",
         ]  # fmt: skip
-        code = run(load_config(args, environ={}))
+        code = run(load_config(args, environ={})).exit_code
         if code != 0:
             raise SystemExit(f"training exited with {code}")
         records = [json.loads(line) for line in (Path(tmp) / TRAIN_LOG_FILE).open()]

@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from phalanx_trainer.config import TrainConfig, load_config
+from phalanx_trainer.termination import InvalidConfig
 
 
 def test_defaults() -> None:
@@ -65,7 +66,7 @@ def test_precedence(argv: list[str], env: dict[str, str], field: str, expected: 
     ids=["bad-choice-from-env", "bad-bool", "zero-steps"],
 )
 def test_invalid_settings_exit_with_a_message(argv: list[str], env: dict[str, str]) -> None:
-    with pytest.raises(SystemExit):
+    with pytest.raises(InvalidConfig):
         load_config(argv, environ=env)
 
 

@@ -16,6 +16,7 @@ from phalanx_trainer.data import (
     token_dtype,
 )
 from phalanx_trainer.data_cli import main as data_main
+from phalanx_trainer.termination import InvalidConfig
 
 DOCS = [f"document {i}: the quick brown fox jumps over the lazy dog {i * 7}." for i in range(60)]
 
@@ -102,7 +103,7 @@ def test_state_dict_resumes_the_sequence(small_data: PreparedData) -> None:
 
 def test_state_from_another_seq_len_is_rejected(small_data: PreparedData) -> None:
     other = DistributedTokenLoader(small_data, seq_len=8, micro_batch=1, seed=3)
-    with pytest.raises(ValueError, match="seq_len"):
+    with pytest.raises(InvalidConfig, match="seq_len"):
         loader(small_data).load_state_dict(other.state_dict())
 
 
@@ -121,7 +122,7 @@ def test_data_cli_prepares_text_files(tmp_path: Path, capsys: pytest.CaptureFixt
 
 
 def test_open_explains_a_missing_index(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="phalanx-data prepare"):
+    with pytest.raises(InvalidConfig, match="phalanx-data prepare"):
         PreparedData.open(tmp_path)
 
 

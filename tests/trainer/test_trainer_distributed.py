@@ -6,6 +6,7 @@ reference the interrupted runs must reproduce bit for bit.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from pathlib import Path
@@ -169,7 +170,8 @@ def test_sigkill_during_save_keeps_previous_checkpoint(
 def test_sigterm_saves_and_exits_nonzero(prepared_data: Path, tmp_path: Path) -> None:
     ckpt = tmp_path / "ckpt"
     args = run_args(prepared_data, ckpt, GLOBAL_BATCH, "--checkpoint-every", "0", "--steps", "500")
-    gang = launch(1, args, tmp_path / "logs")
+    termination_log = tmp_path / "termination-log"
+    gang = launch(1, args, tmp_path / "logs", {"PHALANX_TERMINATION_LOG": str(termination_log)})
     try:
         wait_for(lambda: (ckpt / "train_log.jsonl").exists(), timeout=180, alive=gang.alive)
         gang.procs[0].send_signal(signal.SIGTERM)  # what the kubelet sends a deleted pod
@@ -182,3 +184,6 @@ def test_sigterm_saves_and_exits_nonzero(prepared_data: Path, tmp_path: Path) ->
     assert 0 < saved[0].step < 500
     assert not saved[0].final
     assert "stop requested" in gang.log()
+    record = json.loads(termination_log.read_text())
+    assert (record["exitCode"], record["reason"]) == (128 + signal.SIGTERM, "Stopped")
+    assert f"step-{saved[0].step}" in record["message"]

@@ -36,6 +36,8 @@ def test_progress_before_the_first_step(served: tuple[TrainMetrics, str]) -> Non
         "mfu": None,
         "lastCheckpointStep": None,
         "etaSeconds": None,
+        "exportSteps": [],
+        "exportPath": None,
     }
 
 
@@ -45,6 +47,7 @@ def test_progress_and_metrics_after_steps(served: tuple[TrainMetrics, str]) -> N
         step=10, loss=2.5, lr=1e-3, tokens_per_second=1000.0, mfu=0.4, eta_seconds=90.0
     )
     metrics.record_checkpoint(10, 1.5)
+    metrics.record_exports([10, 5], "export")
     assert json.loads(get(base + "/progress")[1]) == {
         "step": 10,
         "totalSteps": 100,
@@ -53,6 +56,8 @@ def test_progress_and_metrics_after_steps(served: tuple[TrainMetrics, str]) -> N
         "mfu": 0.4,
         "lastCheckpointStep": 10,
         "etaSeconds": 90.0,
+        "exportSteps": [5, 10],
+        "exportPath": "export",
     }
     text = get(base + "/metrics")[1].decode()
     for line in (

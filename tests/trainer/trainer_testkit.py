@@ -105,7 +105,9 @@ def run_ok(world_size: int, args: Sequence[str], log_dir: Path, timeout: float =
     return gang
 
 
-def torchrun(nproc: int, args: Sequence[str], log: Path) -> subprocess.Popen[bytes]:
+def torchrun(
+    nproc: int, args: Sequence[str], log: Path, extra_env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
     with open(log, "wb") as out:
         return subprocess.Popen(
             [
@@ -117,7 +119,7 @@ def torchrun(nproc: int, args: Sequence[str], log: Path) -> subprocess.Popen[byt
                 "phalanx_trainer",
                 *args,
             ],
-            env=base_env(),
+            env=base_env() | (extra_env or {}),
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # so cleanup can end the agent and its workers together
@@ -158,9 +160,11 @@ def losses(checkpoint_dir: Path) -> dict[int, float]:
     return out
 
 
-def run_in_process(args: Sequence[str]) -> int:
-    """One rank inside the test process (no launch cost); returns the trainer's exit code."""
-    from phalanx_trainer.config import load_config
-    from phalanx_trainer.train import run
+def run_in_process(args: Sequence[str], environ: dict[str, str] | None = None) -> int:
+    """One rank inside the test process (no launch cost); returns the trainer's exit code.
 
-    return run(load_config(args, environ={}))
+    Settings come from ``args`` and ``environ`` only, never from the test's own environment.
+    """
+    from phalanx_trainer.cli import main
+
+    return main(args, environ or {})

@@ -48,6 +48,7 @@ from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 from phalanx_trainer import hf
 from phalanx_trainer.distributed import all_ranks_agree, new_gloo_group
 from phalanx_trainer.model import ModelConfig
+from phalanx_trainer.termination import CheckpointError
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +86,27 @@ def list_complete(root: Path) -> list[CheckpointInfo]:
                 final = False
             found.append(CheckpointInfo(int(m.group(1)), child, final))
     return sorted(found, key=lambda c: c.step)
+
+
+def list_step_exports(root: Path) -> list[int]:
+    """Steps whose ``exports/step-N`` snapshot is published (``COMPLETE`` present), ascending."""
+    base = root / STEP_EXPORTS_DIR
+    if not base.is_dir():
+        return []
+    steps = []
+    for child in base.iterdir():
+        m = _STEP_DIR.match(child.name)
+        if m and (child / COMPLETE_MARKER).is_file():
+            steps.append(int(m.group(1)))
+    return sorted(steps)
+
+
+def export_step(root: Path, name: str = EXPORT_DIR) -> int | None:
+    """The step of the published export ``<root>/<name>``, or None when it is not complete."""
+    try:
+        return int(json.loads((root / name / COMPLETE_MARKER).read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def retained(checkpoints: list[CheckpointInfo], keep: int) -> set[int]:
@@ -267,7 +289,10 @@ class CheckpointManager:
                 error or "failed on another rank",
             )
         if candidates:
-            raise RuntimeError(f"no checkpoint under {self.root} could be loaded")
+            raise CheckpointError(
+                f"none of the {len(candidates)} checkpoints under {self.root} could be loaded; "
+                "move the damaged ones aside or start from a fresh checkpoint directory"
+            )
         return None
 
     def _load(

@@ -10,7 +10,9 @@ import argparse
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import MISSING, asdict, dataclass, field, fields
-from typing import Any
+from typing import Any, NoReturn
+
+from phalanx_trainer.termination import InvalidConfig
 
 ENV_PREFIX = "PHALANX_TRAIN_"
 # Variables the operator sets for every pod, accepted as fallbacks.
@@ -99,8 +101,16 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors become ``InvalidConfig`` (exit 2, classified) instead of a bare exit."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage()
+        raise InvalidConfig(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="phalanx-train",
         description="Train a decoder-only transformer (launch with torchrun for >1 process).",
     )
@@ -138,7 +148,7 @@ def load_config(
                 try:
                     values[f.name] = parse(env[var])
                 except ValueError as exc:
-                    raise SystemExit(f"{var}: {exc}") from None
+                    raise InvalidConfig(f"{var}: {exc}") from None
                 break
         else:
             assert f.default is not MISSING
@@ -152,7 +162,7 @@ def validate(cfg: TrainConfig) -> None:
     choices = {f.name: f.metadata["choices"] for f in fields(TrainConfig)}
     for name, allowed in choices.items():
         if allowed and getattr(cfg, name) not in allowed:
-            raise SystemExit(f"--{name.replace('_', '-')} must be one of {list(allowed)}")
+            raise InvalidConfig(f"--{name.replace('_', '-')} must be one of {list(allowed)}")
     for name in ("steps", "batch_size", "grad_accum", "log_every"):
         if getattr(cfg, name) < 1:
-            raise SystemExit(f"--{name.replace('_', '-')} must be at least 1")
+            raise InvalidConfig(f"--{name.replace('_', '-')} must be at least 1")

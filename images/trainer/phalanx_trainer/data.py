@@ -25,6 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from phalanx_trainer.termination import DataError, InvalidConfig
+
 log = logging.getLogger(__name__)
 
 INDEX_FILE = "index.json"
@@ -76,20 +78,26 @@ class PreparedData:
         root = Path(path)
         index_path = root / INDEX_FILE
         if not index_path.exists():
-            raise FileNotFoundError(
+            raise InvalidConfig(
                 f"{root} is not a prepared data directory (no {INDEX_FILE}); "
                 "create one with `phalanx-data prepare`"
             )
-        index = json.loads(index_path.read_text())
+        try:
+            index = json.loads(index_path.read_text())
+        except (OSError, ValueError) as exc:
+            raise DataError(f"{index_path} cannot be read: {exc}") from exc
         if index.get("format") != FORMAT:
-            raise ValueError(f"{index_path}: unsupported format {index.get('format')!r}")
-        return cls(
-            path=root,
-            vocab_size=int(index["vocab_size"]),
-            eos_id=int(index["eos_id"]),
-            dtype=np.dtype(index["dtype"]),
-            splits=index["splits"],
-        )
+            raise DataError(f"{index_path}: unsupported format {index.get('format')!r}")
+        try:
+            return cls(
+                path=root,
+                vocab_size=int(index["vocab_size"]),
+                eos_id=int(index["eos_id"]),
+                dtype=np.dtype(index["dtype"]),
+                splits=index["splits"],
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise DataError(f"{index_path} is malformed: {exc!r}") from exc
 
 
 def prepare(
@@ -203,13 +211,18 @@ class DistributedTokenLoader:
         self._shards: list[np.memmap[Any, Any]] = []
         starts: list[int] = []  # first global window index of each shard
         total_windows = 0
+        if split not in data.splits:
+            raise DataError(f"{data.path} has no {split!r} split")
         for shard in data.splits[split]:
-            tokens = np.memmap(data.path / shard["file"], dtype=data.dtype, mode="r")
+            try:
+                tokens = np.memmap(data.path / shard["file"], dtype=data.dtype, mode="r")
+            except (OSError, ValueError) as exc:
+                raise DataError(f"shard {shard['file']} of {data.path}: {exc}") from exc
             self._shards.append(tokens)
             starts.append(total_windows)
             total_windows += max(0, (len(tokens) - 1) // seq_len)
         if total_windows == 0:
-            raise ValueError(
+            raise DataError(
                 f"split {split!r} of {data.path} has fewer than {seq_len + 1} tokens per shard"
             )
         self.num_windows = total_windows
@@ -244,7 +257,7 @@ class DistributedTokenLoader:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         if state["seq_len"] != self.seq_len or state["seed"] != self.seed:
-            raise ValueError(
+            raise InvalidConfig(
                 f"data position was saved with seq_len={state['seq_len']} seed={state['seed']}, "
                 f"but this run uses seq_len={self.seq_len} seed={self.seed}"
             )

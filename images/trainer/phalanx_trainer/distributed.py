@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from phalanx_trainer.termination import InvalidConfig
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -28,7 +30,7 @@ def pick_device(requested: str, local_rank: int) -> torch.device:
         requested = "cuda" if torch.cuda.is_available() else "cpu"
     if requested == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError("--device cuda was requested but no CUDA device is visible")
+            raise InvalidConfig("--device cuda was requested but no CUDA device is visible")
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     return torch.device(requested)

@@ -3,7 +3,8 @@
 Only rank 0 serves. ``/progress`` returns exactly::
 
     {"step": int, "totalSteps": int, "loss": float|null, "tokensPerSecond": float|null,
-     "mfu": float|null, "lastCheckpointStep": int|null, "etaSeconds": float|null}
+     "mfu": float|null, "lastCheckpointStep": int|null, "etaSeconds": float|null,
+     "exportSteps": [int], "exportPath": str|null}
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -67,6 +68,10 @@ class Progress:
     mfu: float | None = None
     last_checkpoint_step: int | None = None
     eta_seconds: float | None = None
+    # Published serving snapshots (exports/step-N) and the final export, relative to the
+    # checkpoint volume: the operator never infers an export from a checkpoint.
+    export_steps: list[int] = field(default_factory=list)
+    export_path: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         def finite(x: float | None) -> float | None:
@@ -80,6 +85,8 @@ class Progress:
             "mfu": finite(self.mfu),
             "lastCheckpointStep": self.last_checkpoint_step,
             "etaSeconds": finite(self.eta_seconds),
+            "exportSteps": list(self.export_steps),
+            "exportPath": self.export_path,
         }
 
 
@@ -147,6 +154,11 @@ class TrainMetrics:
         with self._lock:
             self.progress.last_checkpoint_step = step
         self.checkpoint_seconds.observe(seconds)
+
+    def record_exports(self, steps: list[int], path: str | None) -> None:
+        with self._lock:
+            self.progress.export_steps = sorted(steps)
+            self.progress.export_path = path
 
     def set_position(self, step: int, last_checkpoint_step: int | None) -> None:
         with self._lock:

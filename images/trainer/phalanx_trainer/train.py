@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -19,11 +20,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from phalanx_trainer.checkpoint import (
-    COMPLETE_MARKER,
     EXPORT_DIR,
     STEP_EXPORTS_DIR,
     CheckpointManager,
     export_for_serving,
+    export_step,
+    list_step_exports,
 )
 from phalanx_trainer.config import TrainConfig
 from phalanx_trainer.data import DistributedTokenLoader, PreparedData, ensure_builtin_data
@@ -32,6 +34,14 @@ from phalanx_trainer.metrics import TrainMetrics, mfu, peak_flops_for
 from phalanx_trainer.model import ModelConfig, Transformer
 from phalanx_trainer.optim import build_optimizer, build_scheduler
 from phalanx_trainer.parallel import no_grad_sync, parallelize
+from phalanx_trainer.termination import (
+    InvalidConfig,
+    Termination,
+    completed,
+    conclude,
+    report,
+    stopped,
+)
 
 log = logging.getLogger("phalanx_trainer")
 
@@ -65,9 +75,12 @@ class StopRequest:
 
 
 def resolve_model_config(cfg: TrainConfig) -> ModelConfig:
-    if cfg.model_config:
-        return ModelConfig.from_dict(json.loads(Path(cfg.model_config).read_text()))
-    return ModelConfig.preset(cfg.preset)
+    try:
+        if cfg.model_config:
+            return ModelConfig.from_dict(json.loads(Path(cfg.model_config).read_text()))
+        return ModelConfig.preset(cfg.preset)
+    except (OSError, ValueError, TypeError) as exc:
+        raise InvalidConfig(f"model configuration {cfg.model_config or cfg.preset}: {exc}") from exc
 
 
 def resolve_data(cfg: TrainConfig, env: DistEnv, model_cfg: ModelConfig) -> PreparedData:
@@ -81,7 +94,7 @@ def resolve_data(cfg: TrainConfig, env: DistEnv, model_cfg: ModelConfig) -> Prep
         dist.barrier()
         data = ensure_builtin_data(vocab, cfg.data_cache)
     if data.vocab_size > model_cfg.vocab_size:
-        raise SystemExit(
+        raise InvalidConfig(
             f"the data's tokenizer has {data.vocab_size} tokens but the model only "
             f"{model_cfg.vocab_size}; use a larger model vocab or re-prepare the data"
         )
@@ -126,14 +139,27 @@ def setup_logging(rank: int) -> None:
     pkg.addHandler(handler)
 
 
-def run(cfg: TrainConfig) -> int:
-    """Train to ``cfg.steps``; returns the process exit code (143 when stopped by SIGTERM)."""
+def run(cfg: TrainConfig, environ: Mapping[str, str] | None = None) -> Termination:
+    """Train to ``cfg.steps``; returns how it ended, already reported (see ``termination``).
+
+    Stopped by SIGTERM: exit 143, reason ``Stopped``. A failure is classified and reported
+    while the stop handler still holds SIGTERM and before the process group is torn down,
+    so neither torchrun's signal to the survivors nor a hanging teardown loses it.
+    """
+    env_vars = os.environ if environ is None else environ
     stop = StopRequest()
     stop.install()
     try:
         env = init_distributed(cfg.device, cfg.pg_timeout)
         setup_logging(env.rank)
-        return Trainer(cfg, env, stop).train()
+        termination = Trainer(cfg, env, stop).train()
+        report(termination, env_vars)
+        return termination
+    except BaseException as exc:
+        failure = conclude(exc, env_vars)
+        if failure is None:
+            raise
+        return failure
     finally:
         stop.uninstall()
         shutdown()
@@ -148,7 +174,10 @@ class Trainer:
         self.data = resolve_data(cfg, env, self.model_cfg)
         self.seq_len = cfg.seq_len or self.model_cfg.max_seq_len
         if self.seq_len > self.model_cfg.max_seq_len:
-            raise SystemExit(f"--seq-len {self.seq_len} exceeds the model's max_seq_len")
+            raise InvalidConfig(
+                f"--seq-len {self.seq_len} exceeds the model's max_seq_len "
+                f"{self.model_cfg.max_seq_len}"
+            )
         use_bf16 = cfg.precision == "bf16" or (
             cfg.precision == "auto" and env.device.type == "cuda"
         )
@@ -245,9 +274,10 @@ class Trainer:
 
     # -- the loop -------------------------------------------------------------------------
 
-    def train(self) -> int:
+    def train(self) -> Termination:
         self._announce()
         self._resume()
+        self._report_exports(final=self._exported_already())
         if self.env.is_main and self.cfg.metrics_port >= 0:
             self.metrics_port = self.metrics.serve(self.cfg.metrics_port)
             log.info("serving /metrics and /progress on port %d", self.metrics_port)
@@ -277,14 +307,22 @@ class Trainer:
                 if self.cfg.export_every > 0 and self.step % self.cfg.export_every == 0:
                     export_start = time.monotonic()
                     self._export(f"{STEP_EXPORTS_DIR}/step-{self.step}")
+                    self._report_exports(final=False)
                     interval_start += time.monotonic() - export_start
             if self.last_saved_step != self.step:
                 self._save(final=True)
             self.ckpt.wait()
             if self.cfg.export and not self._exported_already():
                 self._export()
+            final = self.cfg.export and self._exported_already()
+            self._report_exports(final=final)
             log.info("training complete at step %d", self.step)
-            return 0
+            return completed(
+                f"training complete at step {self.step}"
+                + (f"; exported to {EXPORT_DIR}" if final else ""),
+                export_path=EXPORT_DIR if final else None,
+                export_steps=list_step_exports(self.root),
+            )
         finally:
             self.metrics.close()
 
@@ -368,22 +406,27 @@ class Trainer:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.control_group)
         return bool(flag.item())
 
-    def _stop(self) -> int:
+    def _stop(self) -> Termination:
         signum = self.stop.signum or signal.SIGTERM
         log.warning("stop requested (signal %d) at step %d", signum, self.step)
         self.ckpt.wait()  # finish the in-flight save rather than leave it half written
         if self.cfg.checkpoint_on_signal and self.last_saved_step != self.step and self.step > 0:
             self._save(final=False)
             self.ckpt.wait()
-        return 128 + int(signum)
+        return stopped(
+            int(signum),
+            f"stopped by signal {int(signum)} at step {self.step}; "
+            f"newest checkpoint step-{self.last_saved_step}",
+        )
 
     def _exported_already(self) -> bool:
         """A restart after the export finished has nothing left to do."""
-        marker = self.root / EXPORT_DIR / COMPLETE_MARKER
-        try:
-            return int(json.loads(marker.read_text())["step"]) == self.step
-        except (OSError, ValueError, KeyError):
-            return False
+        return export_step(self.root) == self.step and self.step >= self.cfg.steps
+
+    def _report_exports(self, *, final: bool) -> None:
+        # Only this run's own final export counts: one left from a shorter earlier run in
+        # the same directory is not the model this job promises.
+        self.metrics.record_exports(list_step_exports(self.root), EXPORT_DIR if final else None)
 
     def _export(self, name: str = EXPORT_DIR) -> None:
         if self.cfg.export_dtype == "auto":
