@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PHALANX := $(VENV)/bin/phalanx
 
-.PHONY: help venv install test test-unit lint format crds dev-build demo operator demo-down bench clean
+.PHONY: help venv install test test-unit lint format crds dev-build demo demo-fake images operator demo-down bench clean
 
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -41,13 +41,19 @@ crds: $(PY)  ## Regenerate crds/ (and the chart's copy) from the API models
 dev-build: $(PY)  ## Build the local control plane binaries (cached under ~/.cache/phalanx/bin)
 	$(PHALANX) dev build
 
-demo: dev-build  ## Start the local control plane (64 fake H100 nodes), install the CRDs, show the nodes
+demo: $(PY)  ## Train jobs/tiny-cpu.yaml on 2 real nodes through the operator, serve it, print a completion
+	$(PHALANX) dev demo
+
+demo-fake: dev-build  ## Start the control plane with 64 fake H100 nodes (kwok), install the CRDs, show the nodes
 	$(PHALANX) dev up
 	@eval "$$($(PHALANX) dev env)"; kubectl=$$(ls $(HOME)/.cache/phalanx/bin/*/kubectl | tail -1); \
 	  $$kubectl apply --server-side -f crds/ >/dev/null && \
 	  $$kubectl get nodes -L phalanx.dev/rack,nvidia.com/gpu.product,nvidia.com/gpu.clique | head -12 && \
 	  echo "... $$($$kubectl get nodes --no-headers | wc -l) nodes"
-	@echo "Next: 'make operator' in another terminal, then: kubectl apply -f jobs/tiny-cpu.yaml; kubectl get ltj"
+	@echo "Next: 'make operator' in another terminal, then: kubectl apply -f jobs/gpt2-124m-h100.yaml; kubectl get ltj"
+
+images: $(PY)  ## Build the operator, trainer and inference images from images/*/Dockerfile (buildah, cached)
+	$(PHALANX) dev images
 
 operator: $(PY)  ## Run the operator against the local control plane
 	eval "$$($(PHALANX) dev env)"; $(PHALANX) operator run

@@ -14,13 +14,13 @@ The tier is skipped, with the reason printed, only where the machine cannot run 
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from realkit import RealCluster, kernel_blocker
 
 from phalanx.devcluster import build, paths, realnode
 from phalanx.devcluster.cluster import DevCluster
@@ -28,7 +28,6 @@ from phalanx.devcluster.errors import DevClusterError
 from phalanx.devcluster.testing import ClusterHandle, Kubectl, wait_for
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-OPERATOR_LOG_NAME = "operator.log"
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -36,37 +35,6 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if here in item.path.parents:
             item.add_marker(pytest.mark.e2e)
-
-
-def kernel_blocker() -> str | None:
-    """Why this machine cannot run real nodes at all, or None."""
-    if os.geteuid() != 0:
-        return "real nodes need root (network and mount namespaces, cgroups)"
-    probe = subprocess.run(["unshare", "-n", "-m", "true"], capture_output=True, text=True)
-    if probe.returncode != 0:
-        return f"cannot create network and mount namespaces: {probe.stderr.strip()}"
-    if "overlay" not in Path("/proc/filesystems").read_text():
-        return "the kernel has no overlay file system"
-    if not realnode.cgroup_mounts():
-        return "no cgroup hierarchy is mounted"
-    return None
-
-
-class RealCluster:
-    def __init__(self, cluster: DevCluster, handle: ClusterHandle, operator_log: Path) -> None:
-        self.cluster = cluster
-        self.handle = handle
-        self.operator_log = operator_log
-        self.kubectl = Kubectl(handle)
-
-    def volume_dir(self, namespace: str, claim: str) -> Path:
-        """Where a claim's data is on this machine (the dev provisioner's host directory)."""
-        bound = self.kubectl.json("get", "pvc", claim, "-n", namespace)["spec"]["volumeName"]
-        path = self.kubectl.json("get", "pv", bound)["spec"]["hostPath"]["path"]
-        return Path(path)
-
-    def operator_output(self) -> str:
-        return self.operator_log.read_text(errors="replace")[-4000:]
 
 
 @pytest.fixture(scope="session")
@@ -86,7 +54,6 @@ def real_cluster() -> Iterator[RealCluster]:
     cluster = DevCluster(paths.default_state_dir("e2e"))
     cluster.down()  # leftovers of an interrupted run
     previous = os.environ.get("KUBECONFIG")
-    operator: subprocess.Popen[bytes] | None = None
     try:
         kubeconfig = cluster.up(profile="cpu", nodes=0, real=2, timeout=600)
         handle = ClusterHandle(kubeconfig, bin_dir / "kubectl", cluster.root)
@@ -94,39 +61,11 @@ def real_cluster() -> Iterator[RealCluster]:
         kubectl = Kubectl(handle)
         kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO_ROOT / "crds"))
         kubectl("wait", "--for=condition=Established", "crd", "--all", "--timeout=60s")
-        log_path = cluster.root / OPERATOR_LOG_NAME
-        phalanx = str(Path(sys.executable).with_name("phalanx"))
-        with open(log_path, "wb") as log:
-            operator = subprocess.Popen(
-                [
-                    phalanx,
-                    "dev",
-                    "exec",
-                    "--dir",
-                    str(cluster.root),
-                    "--",
-                    phalanx,
-                    "operator",
-                    "run",
-                    "--metrics-port",
-                    "18080",
-                    "--liveness",
-                    "http://127.0.0.1:18081/healthz",
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env={**os.environ, "PHALANX_PROGRESS_INTERVAL": "2"},
-            )
+        log_path = cluster.start_operator({"PHALANX_PROGRESS_INTERVAL": "2"})
         yield RealCluster(cluster, handle, log_path)
     except DevClusterError as error:
         pytest.fail(f"cannot start the real-node cluster: {error}", pytrace=False)
     finally:
-        if operator is not None:
-            operator.terminate()
-            try:
-                operator.wait(30)
-            except subprocess.TimeoutExpired:
-                operator.kill()
         cluster.down()
         if previous is None:
             os.environ.pop("KUBECONFIG", None)

@@ -158,6 +158,15 @@ def exec_(
 
 
 @app.command()
+def demo(directory: DirOption = None, name: NameOption = "default") -> None:
+    """Build what is missing, start 2 real nodes and the operator, train jobs/tiny-cpu.yaml,
+    serve its export and print a completion from it."""
+    from phalanx.devcluster.demo import run_demo
+
+    _run(lambda: run_demo(typer.echo, directory or paths.default_state_dir(name)))
+
+
+@app.command()
 def down(directory: DirOption = None, name: NameOption = "default") -> None:
     """Stop the processes `up` started (safe to run twice)."""
     stopped = _run(_cluster(directory, name).down)

@@ -8,6 +8,7 @@ until they are Ready. Each `up` starts from an empty etcd: a dev cluster is disp
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 import time
@@ -40,7 +41,8 @@ Progress = Callable[[str], None]
 COMPONENT_NAMES = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok")
 # Processes beside the control plane: dynamic volumes always; the relay into the cluster's
 # network namespace and cluster DNS only with real nodes.
-ADDON_NAMES = ("provisioner", "relay", "coredns")
+ADDON_NAMES = ("provisioner", "relay", "coredns", "operator")
+OPERATOR_PORTS = {"PHALANX_METRICS_PORT": "18080"}
 REAL_NODE_PREFIX = "real"
 ACCELERATOR_RESOURCES = ("nvidia.com/gpu", "huawei.com/Ascend910")
 NODE_CREATE_WORKERS = 8
@@ -178,6 +180,27 @@ class DevCluster:
             raise
         return self.kubeconfig
 
+    def start_operator(self, env: dict[str, str] | None = None) -> Path:
+        """Run `phalanx operator run` beside the cluster (in its network namespace, where the
+        operator reaches pods for progress); `down` stops it. Returns its log."""
+        phalanx = Path(sys.executable).with_name("phalanx")
+        start_process(
+            (
+                str(phalanx),
+                "operator",
+                "run",
+                "--metrics-port",
+                OPERATOR_PORTS["PHALANX_METRICS_PORT"],
+                "--liveness",
+                "http://127.0.0.1:18081/healthz",
+            ),
+            pid_file=self.layout.pid_file("operator"),
+            log_file=self.layout.log("operator"),
+            env={**os.environ, "KUBECONFIG": str(self.kubeconfig), **(env or {})},
+            preexec=netns.enter(self.namespace()),
+        )
+        return self.layout.log("operator")
+
     def real_nodes(self) -> list[realnode.RealNode]:
         """The real nodes of this cluster, as recorded by `up`."""
         try:
@@ -300,6 +323,8 @@ class DevCluster:
         Returns the names that were running.
         """
         stopped = []
+        if stop_process(self.layout.pid_file("operator")):
+            stopped.append("operator")
         for node in self.real_nodes():
             bin_dir = paths.bin_dir()
             if realnode.NodeProcess(node, self.namespace() or "", bin_dir).stop():

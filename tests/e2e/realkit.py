@@ -1,0 +1,104 @@
+"""Shared helpers of the end-to-end tier (a plain module: test files import it by name)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from phalanx.devcluster import realnode
+from phalanx.devcluster.cluster import DevCluster
+from phalanx.devcluster.testing import ClusterHandle, Kubectl, wait_for
+
+STEPS = 40
+CHECKPOINT_EVERY = 10
+
+
+def kernel_blocker() -> str | None:
+    """Why this machine cannot run real nodes at all, or None."""
+    if os.geteuid() != 0:
+        return "real nodes need root (network and mount namespaces, cgroups)"
+    probe = subprocess.run(["unshare", "-n", "-m", "true"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        return f"cannot create network and mount namespaces: {probe.stderr.strip()}"
+    if "overlay" not in Path("/proc/filesystems").read_text():
+        return "the kernel has no overlay file system"
+    if not realnode.cgroup_mounts():
+        return "no cgroup hierarchy is mounted"
+    return None
+
+
+class RealCluster:
+    def __init__(self, cluster: DevCluster, handle: ClusterHandle, operator_log: Path) -> None:
+        self.cluster = cluster
+        self.handle = handle
+        self.operator_log = operator_log
+        self.kubectl = Kubectl(handle)
+
+    def volume_dir(self, namespace: str, claim: str) -> Path:
+        """Where a claim's data is on this machine (the dev provisioner's host directory)."""
+        bound = self.kubectl.json("get", "pvc", claim, "-n", namespace)["spec"]["volumeName"]
+        path = self.kubectl.json("get", "pv", bound)["spec"]["hostPath"]["path"]
+        return Path(path)
+
+    def operator_output(self) -> str:
+        return self.operator_log.read_text(errors="replace")[-4000:]
+
+
+def trainjob(name: str, *, steps: int = STEPS, **trainer: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "phalanx.dev/v1alpha1",
+        "kind": "LLMTrainJob",
+        "metadata": {"name": name},
+        "spec": {
+            "nodes": 2,
+            "accelerator": {"type": "cpu", "cpu": "500m", "memory": "2Gi"},
+            "trainer": {
+                "preset": "nano",
+                "steps": steps,
+                "batchSize": 4,
+                "seqLen": 64,
+                "checkpointEvery": CHECKPOINT_EVERY,
+                **trainer,
+            },
+            "checkpoint": {"size": "2Gi", "accessModes": ["ReadWriteMany"]},
+            "failurePolicy": {"maxRestarts": 2},
+        },
+    }
+
+
+def job(kubectl: Kubectl, namespace: str, name: str) -> dict[str, Any]:
+    return kubectl.json("get", "llmtrainjob", name, "-n", namespace)  # type: ignore[no-any-return]
+
+
+def phase(kubectl: Kubectl, namespace: str, name: str) -> str:
+    return str(job(kubectl, namespace, name).get("status", {}).get("phase", ""))
+
+
+def wait_phase(
+    cluster: RealCluster, namespace: str, name: str, wanted: str, timeout: float
+) -> dict[str, Any]:
+    def reached() -> dict[str, Any] | None:
+        current = job(cluster.kubectl, namespace, name)
+        got = current.get("status", {}).get("phase")
+        if got in ("Failed", "Succeeded") and got != wanted:
+            raise AssertionError(
+                f"job {name} ended {got}, not {wanted}: {json.dumps(current.get('status'))}\n"
+                f"operator log tail:\n{cluster.operator_output()}"
+            )
+        return current if got == wanted else None
+
+    return wait_for(reached, timeout, f"LLMTrainJob {name} to be {wanted}", interval=1)
+
+
+def train_log(volume: Path) -> list[dict[str, Any]]:
+    path = volume / "train_log.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def claim_name(kubectl: Kubectl, namespace: str, name: str) -> str:
+    claims = kubectl.json("get", "pvc", "-n", namespace, "-l", f"phalanx.dev/job={name}")["items"]
+    assert len(claims) == 1, claims
+    return str(claims[0]["metadata"]["name"])
