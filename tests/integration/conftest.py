@@ -43,7 +43,7 @@ def dev_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterHan
     if os.environ.get("PHALANX_SKIP_INTEGRATION") == "1":
         pytest.skip("PHALANX_SKIP_INTEGRATION=1")
     try:
-        bin_dir = build.require_binaries()
+        bin_dir = build.require_binaries(real_nodes=False)
     except DevClusterError as error:
         pytest.fail(f"integration tests need the control-plane binaries: {error}", pytrace=False)
     previous = os.environ.get("KUBECONFIG")

@@ -26,6 +26,7 @@ from phalanx.devcluster.errors import DevClusterError
 from phalanx.devcluster.versions import (
     ALL_BINARIES,
     CONTAINERD_BINARIES,
+    CONTROL_PLANE_BINARIES,
     COREDNS_BINARY,
     ETCD_BINARY,
     KUBELET_BINARY,
@@ -76,10 +77,14 @@ def ensure_binaries(*, force: bool = False, progress: Progress | None = None) ->
     return target
 
 
-def require_binaries() -> Path:
-    """The binary directory, or a one-line error saying how to build it (never builds)."""
+def require_binaries(*, real_nodes: bool = True) -> Path:
+    """The binary directory, or a one-line error saying how to build it (never builds).
+
+    Without real nodes only the control plane's binaries are needed.
+    """
     target = paths.bin_dir()
-    missing = missing_binaries(target)
+    wanted = ALL_BINARIES if real_nodes else CONTROL_PLANE_BINARIES
+    missing = [b for b in missing_binaries(target) if b in wanted]
     if missing:
         names = ", ".join(b.name for b in missing)
         raise DevClusterError(f"missing binaries in {target} ({names}): {BUILD_HINT}")

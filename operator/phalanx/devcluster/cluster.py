@@ -114,7 +114,7 @@ class DevCluster:
         """
         report = progress or (lambda _line: None)
         chosen_profile = _profile_or_error(profile)
-        bin_dir = require_binaries()
+        bin_dir = require_binaries(real_nodes=real > 0)
         if self._check_not_running():
             report(f"already running in {self.root}")
             return self.kubeconfig
