@@ -48,6 +48,9 @@ _CORE_PLURALS = {
     "PersistentVolumeClaim": "persistentvolumeclaims",
 }
 MERGE_PATCH = "application/merge-patch+json"
+APPLY_PATCH = "application/apply-patch+yaml"
+# Server-side apply records which fields are ours under this manager.
+FIELD_MANAGER = "phalanx"
 
 
 def _rest(
@@ -161,6 +164,51 @@ def create(manifest: dict[str, Any]) -> dict[str, Any] | None:
         raise
 
 
+def _object_path(manifest: dict[str, Any]) -> tuple[str, str]:
+    """(resource name for metrics, the object's URL path)."""
+    kind = manifest["kind"]
+    plural = _CORE_PLURALS.get(kind) or kind.lower() + "s"
+    path = _collection(manifest["apiVersion"], manifest["metadata"]["namespace"], plural)
+    return (
+        kind.lower() if kind in _CORE_PLURALS else plural
+    ), f"{path}/{manifest['metadata']['name']}"
+
+
+def apply(manifest: dict[str, Any]) -> dict[str, Any] | None:
+    """Server-side apply as field manager `phalanx` (taking over fields others set by hand).
+
+    Returns the object as stored; None when its namespace is being deleted. Raises `Rejected`
+    when the API server refuses the object (4xx other than a conflict).
+    """
+    resource, path = _object_path(manifest)
+    query = f"?fieldManager={FIELD_MANAGER}&force=true"
+    try:
+        return _rest("apply", resource, "PATCH", path + query, manifest, APPLY_PATCH)
+    except ApiException as error:
+        if _namespace_terminating(error) or error.status == 404:
+            return None
+        if error.status is not None and 400 <= error.status < 500 and error.status != 429:
+            raise Rejected(
+                manifest["kind"], manifest["metadata"]["name"], error.status, server_message(error)
+            ) from error
+        raise
+
+
+def delete(api_version: str, kind: str, namespace: str, name: str) -> None:
+    """Delete a child the operator no longer wants (gone already is fine)."""
+    manifest = {
+        "apiVersion": api_version,
+        "kind": kind,
+        "metadata": {"namespace": namespace, "name": name},
+    }
+    resource, path = _object_path(manifest)
+    body = {"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Background"}
+    try:
+        _rest("delete", resource, "DELETE", path, body)
+    except ApiException as error:
+        _absent_ok(error)
+
+
 def delete_pod(namespace: str, name: str, force: bool = False) -> dict[str, Any] | None:
     """Delete a pod (gracefully, or at once for pods on dead nodes); the pod as it is now, if any."""
     body = {"kind": "DeleteOptions", "apiVersion": "v1"} | (
@@ -184,19 +232,6 @@ def patch_pod(namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any
     except ApiException as error:
         _absent_ok(error)
         return None
-
-
-def replace_configmap_data(namespace: str, name: str, data: dict[str, str]) -> None:
-    try:
-        _call(
-            "patch",
-            "configmap",
-            lambda: core().patch_namespaced_config_map(
-                name, namespace, {"data": data}, _request_timeout=TIMEOUT
-            ),
-        )
-    except ApiException as error:
-        _absent_ok(error)
 
 
 def patch_status(

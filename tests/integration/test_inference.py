@@ -273,3 +273,22 @@ def test_bad_input_is_reported_on_ready_never_crashes(services: Services, operat
     nofit = services.wait_condition("nofit", "Ready", "False", "GangExceedsDomainCapacity")
     assert "change the spec" in nofit["message"]
     assert all(p["spec"].get("schedulingGates") for p in services.pods("nofit"))
+
+
+def test_changing_the_server_port_updates_both_services_and_a_deleted_one_comes_back(
+    kubectl: Kubectl, namespace: str, services: Services, operator: Any
+) -> None:
+    services.apply("ported", accelerator=GPU_1)
+
+    def ports(name: str) -> list[tuple[int, Any]] | None:
+        if not kubectl.exists("service", name, "-n", namespace):
+            return None
+        spec = kubectl.json("get", "service", name, "-n", namespace)["spec"]
+        return [(p["port"], p.get("targetPort")) for p in spec["ports"]]
+
+    wait_for(lambda: ports("ported") == [(80, 8000)], 60, "the client Service on port 8000")
+    services.patch("ported", {"spec": {"server": {"port": 8001}}})
+    wait_for(lambda: ports("ported") == [(80, 8001)], 60, "the client Service to follow the port")
+    wait_for(lambda: ports("ported-peers") == [(8001, 8001)], 60, "the peers Service too")
+    kubectl("delete", "service", "ported", "-n", namespace)
+    wait_for(lambda: ports("ported") == [(80, 8001)], 60, "the deleted client Service back")

@@ -7,6 +7,7 @@ says. Each scenario is its own test in a fresh namespace.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -506,3 +507,40 @@ def test_progress_from_rank_zero_shows_in_status_and_kubectl_get(
     printed = kubectl("get", "ltj", "watched", "-n", namespace).stdout
     assert "120/400 30%" in printed
     assert "2.7183" in printed
+
+
+def test_a_child_service_or_claim_deleted_by_hand_comes_back(
+    kubectl: Kubectl, namespace: str, jobs: Jobs, operator: Any
+) -> None:
+    # Suspended: no pod uses the claim, so deleting it is not held up by claim protection.
+    jobs.apply(
+        "kept",
+        nodes=2,
+        accelerator=GPU_NODE,
+        checkpoint={"size": "1Gi"},
+        runPolicy={"suspend": True},
+    )
+
+    def uid(kind: str, name: str) -> str | None:
+        if not kubectl.exists(kind, name, "-n", namespace):
+            return None
+        found: str = kubectl.json("get", kind, name, "-n", namespace)["metadata"]["uid"]
+        return found
+
+    children = (("service", "kept"), ("pvc", "kept-checkpoint"))
+    first = {
+        kind: wait_for(functools.partial(uid, kind, name), 60, name) for kind, name in children
+    }
+    for kind, name in children:
+        kubectl("delete", kind, name, "-n", namespace)
+    for kind, name in children:
+
+        def replaced(kind: str = kind, name: str = name) -> bool:
+            return uid(kind, name) not in (None, first[kind])
+
+        wait_for(replaced, 60, f"a new {kind} {name}")
+    service = kubectl.json("get", "service", "kept", "-n", namespace, "--show-managed-fields")
+    assert service["spec"]["clusterIP"] == "None"
+    assert service["metadata"]["ownerReferences"][0]["kind"] == "LLMTrainJob"
+    managers = {m["manager"] for m in service["metadata"]["managedFields"]}
+    assert "phalanx" in managers

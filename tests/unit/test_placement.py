@@ -27,6 +27,7 @@ from phalanx.placement import (
     Unplaceable,
     admit,
     describe_placement,
+    hold_for_preferred,
     place_gang,
 )
 
@@ -826,3 +827,32 @@ def test_admit_properties(data: st.DataObject, with_total: bool) -> None:
     for node in world.snapshot.nodes:
         for resource, amount in taken[node.name].items():
             assert amount <= max(node.free.get(resource, 0), 0), (node.name, resource)
+
+
+# --- the preferred-domain hold ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("busy", "wait", "now", "expected", "recheck"),
+    [
+        pytest.param((), 60, 10, "rack", None, id="preferred-free-placed-at-once"),
+        pytest.param(
+            ("z0b0r0h0", "z0b0r1h0"), 60, 10, "WaitingForPreferredDomain", 50, id="held-50s-more"
+        ),
+        pytest.param(("z0b0r0h0", "z0b0r1h0"), 60, 61, "block", None, id="wait-over-spreads"),
+        pytest.param(("z0b0r0h0", "z0b0r1h0"), 0, 10, "block", None, id="no-wait-configured"),
+    ],
+)
+def test_hold_for_preferred(
+    busy: tuple[str, ...], wait: float, now: float, expected: str, recheck: float | None
+) -> None:
+    builder = cluster().racks(2).hosts(2).busy(*busy)
+    request = replace(gang(2, created=0.0), preferred_wait=wait)
+    decisions = admit(builder.snapshot(), [request], GENERIC, builder.total())
+    held, again = hold_for_preferred(decisions, GENERIC, builder.total(), now)
+    [(_, result)] = held
+    got = result.level if isinstance(result, Placement) else result.reason
+    assert (got, again) == (expected, recheck)
+    if isinstance(result, Unplaceable):
+        assert "spec.topology.preferredWaitSeconds" in result.message
+        assert not result.permanent

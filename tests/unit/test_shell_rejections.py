@@ -11,7 +11,7 @@ import pytest
 from kubernetes.client.exceptions import ApiException
 
 from phalanx import kube
-from phalanx.handlers.trainjob import record_rejection
+from phalanx.handlers.apply import record_rejection
 from phalanx.observe import CreateRejection
 
 NOW = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)

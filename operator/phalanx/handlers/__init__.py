@@ -21,19 +21,22 @@ import kopf
 from phalanx import kube, metrics
 from phalanx.constants import (
     GROUP,
+    INFERENCE_KIND,
     INFERENCE_PLURAL,
     LABEL_JOB,
     LABEL_SERVICE,
+    TRAINJOB_KIND,
     TRAINJOB_PLURAL,
     VERSION,
 )
 from phalanx.placement import Topology
 
 from . import admission, inference, progress, scraper, trainjob
-from .state import NODE_LOST_GRACE_SECONDS, Operator, key_of, reset, state
+from .state import NODE_LOST_GRACE_SECONDS, Operator, key_of
 
 log = logging.getLogger("phalanx")
-_tasks: list[asyncio.Task[None]] = []
+# Our Services and ConfigMaps carry this label; their watches ask the API server for no others.
+CHILD_SELECTOR = "app.kubernetes.io/managed-by=phalanx"
 
 
 def topology_from_env() -> Topology:
@@ -63,9 +66,20 @@ def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
     )
 
 
+def _op(memo: kopf.Memo) -> Operator:
+    """The operator's state lives in kopf's memo: one per operator run, no module globals."""
+    op = memo["op"]
+    assert isinstance(op, Operator)
+    return op
+
+
 @kopf.on.startup()
-async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
-    op = reset()
+async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    op = memo["op"] = Operator()
+    tasks: list[asyncio.Task[None]] = []
+    memo["tasks"] = tasks
+    settings.watching.label_selectors["", "v1", "services"] = CHILD_SELECTOR
+    settings.watching.label_selectors["", "v1", "configmaps"] = CHILD_SELECTOR
     settings.posting.level = logging.WARNING
     # Every watch event runs a handler; their per-event success lines would drown the log.
     logging.getLogger("kopf.objects").setLevel(logging.WARNING)
@@ -86,7 +100,7 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     workers = int(os.environ.get("PHALANX_WORKERS", "8"))
     window = int(os.environ.get("PHALANX_ADMISSION_WINDOW", "32"))
     interval = float(os.environ.get("PHALANX_PROGRESS_INTERVAL", str(progress.INTERVAL_SECONDS)))
-    _tasks.extend(
+    tasks.extend(
         [
             *(
                 asyncio.create_task(op.trainjobs.worker(lambda k: trainjob.reconcile(op, k)))
@@ -102,20 +116,21 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
         ]
     )
     if interval > 0:
-        _tasks.append(asyncio.create_task(progress.progress_loop(op, interval)))
+        tasks.append(asyncio.create_task(progress.progress_loop(op, interval)))
     scrape = float(os.environ.get("PHALANX_SCRAPE_INTERVAL", str(scraper.INTERVAL_SECONDS)))
     if scrape > 0:
         loopback = os.environ.get("PHALANX_SCRAPE_LOOPBACK_ONLY") == "1"
-        _tasks.append(asyncio.create_task(scraper.scraper_loop(op, scrape, loopback)))
+        tasks.append(asyncio.create_task(scraper.scraper_loop(op, scrape, loopback)))
     log.info("phalanx operator started (topology: %s, %d workers)", topology, workers)
 
 
 @kopf.on.cleanup()
-async def cleanup(**_: Any) -> None:
-    for task in _tasks:
+async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    tasks: list[asyncio.Task[None]] = memo.get("tasks") or []
+    for task in tasks:
         task.cancel()
-    await asyncio.gather(*_tasks, return_exceptions=True)
-    _tasks.clear()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    tasks.clear()
 
 
 async def _mark_synced(op: Operator) -> None:
@@ -163,14 +178,12 @@ async def _export_gauges(op: Operator) -> None:
 # Watch handlers are coroutines on purpose: they touch asyncio queues and events, which are
 # not thread-safe, and kopf runs plain functions in a thread pool.
 @kopf.on.event(GROUP, VERSION, TRAINJOB_PLURAL)
-async def trainjob_event(event: kopf.RawEvent, **_: Any) -> None:
-    op = state()
+async def trainjob_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+    op = _op(memo)
     obj: dict[str, Any] = dict(event["object"])
     if event.get("type") == "DELETED":
         op.cache.trainjobs.drop(obj)
-        op.verdicts.pop(key_of(obj), None)
-        op.progress.pop(key_of(obj), None)
-        op.rejections.pop(key_of(obj), None)
+        op.forget_trainjob(key_of(obj), str(obj["metadata"].get("uid") or ""))
         op.wake_admission()
         for key in inference.services_using_job(op, *key_of(obj)):
             op.services.add(key)
@@ -183,12 +196,12 @@ async def trainjob_event(event: kopf.RawEvent, **_: Any) -> None:
 
 
 @kopf.on.event(GROUP, VERSION, INFERENCE_PLURAL)
-async def inference_event(event: kopf.RawEvent, **_: Any) -> None:
-    op = state()
+async def inference_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+    op = _op(memo)
     obj: dict[str, Any] = dict(event["object"])
     if event.get("type") == "DELETED":
         op.cache.services.drop(obj)
-        inference.forget(op, key_of(obj))
+        inference.forget(op, key_of(obj), str(obj["metadata"].get("uid") or ""))
         op.wake_admission()
         return
     op.cache.services.put(obj)
@@ -196,21 +209,59 @@ async def inference_event(event: kopf.RawEvent, **_: Any) -> None:
 
 
 @kopf.on.event("", "v1", "persistentvolumeclaims")
-async def claim_event(event: kopf.RawEvent, **_: Any) -> None:
-    op = state()
+async def claim_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+    op = _op(memo)
     obj: dict[str, Any] = dict(event["object"])
     if event.get("type") == "DELETED":
         op.cache.claims.drop(obj)
     else:
         op.cache.claims.put(obj)
+    # A job's checkpoint claim has no owner (it outlives the job); its label names the job.
+    job = (obj["metadata"].get("labels") or {}).get(LABEL_JOB)
+    if job:
+        op.trainjobs.add((key_of(obj)[0], job))
     # Services of this namespace may serve from this claim, directly or through a train job.
     for key in inference.services_in(op, key_of(obj)[0]):
         op.services.add(key)
 
 
+def _requeue_owner(op: Operator, obj: dict[str, Any]) -> None:
+    """A child changed or vanished: its owner's next pass puts it back as rendered."""
+    namespace = key_of(obj)[0]
+    for ref in obj["metadata"].get("ownerReferences") or []:
+        if not ref.get("controller") or ref.get("apiVersion") != f"{GROUP}/{VERSION}":
+            continue
+        if ref.get("kind") == TRAINJOB_KIND:
+            op.trainjobs.add((namespace, ref["name"]))
+        elif ref.get("kind") == INFERENCE_KIND:
+            op.services.add((namespace, ref["name"]))
+
+
+@kopf.on.event("", "v1", "services")
+async def child_service_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+    op = _op(memo)
+    obj: dict[str, Any] = dict(event["object"])
+    if event.get("type") == "DELETED":
+        op.cache.child_services.drop(obj)
+    else:
+        op.cache.child_services.put(obj)
+    _requeue_owner(op, obj)
+
+
+@kopf.on.event("", "v1", "configmaps")
+async def child_configmap_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+    op = _op(memo)
+    obj: dict[str, Any] = dict(event["object"])
+    if event.get("type") == "DELETED":
+        op.cache.configmaps.drop(obj)
+    else:
+        op.cache.configmaps.put(obj)
+    _requeue_owner(op, obj)
+
+
 @kopf.on.event("", "v1", "pods")
-async def pod_event(event: kopf.RawEvent, **_: Any) -> None:
-    op = state()
+async def pod_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+    op = _op(memo)
     obj: dict[str, Any] = dict(event["object"])
     owner = op.cache.drop_pod(obj) if event.get("type") == "DELETED" else op.cache.put_pod(obj)
     labels = obj.get("metadata", {}).get("labels") or {}
@@ -226,8 +277,8 @@ async def pod_event(event: kopf.RawEvent, **_: Any) -> None:
 
 
 @kopf.on.event("", "v1", "nodes")
-async def node_event(event: kopf.RawEvent, **_: Any) -> None:
-    op = state()
+async def node_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+    op = _op(memo)
     obj: dict[str, Any] = dict(event["object"])
     if event.get("type") == "DELETED":
         op.cache.nodes.drop(obj)

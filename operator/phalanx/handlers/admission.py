@@ -17,7 +17,6 @@ import json
 import logging
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 from phalanx import kube, metrics, observe
@@ -38,7 +37,7 @@ from phalanx.placement import (
     Topology,
     Unplaceable,
     admit,
-    place_gang,
+    hold_for_preferred,
     pod_requests,
     queue_order,
 )
@@ -52,7 +51,6 @@ log = logging.getLogger("phalanx.admission")
 # Changes arriving in a burst (a 64-pod gang being created) are handled in one pass.
 DEBOUNCE_SECONDS = 0.05
 VERDICT_REFRESH_SECONDS = 30.0
-_VERDICT_WRITTEN: dict[tuple[str, str], float] = {}
 
 
 @dataclass(frozen=True)
@@ -105,21 +103,20 @@ def _created(job: Obj) -> float:
     return when.timestamp() if when is not None else 0.0
 
 
-_SPECS: dict[tuple[str, int], LLMTrainJobSpec | None] = {}
-
-
-def _spec_of(job: Obj) -> LLMTrainJobSpec | None:
-    """The parsed spec, memoised per (uid, generation): a pass looks at every queued job."""
+def _spec_of(op: Operator, job: Obj) -> LLMTrainJobSpec | None:
+    """The parsed spec, memoised per (uid, generation): a pass looks at every queued job.
+    Entries go when their job is deleted (`Operator.forget_trainjob`) or is edited again."""
     meta = job["metadata"]
-    key = (str(meta.get("uid")), int(meta.get("generation") or 0))
-    if key not in _SPECS:
+    uid, generation = str(meta.get("uid")), int(meta.get("generation") or 0)
+    if (uid, generation) not in op.specs:
+        for stale in [k for k in op.specs if k[0] == uid]:
+            del op.specs[stale]
         try:
-            _SPECS[key] = parse(job, LLMTrainJob).spec
+            op.specs[(uid, generation)] = parse(job, LLMTrainJob).spec
         except SpecError:
-            _SPECS[key] = None
-        if len(_SPECS) > 10_000:  # old generations are never asked for again
-            _SPECS.pop(next(iter(_SPECS)))
-    return _SPECS[key]
+            op.specs[(uid, generation)] = None
+    spec: LLMTrainJobSpec | None = op.specs[(uid, generation)]
+    return spec
 
 
 def queued_gangs(op: Operator) -> tuple[list[Gang], list[Gang]]:
@@ -144,7 +141,7 @@ def _trainjob_gangs(op: Operator) -> list[Gang]:
         conditions = status.get("conditions") or []
         if any(is_true(conditions, c) for c in ("Succeeded", "Failed", "Suspended")):
             continue
-        spec = _spec_of(job)
+        spec = _spec_of(op, job)
         if spec is None:
             continue
         if spec.run_policy.gang_scheduler != "builtin" or spec.run_policy.suspend:
@@ -193,6 +190,7 @@ def request_for(gang: Gang) -> GangRequest:
         preferred=gang.spec.topology.preferred,
         priority=priority,
         created=created,
+        preferred_wait=float(gang.spec.topology.preferred_wait_seconds),
     )
 
 
@@ -254,7 +252,7 @@ async def admission_pass(op: Operator, topology: Topology, window: int = 32) -> 
         )
     decisions = await asyncio.to_thread(admit, snapshot, head, topology, total)
     decisions, recheck = await asyncio.to_thread(
-        _hold_for_preferred, decisions, by_key, topology, total
+        hold_for_preferred, decisions, topology, total, op.clock().timestamp()
     )
     if recheck is not None:
         asyncio.get_running_loop().call_later(recheck + 0.5, op.wake_admission)
@@ -273,57 +271,6 @@ async def admission_pass(op: Operator, topology: Topology, window: int = 32) -> 
     await asyncio.gather(*placed)
 
 
-WAITING_FOR_PREFERRED = "WaitingForPreferredDomain"
-
-
-def _hold_for_preferred(
-    decisions: list[tuple[GangRequest, Placement | Unplaceable]],
-    by_key: dict[str, Gang],
-    topology: Topology,
-    total: CapacitySnapshot,
-) -> tuple[list[tuple[GangRequest, Placement | Unplaceable]], float | None]:
-    """Keep a gang queued for a while rather than spread it wider than it needs.
-
-    Like Slurm's `--switches=1@timeout`: a gang that one domain of its preferred level could
-    hold (one rack, say) waits up to `topology.preferredWaitSeconds` for such a domain to free
-    up before it is placed in a coarser one. The preferred level defaults to the tightest
-    level that holds the gang in the empty cluster. Returns the decisions and, if any gang is
-    held, the seconds until the first wait runs out (when admission must look again).
-    """
-    now = time.time()
-    recheck: float | None = None
-    held: list[tuple[GangRequest, Placement | Unplaceable]] = []
-    for request, result in decisions:
-        gang = by_key[request.key]
-        wait = int(gang.spec.topology.preferred_wait_seconds)
-        waited = now - request.created
-        if not isinstance(result, Placement) or wait <= 0 or waited >= wait:
-            held.append((request, result))
-            continue
-        target = request.preferred
-        if target is None or not topology.has_level(target):
-            ideal = place_gang(total, request, topology)
-            target = ideal.level if isinstance(ideal, Placement) else None
-        if target is None or not topology.is_coarser(result.level, target):
-            held.append((request, result))
-            continue
-        remaining = wait - waited
-        recheck = remaining if recheck is None else min(recheck, remaining)
-        held.append(
-            (
-                request,
-                Unplaceable(
-                    WAITING_FOR_PREFERRED,
-                    f"one {target} would hold the gang but none is free now; waiting up to "
-                    f"{remaining:.0f}s more for one before placing it in {result.level} "
-                    f"{result.domain} (spec.topology.preferredWaitSeconds)",
-                    permanent=False,
-                ),
-            )
-        )
-    return held, recheck
-
-
 def _remember_verdict(op: Operator, gang: Gang, verdict: Unplaceable) -> None:
     text = (
         verdict.reason,
@@ -337,13 +284,13 @@ def _remember_verdict(op: Operator, gang: Gang, verdict: Unplaceable) -> None:
     verdicts[gang.key] = text
     # A new reason is news at once; a reworded message (free slots change on every pass) is
     # written at most every VERDICT_REFRESH_SECONDS, or status writes would swamp the API.
-    now = time.monotonic()
+    now = op.clock().timestamp()
     news = previous is None or previous[0] != text[0]
     stale = (
-        previous != text and now - _VERDICT_WRITTEN.get(gang.key, 0.0) >= VERDICT_REFRESH_SECONDS
+        previous != text and now - op.verdict_written.get(gang.key, 0.0) >= VERDICT_REFRESH_SECONDS
     )
     if news or stale:
-        _VERDICT_WRITTEN[gang.key] = now
+        op.verdict_written[gang.key] = now
         queue.add(gang.key)
 
 
@@ -368,7 +315,7 @@ async def _record_and_release_group(op: Operator, gang: Gang, placement: Placeme
     op.cache.put_pod(updated)
     await _release(op, gang, list(placement.nodes))
     metrics.PLACEMENTS.labels(level=placement.level).inc()
-    metrics.ADMISSION_WAIT.observe(max(0.0, datetime.now(UTC).timestamp() - _created(leader)))
+    metrics.ADMISSION_WAIT.observe(max(0.0, op.clock().timestamp() - _created(leader)))
     op.services.add(gang.key)
     log.info(
         "placed %s/%s group %s in %s %s", *gang.key, gang.group, placement.level, placement.domain
@@ -376,7 +323,7 @@ async def _record_and_release_group(op: Operator, gang: Gang, placement: Placeme
 
 
 async def _record_and_release(op: Operator, gang: Gang, placement: Placement) -> None:
-    now = datetime.now(UTC)
+    now = op.clock()
     record = {
         "placement": {
             "level": placement.level,

@@ -1,10 +1,10 @@
 """Reconcile one InferenceService: read the cache, ask `plan.inference.plan_service`,
 apply the plan.
 
-The recipe: parse the spec (a bad spec becomes a condition, never a crash), ensure both
-Services exist, resolve the model, ask the autoscaler, delete and create pods as planned,
-write status once, send events only after that write succeeded, then move spec.replicas
-through the scale subresource when the autoscaler decided so.
+The recipe: parse the spec (a bad spec becomes a condition, never a crash), resolve the
+model, ask the autoscaler, plan, apply both Services, delete and create pods as planned, write
+status once, send events only after that write succeeded (`handlers.apply`), then move
+spec.replicas through the scale subresource when the autoscaler decided so.
 """
 
 from __future__ import annotations
@@ -22,11 +22,18 @@ from phalanx.constants import INFERENCE_PLURAL
 from phalanx.plan.autoscale import recommend
 from phalanx.plan.inference import ServicePlan, ServiceWorld, plan_service
 from phalanx.plan.model_source import resolve_model
-from phalanx.render.inference import ServiceRef, render_client_service, render_peers_service
-from phalanx.status import READY, set_condition, status_patch
+from phalanx.render.inference import ServiceRef
+from phalanx.status import READY
 
+from .apply import (
+    apply_children,
+    create_pods,
+    delete_pods,
+    record_rejection,
+    report_invalid,
+    write_status,
+)
 from .state import Key, Obj, Operator, run_reconcile
-from .trainjob import create_all, record_rejection
 
 log = logging.getLogger("phalanx.inference")
 CONTROLLER = "inferenceservice"
@@ -38,11 +45,9 @@ async def reconcile(op: Operator, key: Key) -> None:
     )
 
 
-def forget(op: Operator, key: Key) -> None:
+def forget(op: Operator, key: Key, uid: str) -> None:
     """Drop what the operator holds for a deleted service (its pods go with the owner)."""
-    op.samples.pop(key, None)
-    op.service_verdicts.pop(key, None)
-    op.service_rejections.pop(key, None)
+    op.forget_service(key, uid)
     for kind in ("desired", "ready"):
         with contextlib.suppress(KeyError):
             metrics.INFERENCE_REPLICAS.remove(key[0], key[1], kind)
@@ -51,7 +56,7 @@ def forget(op: Operator, key: Key) -> None:
 async def _reconcile(op: Operator, key: Key) -> None:
     obj = op.cache.services.get(key)
     if obj is None or obj["metadata"].get("deletionTimestamp"):
-        forget(op, key)
+        forget(op, key, str((obj or {}).get("metadata", {}).get("uid") or ""))
         return
     now = op.clock()
     meta = obj["metadata"]
@@ -59,11 +64,10 @@ async def _reconcile(op: Operator, key: Key) -> None:
     try:
         service: InferenceService = parse(obj, InferenceService)
     except SpecError as error:
-        await _report_invalid(op, obj, status, str(error), now)
+        await report_invalid(INFERENCE_PLURAL, op.cache.services, obj, READY, str(error), now)
         return
     spec = service.spec
     ref = ServiceRef(meta["name"], meta["namespace"], meta["uid"])
-    await _ensure_services(op, ref, spec)
     source = spec.model.from_train_job
     trainjob = op.cache.trainjobs.get((key[0], source.name)) if source is not None else None
     model = resolve_model(spec, trainjob, op.cache.claim_names(key[0]))
@@ -72,7 +76,7 @@ async def _reconcile(op: Operator, key: Key) -> None:
         decision = recommend(op.samples.get(key, []), spec.autoscaling, spec.replicas, now)
     world = ServiceWorld(
         pods=op.cache.pods_of_service(key),
-        ready_nodes=op.cache.ready_nodes(),
+        ready_nodes=op.cache.ready_nodes(now),
         model=model,
         verdict=op.service_verdicts.get(key),
         decision=decision,
@@ -80,15 +84,6 @@ async def _reconcile(op: Operator, key: Key) -> None:
     )
     plan = plan_service(ref, spec, meta.get("generation"), status, world, now)
     await _apply(op, key, obj, status, plan, spec, now)
-
-
-async def _ensure_services(op: Operator, ref: ServiceRef, spec: InferenceServiceSpec) -> None:
-    for child in (render_client_service(ref, spec), render_peers_service(ref, spec)):
-        marker = (ref.uid, f"Service/{child['metadata']['name']}")
-        if marker in op.ensured:
-            continue
-        await asyncio.to_thread(kube.create, child)
-        op.ensured.add(marker)
 
 
 async def _apply(
@@ -101,28 +96,19 @@ async def _apply(
     now: datetime,
 ) -> None:
     namespace, name = key
-    for pod_name in plan.delete:
-        pod = await asyncio.to_thread(kube.delete_pod, namespace, pod_name)
-        if pod is not None and pod["metadata"].get("deletionTimestamp"):
-            op.cache.put_pod(pod)  # terminating gracefully: it still holds its node and name
-        elif (stale := op.cache.pods.get((namespace, pod_name))) is not None:
-            op.cache.drop_pod(stale)
-    created = await create_all(op, plan.create)
+    await apply_children(op, obj, plan.children)
+    await delete_pods(op, namespace, plan.delete)
+    created = await create_pods(op, plan.create)
     if plan.delete or any(observe.gated(p) for p in plan.create):
         op.wake_admission()
     if not record_rejection(op.service_rejections, key, created, obj, now):
         op.services.add(key)  # the next pass reports the refusal and waits out its backoff
         return
-    patch = status_patch(old_status, plan.status)
-    if patch:
-        updated = await asyncio.to_thread(
-            kube.patch_status, INFERENCE_PLURAL, namespace, name, patch
-        )
-        if updated is None:
-            return
-        op.cache.services.put(updated)
-        for kind, reason, message in plan.events:
-            await asyncio.to_thread(kube.event, obj, kind, reason, message)
+    written = await write_status(
+        INFERENCE_PLURAL, op.cache.services, obj, old_status, plan.status, plan.events
+    )
+    if not written:
+        return
     metrics.INFERENCE_REPLICAS.labels(namespace, name, "desired").set(spec.replicas)
     metrics.INFERENCE_REPLICAS.labels(namespace, name, "ready").set(
         int(plan.status.get("readyReplicas") or 0)
@@ -154,34 +140,6 @@ async def _scale(op: Operator, key: Key, obj: Obj, current: int, plan: ServicePl
         kube.event, obj, "Normal", reason, f"{current} -> {plan.scale_to} replicas: {message}"
     )
     log.info("scaled %s/%s from %d to %d replicas", *key, current, plan.scale_to)
-
-
-async def _report_invalid(
-    op: Operator, obj: Obj, status: dict[str, Any], message: str, now: datetime
-) -> None:
-    """A spec the API server accepted but the operator cannot run (e.g. an older CRD)."""
-    conditions, changed = set_condition(
-        status.get("conditions") or [], READY, False, "InvalidSpec",
-        f"The spec is invalid: {message}. Fix the spec; nothing was created.", now,
-        obj["metadata"].get("generation"),
-    )  # fmt: skip
-    if not changed:
-        return
-    new = {
-        **status,
-        "conditions": conditions,
-        "observedGeneration": obj["metadata"].get("generation"),
-    }
-    updated = await asyncio.to_thread(
-        kube.patch_status,
-        INFERENCE_PLURAL,
-        obj["metadata"]["namespace"],
-        obj["metadata"]["name"],
-        status_patch(status, new),
-    )
-    if updated is not None:
-        op.cache.services.put(updated)
-        await asyncio.to_thread(kube.event, obj, "Warning", "InvalidSpec", message)
 
 
 def services_using_job(op: Operator, namespace: str, job: str) -> list[Key]:

@@ -84,6 +84,9 @@ class Cache:
     trainjobs: Store = field(default_factory=Store)
     services: Store = field(default_factory=Store)
     claims: Store = field(default_factory=Store)
+    # Services and ConfigMaps labelled app.kubernetes.io/managed-by=phalanx (our children).
+    child_services: Store = field(default_factory=Store)
+    configmaps: Store = field(default_factory=Store)
     synced: asyncio.Event = field(default_factory=asyncio.Event)
     # Until the first full list of claims arrives, a missing claim may only be unseen.
     claims_synced: bool = False
@@ -129,10 +132,9 @@ class Cache:
             return None
         return frozenset(name for ns, name in self.claims.items if ns == namespace)
 
-    def seconds_until_lost(self, names: Iterable[str]) -> float | None:
+    def seconds_until_lost(self, names: Iterable[str], now: datetime) -> float | None:
         """For nodes NotReady but still within their grace, the time until the first counts as
         lost (when jobs on it must be looked at again); None if none is in that state."""
-        now = datetime.now(UTC)
         waits = []
         for name in names:
             node = self.nodes.get(("", name))
@@ -142,11 +144,10 @@ class Cache:
                     waits.append(remaining)
         return min(waits) if waits else None
 
-    def ready_nodes(self) -> frozenset[str]:
+    def ready_nodes(self, now: datetime) -> frozenset[str]:
         """Nodes still trusted with running pods: Ready, or NotReady for less than
         NODE_LOST_GRACE_SECONDS (one late heartbeat must not restart every gang on the node).
         New placements use only Ready nodes (the capacity snapshot checks for itself)."""
-        now = datetime.now(UTC)
         return frozenset(
             key_of(n)[1]
             for n in self.nodes.values()
@@ -233,32 +234,43 @@ class Operator:
     service_verdicts: dict[Key, tuple[str, str]] = field(default_factory=dict)
     # Recent load samples per InferenceService, oldest first (the autoscaler's input).
     samples: dict[Key, list[Sample]] = field(default_factory=dict)
-    # Child objects already created (by owner uid and object kind/name): no repeated creates.
-    ensured: set[tuple[str, str]] = field(default_factory=set)
+    # Hash of what was last applied to children the operator cannot watch (PodGroups), per
+    # owner uid; and children whose exact content the API server refused. Pruned by `forget`.
+    applied: dict[str, dict[tuple[str, str], str]] = field(default_factory=dict)
+    refused_children: dict[tuple[str, str, str], str] = field(default_factory=dict)
     # The API server's latest refusal to create a pod, per job / service (cleared on success).
     rejections: dict[Key, CreateRejection] = field(default_factory=dict)
     service_rejections: dict[Key, CreateRejection] = field(default_factory=dict)
     # The one clock of the shell; tests substitute their own.
     clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
+    # When each gang's admission verdict was last written (rate limit), and parsed specs by
+    # (uid, generation), both for the admission loop.
+    verdict_written: dict[Key, float] = field(default_factory=dict)
+    specs: dict[tuple[str, int], Any] = field(default_factory=dict)
     admission_wanted: asyncio.Event = field(default_factory=asyncio.Event)
     started: float = field(default_factory=time.monotonic)
 
     def wake_admission(self) -> None:
         self.admission_wanted.set()
 
+    def forget_trainjob(self, key: Key, uid: str) -> None:
+        """Drop everything held for a job that is gone (by key and by uid)."""
+        self.verdicts.pop(key, None)
+        self.progress.pop(key, None)
+        self.rejections.pop(key, None)
+        self.verdict_written.pop(key, None)
+        self._forget_uid(uid)
 
-STATE: Operator | None = None
+    def forget_service(self, key: Key, uid: str) -> None:
+        self.service_verdicts.pop(key, None)
+        self.samples.pop(key, None)
+        self.service_rejections.pop(key, None)
+        self.verdict_written.pop(key, None)
+        self._forget_uid(uid)
 
-
-def state() -> Operator:
-    global STATE
-    if STATE is None:
-        STATE = Operator()
-    return STATE
-
-
-def reset() -> Operator:
-    """A fresh state (each operator start, e.g. under KopfRunner in tests, begins empty)."""
-    global STATE
-    STATE = Operator()
-    return STATE
+    def _forget_uid(self, uid: str) -> None:
+        self.applied.pop(uid, None)
+        for refused in [k for k in self.refused_children if k[0] == uid]:
+            del self.refused_children[refused]
+        for spec in [k for k in self.specs if k[0] == uid]:
+            del self.specs[spec]

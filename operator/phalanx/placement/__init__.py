@@ -17,6 +17,7 @@ from phalanx.placement.gang import (
     Unplaceable,
 )
 from phalanx.placement.place import describe_placement, domains, place_gang
+from phalanx.placement.preferred import WAITING_FOR_PREFERRED, hold_for_preferred
 from phalanx.placement.queue import Decision, admit, queue_order, waiting_domain
 from phalanx.placement.snapshot import CapacitySnapshot, NodeInfo, pod_demand, pod_requests
 from phalanx.placement.topology import (
@@ -40,6 +41,7 @@ __all__ = [
     "PRESETS",
     "QUEUED_BEHIND",
     "UNKNOWN_LEVEL",
+    "WAITING_FOR_PREFERRED",
     "CapacitySnapshot",
     "Decision",
     "GangRequest",
@@ -51,6 +53,7 @@ __all__ = [
     "admit",
     "describe_placement",
     "domains",
+    "hold_for_preferred",
     "place_gang",
     "pod_demand",
     "pod_requests",

@@ -12,8 +12,10 @@ class GangRequest:
     """A gang of ``pods`` identical pods that must all start together.
 
     ``per_pod`` uses placement units (cpu in millicores, memory in bytes, devices as counts).
-    ``required`` confines the gang to one domain of that level or a finer one; ``preferred`` is a
-    hint that only changes how a placement is explained (placement always tries finest first).
+    ``required`` confines the gang to one domain of that level or a finer one. Placement always
+    tries the finest level first; ``preferred`` names the level the gang waits up to
+    ``preferred_wait`` seconds (since ``created``) for, before it is spread wider
+    (``placement.preferred``).
     """
 
     key: str
@@ -23,6 +25,7 @@ class GangRequest:
     preferred: str | None = None
     priority: int = 0
     created: float = 0.0
+    preferred_wait: float = 0.0
     avoid_nodes: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:

@@ -19,8 +19,10 @@ from phalanx.observe import CreateRejection
 from phalanx.render.inference import (
     ModelMount,
     ServiceRef,
+    render_client_service,
     render_group,
     render_group_pod,
+    render_peers_service,
     selector_string,
     service_url,
     template_revision,
@@ -61,6 +63,8 @@ class ServicePlan:
     create: list[dict[str, Any]] = field(default_factory=list)
     delete: list[str] = field(default_factory=list)
     scale_to: int | None = None
+    # The client and peers Services, applied each pass (unchanged ones are skipped).
+    children: list[dict[str, Any]] = field(default_factory=list)
     events: list[tuple[str, str, str]] = field(default_factory=list)
     requeue_after: float | None = None
 
@@ -97,7 +101,9 @@ def plan_service(
     data["observedGeneration"] = metadata_generation
     data["selector"] = selector_string(ref.name)
     data["url"] = service_url(ref)
-    plan = ServicePlan(status=data)
+    plan = ServicePlan(status=data, children=[
+        render_client_service(ref, spec), render_peers_service(ref, spec)
+    ])  # fmt: skip
     size = spec.nodes_per_replica
     desired = spec.replicas
 

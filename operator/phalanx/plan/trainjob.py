@@ -16,8 +16,7 @@ from phalanx import observe
 from phalanx.api.trainjob import FailureRule, LLMTrainJobSpec
 from phalanx.constants import PERMANENT_REASONS, PERMANENT_START_REASONS
 from phalanx.observe import CreateRejection
-from phalanx.render.hccl import rank_table
-from phalanx.render.trainjob import CONTAINER, JobRef, render_pod
+from phalanx.render.trainjob import CONTAINER, JobRef, render_children, render_pod
 from phalanx.status import (
     ADMITTED,
     FAILED,
@@ -55,7 +54,8 @@ class Plan:
     delete: list[str] = field(default_factory=list)
     force_delete: list[str] = field(default_factory=list)
     events: list[tuple[str, str, str]] = field(default_factory=list)  # (type, reason, message)
-    hccl_table: dict[str, Any] | None = None
+    # Every non-pod child, applied each pass (server-side apply skips what is unchanged).
+    children: list[dict[str, Any]] = field(default_factory=list)
     requeue_after: float | None = None
     delete_job: bool = False
 
@@ -143,6 +143,23 @@ def plan_trainjob(
     now: datetime,
 ) -> Plan:
     """Decide the next step of a job from its spec, its status and the observed world."""
+    plan = _decide(ref, spec, metadata_generation, current_status, world, now)
+    # The rank table describes the gang the status now names (initializing until every
+    # rank's devices are known, so a new gang starts from a fresh table).
+    generation = int(plan.status.get("gangGeneration") or 1)
+    gang = {observe.rank(p): p for p in world.pods if observe.generation(p) == generation}
+    plan.children = render_children(ref, spec, [gang.get(r) for r in range(spec.nodes)])
+    return plan
+
+
+def _decide(
+    ref: JobRef,
+    spec: LLMTrainJobSpec,
+    metadata_generation: int | None,
+    current_status: Mapping[str, Any],
+    world: World,
+    now: datetime,
+) -> Plan:
     st = StatusDraft(current_status, now, metadata_generation, announce=frozenset({ADMITTED}))
     plan = Plan(status=st.data)
     st.data["observedGeneration"] = metadata_generation
@@ -247,10 +264,6 @@ def plan_trainjob(
         st.data.setdefault("queuedAt", timestamp(now))
 
     _admission(spec, st, plan, list(current.values()), world, now, missing, set(finished))
-    if spec.backend() == "hccl":
-        plan.hccl_table = rank_table(
-            [current.get(r) for r in range(spec.nodes)], spec.accelerator.count()
-        )
     if world.progress is not None and st.is_true(RUNNING):
         st.data["progress"] = progress_status(world.progress)
         _copy_exports(

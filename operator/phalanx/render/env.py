@@ -9,6 +9,8 @@ from __future__ import annotations
 from phalanx.api.trainjob import LLMTrainJobSpec
 from phalanx.constants import DEFAULT_METRICS_PORT, TERMINATION_LOG, TERMINATION_LOG_ENV
 
+from .pod import downward_api_env
+
 HCCL_DIR = "/etc/phalanx/hccl"
 RANK_TABLE_PATH = f"{HCCL_DIR}/hccl.json"
 
@@ -22,11 +24,6 @@ def master_address(job: str, namespace: str) -> str:
 
 def _pairs(pairs: dict[str, object]) -> Env:
     return [{"name": name, "value": str(value)} for name, value in pairs.items()]
-
-
-def _downward_api() -> Env:
-    fields = {"POD_NAME": "metadata.name", "POD_IP": "status.podIP", "NODE_NAME": "spec.nodeName"}
-    return [{"name": n, "valueFrom": {"fieldRef": {"fieldPath": p}}} for n, p in fields.items()]
 
 
 def rendezvous_env(
@@ -92,6 +89,6 @@ def training_env(
     return [
         *rendezvous_env(job, namespace, spec, rank, generation),
         *backend_env(spec),
-        *_downward_api(),
+        *downward_api_env(),
         *user,
     ]

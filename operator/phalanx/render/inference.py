@@ -13,7 +13,6 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from phalanx.api.common import Accelerator
 from phalanx.api.inference import InferenceServiceSpec
 from phalanx.constants import (
     GANG_GATE,
@@ -23,9 +22,15 @@ from phalanx.constants import (
     LABEL_WORKER_INDEX,
 )
 
-from .overlay import merge
 from .owner import OwnerRef
-from .trainjob import GPU_PRODUCT_LABEL
+from .pod import (
+    accelerator_resources,
+    accelerator_scheduling,
+    apply_overlay,
+    container_security,
+    downward_api_env,
+    pod_skeleton,
+)
 
 CONTAINER = "server"
 LABEL_REVISION = "phalanx.dev/revision"
@@ -134,25 +139,11 @@ def group_env(
         "PHALANX_WORKER_INDEX": worker,
         "PHALANX_CACHE_DIR": CACHE_DIR,
     }
-    fields = {"POD_NAME": "metadata.name", "POD_IP": "status.podIP", "NODE_NAME": "spec.nodeName"}
     return [
         *({"name": name, "value": str(value)} for name, value in ours.items()),
-        *({"name": n, "valueFrom": {"fieldRef": {"fieldPath": p}}} for n, p in fields.items()),
+        *downward_api_env(),
         *(e.wire() for e in spec.env),
     ]
-
-
-def accelerator_resources(accelerator: Accelerator) -> dict[str, Any]:
-    requests: dict[str, Any] = {}
-    limits: dict[str, Any] = {}
-    name = accelerator.resource_name()
-    if name:
-        requests[name] = limits[name] = str(accelerator.per_node)
-    if accelerator.cpu is not None:
-        requests["cpu"] = str(accelerator.cpu)
-    if accelerator.memory is not None:
-        requests["memory"] = limits["memory"] = str(accelerator.memory)
-    return {"requests": requests, "limits": limits}
 
 
 def _probes(port: int) -> dict[str, Any]:
@@ -196,14 +187,7 @@ def _scheduling(spec: InferenceServiceSpec) -> dict[str, Any]:
     pod: dict[str, Any] = {}
     if spec.nodes_per_replica > 1:
         pod["schedulingGates"] = [{"name": GANG_GATE}]
-    if spec.accelerator.product:
-        pod["nodeSelector"] = {GPU_PRODUCT_LABEL: spec.accelerator.product}
-    if spec.accelerator.resource_name():
-        # Accelerator nodes are commonly tainted with their resource name.
-        pod["tolerations"] = [
-            {"key": spec.accelerator.resource_name(), "operator": "Exists", "effect": "NoSchedule"}
-        ]
-    return pod
+    return {**pod, **accelerator_scheduling(spec.accelerator)}
 
 
 def group_labels(service: str, group: int, worker: int, revision: str) -> dict[str, str]:
@@ -238,44 +222,22 @@ def render_group_pod(
         "resources": accelerator_resources(spec.accelerator),
         "volumeMounts": mounts,
         **_probes(port),
-        "securityContext": {
-            "allowPrivilegeEscalation": False,
-            "capabilities": {"drop": ["ALL"]},
-            "runAsNonRoot": True,
-        },
+        "securityContext": container_security(),
     }
     name = pod_name(ref.name, group, worker)
-    pod: dict[str, Any] = {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": _metadata(ref, name, labels),
-        "spec": {
-            "hostname": name,
-            "subdomain": peers_service_name(ref.name),
-            # The kubelet restarts a crashed server in place; a group of several pods is
-            # recreated as a whole by the controller instead (see plan.groups).
-            "restartPolicy": "Always",
-            "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
-            "enableServiceLinks": False,
-            "securityContext": {
-                "runAsNonRoot": True,
-                "runAsUser": 1000,
-                "runAsGroup": 1000,
-                "fsGroup": 1000,
-                "seccompProfile": {"type": "RuntimeDefault"},
-            },
-            "containers": [container],
-            "volumes": volumes,
-            **_scheduling(spec),
-        },
-    }
-    overlay = spec.pod_template
-    if overlay is not None:
-        pod["metadata"] = merge(pod["metadata"], overlay.metadata.wire())
-        pod["spec"] = merge(pod["spec"], overlay.spec)
-        # The overlay cannot move a pod out of its group or revision.
-        pod["metadata"]["labels"].update(labels)
-    return pod
+    pod = pod_skeleton(
+        _metadata(ref, name, labels),
+        hostname=name,
+        subdomain=peers_service_name(ref.name),
+        # The kubelet restarts a crashed server in place; a group of several pods is
+        # recreated as a whole by the controller instead (see plan.groups).
+        restart_policy="Always",
+        grace_seconds=TERMINATION_GRACE_SECONDS,
+        container=container,
+        volumes=volumes,
+        scheduling=_scheduling(spec),
+    )
+    return apply_overlay(pod, spec.pod_template, labels)
 
 
 def render_group(

@@ -3,6 +3,8 @@ checkpoint claim and, for HCCL, the rank-table ConfigMap. Pure: spec in, dicts o
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from phalanx.api.trainjob import LLMTrainJobSpec
@@ -16,14 +18,20 @@ from phalanx.constants import (
 )
 
 from .env import HCCL_DIR, training_env
-from .overlay import merge
+from .hccl import rank_table
 from .owner import OwnerRef
+from .pod import (
+    accelerator_resources,
+    accelerator_scheduling,
+    apply_overlay,
+    container_security,
+    pod_skeleton,
+)
 
 # Long enough for rank 0 to finish writing a sharded checkpoint after SIGTERM.
 TERMINATION_GRACE_SECONDS = 600
 CONTAINER = "trainer"
 CHECKPOINT_VOLUME = "checkpoint"
-GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
 SCHEDULER_NAMES = {"volcano": "volcano", "coscheduling": "scheduler-plugins-scheduler"}
 
 
@@ -84,21 +92,6 @@ def trainer_args(spec: LLMTrainJobSpec) -> list[str]:
     return [*args, *t.extra_args]
 
 
-def _resources(spec: LLMTrainJobSpec) -> dict[str, Any]:
-    requests: dict[str, Any] = {}
-    limits: dict[str, Any] = {}
-    accelerator = spec.accelerator
-    if accelerator.resource_name():
-        requests[accelerator.resource_name()] = limits[accelerator.resource_name()] = str(
-            accelerator.per_node
-        )
-    if accelerator.cpu is not None:
-        requests["cpu"] = str(accelerator.cpu)
-    if accelerator.memory is not None:
-        requests["memory"] = limits["memory"] = str(accelerator.memory)
-    return {"requests": requests, "limits": limits}
-
-
 def _volumes(
     ref: JobRef, spec: LLMTrainJobSpec
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -131,14 +124,7 @@ def _scheduling(spec: LLMTrainJobSpec) -> dict[str, Any]:
         pod["schedulerName"] = scheduler
     if policy.priority_class_name:
         pod["priorityClassName"] = policy.priority_class_name
-    if spec.accelerator.product:
-        pod["nodeSelector"] = {GPU_PRODUCT_LABEL: spec.accelerator.product}
-    if spec.accelerator.resource_name():
-        # Accelerator nodes are commonly tainted with their resource name.
-        pod["tolerations"] = [
-            {"key": spec.accelerator.resource_name(), "operator": "Exists", "effect": "NoSchedule"}
-        ]
-    return pod
+    return {**pod, **accelerator_scheduling(spec.accelerator)}
 
 
 def _gang_labels(ref: JobRef, spec: LLMTrainJobSpec) -> dict[str, str]:
@@ -181,49 +167,28 @@ def render_pod(ref: JobRef, spec: LLMTrainJobSpec, rank: int, generation: int) -
             {"name": "rendezvous", "containerPort": spec.communication.master_port},
             {"name": "metrics", "containerPort": spec.trainer.metrics_port},
         ],
-        "resources": _resources(spec),
+        "resources": accelerator_resources(spec.accelerator),
         "volumeMounts": mounts,
         # The trainer's classified end (docs/progress-contract.md) reaches the operator here.
         "terminationMessagePath": TERMINATION_LOG,
         "terminationMessagePolicy": "File",
-        "securityContext": {
-            "allowPrivilegeEscalation": False,
-            "capabilities": {"drop": ["ALL"]},
-            "runAsNonRoot": True,
-        },
+        "securityContext": container_security(),
     }
-    pod: dict[str, Any] = {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {**_metadata(ref, pod_name(ref.name, rank), labels)},
-        "spec": {
-            "hostname": pod_name(ref.name, rank),
-            "subdomain": ref.name,
-            "restartPolicy": "Never",
-            "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
-            "enableServiceLinks": False,
-            "securityContext": {
-                "runAsNonRoot": True,
-                "runAsUser": 1000,
-                "runAsGroup": 1000,
-                "fsGroup": 1000,
-                "seccompProfile": {"type": "RuntimeDefault"},
-            },
-            "containers": [container],
-            "volumes": volumes,
-            **_scheduling(spec),
-        },
-    }
+    metadata = _metadata(ref, pod_name(ref.name, rank), labels)
     annotations = _gang_annotations(ref, spec)
     if annotations:
-        pod["metadata"]["annotations"] = annotations
-    overlay = spec.pod_template
-    if overlay is not None:
-        pod["metadata"] = merge(pod["metadata"], overlay.metadata.wire())
-        pod["spec"] = merge(pod["spec"], overlay.spec)
-        # The overlay cannot detach a pod from its gang.
-        pod["metadata"]["labels"].update({k: v for k, v in labels.items()})
-    return pod
+        metadata["annotations"] = annotations
+    pod = pod_skeleton(
+        metadata,
+        hostname=pod_name(ref.name, rank),
+        subdomain=ref.name,
+        restart_policy="Never",
+        grace_seconds=TERMINATION_GRACE_SECONDS,
+        container=container,
+        volumes=volumes,
+        scheduling=_scheduling(spec),
+    )
+    return apply_overlay(pod, spec.pod_template, labels)
 
 
 def render_pods(ref: JobRef, spec: LLMTrainJobSpec, generation: int) -> list[dict[str, Any]]:
@@ -279,8 +244,6 @@ def hccl_configmap_name(job: str) -> str:
 
 
 def render_hccl_configmap(ref: JobRef, table: dict[str, Any]) -> dict[str, Any]:
-    import json
-
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
@@ -315,23 +278,31 @@ def render_pod_group(ref: JobRef, spec: LLMTrainJobSpec) -> dict[str, Any] | Non
     return None
 
 
-def render_job_objects(obj: dict[str, Any], generation: int = 1) -> list[dict[str, Any]]:
-    """Everything a job manifest leads to, for `phalanx render` and reviews."""
-    from phalanx.api.trainjob import LLMTrainJob
-    from phalanx.api.validate import parse
-    from phalanx.render.hccl import rank_table
-
-    job: LLMTrainJob = parse(obj, LLMTrainJob)
-    meta = obj["metadata"]
-    ref = JobRef(meta["name"], meta.get("namespace") or "default", meta.get("uid") or "<uid>")
-    spec = job.spec
+def render_children(
+    ref: JobRef,
+    spec: LLMTrainJobSpec,
+    pods_by_rank: Sequence[Mapping[str, Any] | None] | None = None,
+) -> list[dict[str, Any]]:
+    """Every object of a job but its pods: the one list the operator applies each pass and
+    `phalanx render` prints. The HCCL rank table is built from the current gang's pods (None
+    or absent ranks leave it `initializing`)."""
     children = [
         render_service(ref, spec),
         render_checkpoint_claim(ref, spec),
         render_pod_group(ref, spec),
     ]
     if spec.backend() == "hccl":
-        children.append(
-            render_hccl_configmap(ref, rank_table([None] * spec.nodes, spec.accelerator.count()))
-        )
-    return [c for c in children if c is not None] + render_pods(ref, spec, generation)
+        ranks = list(pods_by_rank) if pods_by_rank is not None else [None] * spec.nodes
+        children.append(render_hccl_configmap(ref, rank_table(ranks, spec.accelerator.count())))
+    return [child for child in children if child is not None]
+
+
+def render_job_objects(obj: dict[str, Any], generation: int = 1) -> list[dict[str, Any]]:
+    """Everything a job manifest leads to, for `phalanx render` and reviews."""
+    from phalanx.api.trainjob import LLMTrainJob
+    from phalanx.api.validate import parse
+
+    job: LLMTrainJob = parse(obj, LLMTrainJob)
+    meta = obj["metadata"]
+    ref = JobRef(meta["name"], meta.get("namespace") or "default", meta.get("uid") or "<uid>")
+    return render_children(ref, job.spec) + render_pods(ref, job.spec, generation)

@@ -1,0 +1,145 @@
+"""The shell's own machinery without a cluster: the work queue, the object store, node
+health with an injected clock, what the operator forgets when an owner is gone, and the
+admission shell's rate limit and spec memo."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from builders import make_job
+
+from phalanx.handlers import admission
+from phalanx.handlers.apply import APPLIED_HASH, with_hash
+from phalanx.handlers.state import Operator, Store, WorkQueue
+from phalanx.observe import CreateRejection
+from phalanx.placement import Unplaceable
+
+NOW = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
+
+
+def obj(name: str, version: int, uid: str = "u1") -> dict[str, Any]:
+    return {
+        "metadata": {"name": name, "namespace": "ml", "uid": uid, "resourceVersion": str(version)}
+    }
+
+
+def node(name: str, ready: bool, since: datetime) -> dict[str, Any]:
+    condition = {
+        "type": "Ready",
+        "status": "True" if ready else "False",
+        "lastTransitionTime": since.strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+    return {"metadata": {"name": name, "namespace": ""}, "status": {"conditions": [condition]}}
+
+
+def test_store_keeps_the_newest_version_and_never_revives_a_deleted_object() -> None:
+    store = Store()
+    assert store.put(obj("a", 5))
+    assert not store.put(obj("a", 4)), "an older answer must not replace a newer one"
+    assert store.get(("ml", "a")) == obj("a", 5)
+    assert store.drop(obj("a", 5))
+    assert not store.put(obj("a", 6)), "a late write answer must not bring back a ghost"
+    assert store.put(obj("a", 7, uid="u2")), "a new object of the same name is welcome"
+
+
+def test_work_queue_deduplicates_and_reruns_a_key_dirtied_while_active() -> None:
+    async def scenario() -> list[tuple[str, str]]:
+        queue = WorkQueue()
+        seen: list[tuple[str, str]] = []
+        done = asyncio.Event()
+
+        async def reconcile(key: tuple[str, str]) -> None:
+            seen.append(key)
+            if len(seen) == 1:
+                queue.add(key)  # changed while being reconciled: once more afterwards
+            if len(seen) == 3:
+                done.set()
+
+        queue.add(("ml", "a"))
+        queue.add(("ml", "a"))  # deduplicated while pending
+        queue.add_after(("ml", "b"), 0.05)
+        queue.add_after(("ml", "b"), 10)  # a later timer never postpones an earlier one
+        worker = asyncio.create_task(queue.worker(reconcile))
+        await asyncio.wait_for(done.wait(), 5)
+        worker.cancel()
+        return seen
+
+    assert asyncio.run(scenario()) == [("ml", "a"), ("ml", "a"), ("ml", "b")]
+
+
+def test_ready_nodes_include_a_node_within_its_grace_and_say_when_it_runs_out() -> None:
+    op = Operator()
+    op.cache.nodes.put(node("up", True, NOW - timedelta(hours=1)))
+    op.cache.nodes.put(node("late", False, NOW - timedelta(seconds=10)))
+    op.cache.nodes.put(node("gone", False, NOW - timedelta(seconds=31)))
+    assert op.cache.ready_nodes(NOW) == frozenset({"up", "late"})
+    assert op.cache.seconds_until_lost(["up", "late", "gone"], NOW) == pytest.approx(20)
+
+
+def test_forgetting_a_job_drops_everything_kept_for_it() -> None:
+    op = Operator()
+    key = ("ml", "j")
+    op.verdicts[key] = ("Queued", "waiting")
+    op.progress[key] = {"step": 1}
+    op.rejections[key] = CreateRejection("Pod j-0", 422, "bad", 1, NOW, 1)
+    op.verdict_written[key] = 1.0
+    op.applied["uid-1"] = {("PodGroup", "j"): "abc"}
+    op.refused_children[("uid-1", "Service", "j")] = "abc"
+    op.specs[("uid-1", 1)] = None
+    op.specs[("uid-2", 1)] = None
+    op.forget_trainjob(key, "uid-1")
+    assert (op.verdicts, op.progress, op.rejections, op.verdict_written) == ({}, {}, {}, {})
+    assert (op.applied, op.refused_children, op.specs) == ({}, {}, {("uid-2", 1): None})
+
+
+def test_applied_hash_follows_the_rendered_content() -> None:
+    service = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "s"}, "spec": {"a": 1}}
+    first = with_hash(service)["metadata"]["annotations"][APPLIED_HASH]
+    assert with_hash(dict(service))["metadata"]["annotations"][APPLIED_HASH] == first
+    changed = with_hash({**service, "spec": {"a": 2}})["metadata"]["annotations"][APPLIED_HASH]
+    assert changed != first
+    assert "annotations" not in service["metadata"], "the rendered object is not modified"
+
+
+def test_admission_verdict_rewording_is_rate_limited_by_the_injected_clock() -> None:
+    now = [NOW]
+    op = Operator(clock=lambda: now[0])
+    job = make_job("j", nodes=2).manifest()
+    gang = admission.Gang(("ml", "j"), job, make_job("j", nodes=2).build(), 1, [])
+
+    def verdict(message: str) -> None:
+        admission._remember_verdict(op, gang, Unplaceable("InsufficientCapacity", message, False))
+
+    verdict("3 free")
+    assert len(op.trainjobs) == 1, "a new reason is written at once"
+    asyncio.run(_drain(op.trainjobs))
+    verdict("2 free")
+    assert len(op.trainjobs) == 0, "a reworded message waits"
+    now[0] = NOW + timedelta(seconds=admission.VERDICT_REFRESH_SECONDS)
+    verdict("1 free")
+    assert len(op.trainjobs) == 1
+    assert op.verdicts[("ml", "j")] == ("InsufficientCapacity", "1 free")
+
+
+def test_admission_parses_a_spec_once_per_generation_and_drops_old_ones() -> None:
+    op = Operator()
+    job = make_job("j", nodes=2).manifest()
+    first = admission._spec_of(op, job)
+    assert first is not None
+    assert admission._spec_of(op, job) is first
+    job["metadata"]["generation"] = 2
+    assert admission._spec_of(op, job) is not first
+    assert list(op.specs) == [("uid-1", 2)]
+
+
+async def _drain(queue: WorkQueue) -> None:
+    async def nothing(_: tuple[str, str]) -> None:
+        return None
+
+    worker = asyncio.create_task(queue.worker(nothing))
+    while len(queue):
+        await asyncio.sleep(0)
+    worker.cancel()
