@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 from pathlib import Path
 
@@ -18,9 +19,11 @@ from trainer_testkit import (
     export_weights,
     launch,
     losses,
+    records,
     run_in_process,
     run_ok,
     torchrun,
+    val_losses,
     wait_for,
 )
 
@@ -30,6 +33,9 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 STEPS = 15
 CHECKPOINT_EVERY = 3
+# Log intervals that checkpoints do not divide: a resume lands inside an interval.
+LOG_EVERY = 4
+EVAL_EVERY = 5
 GLOBAL_BATCH = 4
 # Same samples per step, different reduction order (gloo all-reduce of gradients):
 # the fp32 loss curves agree to within this.
@@ -48,7 +54,9 @@ def run_args(data: Path, ckpt: Path, batch_size: int, *extra: str) -> list[str]:
         "--warmup-steps", "2",
         "--checkpoint-every", str(CHECKPOINT_EVERY),
         "--keep", "2",
-        "--log-every", "1",
+        "--log-every", str(LOG_EVERY),
+        "--eval-every", str(EVAL_EVERY),
+        "--eval-samples", "8",
         "--metrics-port", "-1",
         *extra,
     ]  # fmt: skip
@@ -75,10 +83,28 @@ def assert_same_curve(a: dict[int, float], b: dict[int, float]) -> None:
         assert b[step] == pytest.approx(a[step], rel=LOSS_RTOL), f"step {step}"
 
 
+def deterministic(records: list[dict[str, object]]) -> list[dict[str, object]]:
+    """A log without its timings, which no two runs share."""
+    return [{k: v for k, v in r.items() if k not in ("tokensPerSecond", "mfu")} for r in records]
+
+
+def interval_lines(log: str) -> dict[int, str]:
+    """step -> the interval line's deterministic part ("loss ... | gnorm ... | lr ...")."""
+    out = {}
+    for m in re.finditer(r"step (\d+)/\d+ \| (loss \S+ \| gnorm \S+ \| lr \S+)", log):
+        out[int(m.group(1))] = m.group(2)
+    return out
+
+
 def test_two_rank_ddp_matches_one_process_with_same_global_batch(
     single_run: Path, ddp_run: Path
 ) -> None:
     assert_same_curve(losses(single_run), losses(ddp_run))
+    # The fixed val set is the same sequences whatever the world size.
+    single_val, ddp_val = val_losses(single_run), val_losses(ddp_run)
+    assert sorted(single_val) == [5, 10, 15]
+    for step, value in single_val.items():
+        assert ddp_val[step] == pytest.approx(value, rel=LOSS_RTOL), step
     single, ddp = export_weights(single_run), export_weights(ddp_run)
     for name, weight in single.items():
         torch.testing.assert_close(ddp[name], weight, atol=1e-4, rtol=1e-3, msg=name)
@@ -137,6 +163,19 @@ def test_sigkill_one_rank_then_relaunch_resumes_exactly(
     expected = export_weights(ddp_run)
     for name, weight in export_weights(ckpt).items():
         assert torch.equal(weight, expected[name]), name
+    # The log reads as one run: each step once, in order, equal to the uninterrupted log
+    # (losses, gradient norms, learning rates, validation), intervals ending where its end.
+    resumed, reference = records(ckpt), records(ddp_run)
+    assert [r["step"] for r in resumed] == list(range(1, STEPS + 1))
+    assert deterministic(resumed) == deterministic(reference)
+    with_throughput = [r["step"] for r in resumed if "tokensPerSecond" in r]
+    assert with_throughput == [r["step"] for r in reference if "tokensPerSecond" in r]
+    # The first interval after the resume averages all of its steps, not only the redone ones.
+    uninterrupted = interval_lines((ddp_run.parent / "logs" / "rank0.log").read_text())
+    after_resume = interval_lines(log)
+    assert sorted(after_resume) == [s for s in sorted(uninterrupted) if s > newest]
+    for step, line in after_resume.items():
+        assert line == uninterrupted[step], step
 
 
 def test_sigkill_during_save_keeps_previous_checkpoint(

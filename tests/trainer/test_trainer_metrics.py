@@ -1,19 +1,38 @@
-"""The /progress contract the operator polls, and the Prometheus metric names."""
+"""The /progress contract the operator polls, the Prometheus series, and the MFU peak."""
 
 from __future__ import annotations
 
 import json
 import urllib.request
+from collections.abc import Iterator
 
 import pytest
 import torch
 
-from phalanx_trainer.metrics import TrainMetrics, mfu, peak_flops_for
+from phalanx_trainer.metrics import TrainMetrics, mfu, peak_flops_for, resolve_peak_flops
+
+BEFORE_THE_FIRST_STEP = {
+    "step": 0,
+    "totalSteps": 100,
+    "loss": None,
+    "tokensPerSecond": None,
+    "mfu": None,
+    "lastCheckpointStep": None,
+    "etaSeconds": None,
+    "exportSteps": [],
+    "exportPath": None,
+    "rank": 1,
+    "gradNorm": None,
+    "stepSeconds": None,
+    "valLoss": None,
+    "valPerplexity": None,
+    "valStep": None,
+}
 
 
 @pytest.fixture
-def served() -> tuple[TrainMetrics, str]:
-    metrics = TrainMetrics(total_steps=100)
+def served() -> Iterator[tuple[TrainMetrics, str]]:
+    metrics = TrainMetrics(total_steps=100, rank=1)
     port = metrics.serve(0, host="127.0.0.1")
     yield metrics, f"http://127.0.0.1:{port}"
     metrics.close()
@@ -24,33 +43,45 @@ def get(url: str) -> tuple[str, bytes]:
         return resp.headers["Content-Type"], resp.read()
 
 
+def samples(text: str) -> set[str]:
+    return {line for line in text.splitlines() if line and not line.startswith("#")}
+
+
 def test_progress_before_the_first_step(served: tuple[TrainMetrics, str]) -> None:
     _, base = served
     content_type, body = get(base + "/progress")
     assert content_type == "application/json"
-    assert json.loads(body) == {
-        "step": 0,
-        "totalSteps": 100,
-        "loss": None,
-        "tokensPerSecond": None,
-        "mfu": None,
-        "lastCheckpointStep": None,
-        "etaSeconds": None,
-        "exportSteps": [],
-        "exportPath": None,
-    }
+    assert json.loads(body) == BEFORE_THE_FIRST_STEP
+
+
+def test_unknown_values_are_absent_not_zero(served: tuple[TrainMetrics, str]) -> None:
+    metrics, base = served
+    metrics.record_step(
+        step=10, loss=2.5, lr=1e-3, tokens_per_second=1000.0, mfu=None, eta_seconds=90.0
+    )
+    text = get(base + "/metrics")[1].decode()
+    assert "phalanx_train_loss{" in text
+    for absent in ("phalanx_train_mfu{", "phalanx_train_grad_norm{", "phalanx_train_val_loss{"):
+        assert absent not in text, absent
 
 
 def test_progress_and_metrics_after_steps(served: tuple[TrainMetrics, str]) -> None:
     metrics, base = served
     metrics.record_step(
-        step=10, loss=2.5, lr=1e-3, tokens_per_second=1000.0, mfu=0.4, eta_seconds=90.0
+        step=10,
+        loss=2.5,
+        lr=1e-3,
+        tokens_per_second=1000.0,
+        mfu=0.4,
+        eta_seconds=90.0,
+        grad_norm=0.75,
+        step_seconds=0.125,
     )
+    metrics.record_eval(step=10, loss=3.0, perplexity=20.0)
     metrics.record_checkpoint(10, 1.5)
     metrics.record_exports([10, 5], "export")
-    assert json.loads(get(base + "/progress")[1]) == {
+    assert json.loads(get(base + "/progress")[1]) == BEFORE_THE_FIRST_STEP | {
         "step": 10,
-        "totalSteps": 100,
         "loss": 2.5,
         "tokensPerSecond": 1000.0,
         "mfu": 0.4,
@@ -58,17 +89,26 @@ def test_progress_and_metrics_after_steps(served: tuple[TrainMetrics, str]) -> N
         "etaSeconds": 90.0,
         "exportSteps": [5, 10],
         "exportPath": "export",
+        "gradNorm": 0.75,
+        "stepSeconds": 0.125,
+        "valLoss": 3.0,
+        "valPerplexity": 20.0,
+        "valStep": 10,
     }
-    text = get(base + "/metrics")[1].decode()
-    for line in (
-        "phalanx_train_loss 2.5",
-        "phalanx_train_tokens_per_second 1000.0",
-        "phalanx_train_mfu 0.4",
-        "phalanx_train_step 10.0",
-        "phalanx_train_learning_rate 0.001",
-        "phalanx_checkpoint_save_seconds_count 1.0",
-    ):
-        assert line in text
+    expected = {
+        'phalanx_train_loss{rank="1"} 2.5',
+        'phalanx_train_grad_norm{rank="1"} 0.75',
+        'phalanx_train_tokens_per_second{rank="1"} 1000.0',
+        'phalanx_train_mfu{rank="1"} 0.4',
+        'phalanx_train_step_seconds{rank="1"} 0.125',
+        'phalanx_train_step{rank="1"} 10.0',
+        'phalanx_train_total_steps{rank="1"} 100.0',
+        'phalanx_train_learning_rate{rank="1"} 0.001',
+        'phalanx_train_val_loss{rank="1"} 3.0',
+        'phalanx_train_val_perplexity{rank="1"} 20.0',
+        'phalanx_checkpoint_save_seconds_count{rank="1"} 1.0',
+    }
+    assert expected <= samples(get(base + "/metrics")[1].decode())
 
 
 def test_non_finite_loss_is_reported_as_null(served: tuple[TrainMetrics, str]) -> None:
@@ -79,7 +119,18 @@ def test_non_finite_loss_is_reported_as_null(served: tuple[TrainMetrics, str]) -
     assert json.loads(get(base + "/progress")[1])["loss"] is None
 
 
-def test_mfu_is_unknown_on_cpu() -> None:
+@pytest.mark.parametrize(
+    ("explicit", "bf16", "expected"),
+    [(None, True, None), (None, False, None), (2e12, False, 2e12), (2e12, True, 2e12)],
+    ids=["cpu-unknown", "cpu-fp32-unknown", "explicit-fp32", "explicit-bf16"],
+)
+def test_explicit_peak_flops_is_used_in_any_precision(
+    explicit: float | None, bf16: bool, expected: float | None
+) -> None:
+    assert resolve_peak_flops(explicit, torch.device("cpu"), bf16=bf16) == expected
+
+
+def test_mfu_is_unknown_without_a_peak() -> None:
     assert peak_flops_for(torch.device("cpu")) is None
     assert mfu(1000.0, 6e6, None) is None
     assert mfu(1e5, 6e9, 989e12) == pytest.approx(1e5 * 6e9 / 989e12)

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -151,13 +152,20 @@ def export_weights(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(str(export / "model.safetensors"))
 
 
+def records(checkpoint_dir: Path) -> list[dict[str, Any]]:
+    """The trainer's per-step log, as written."""
+    lines = (checkpoint_dir / "train_log.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
 def losses(checkpoint_dir: Path) -> dict[int, float]:
-    """step -> loss from the trainer's log (a resumed run re-logs replayed steps; last wins)."""
-    out: dict[int, float] = {}
-    for line in (checkpoint_dir / "train_log.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        out[int(record["step"])] = float(record["loss"])
-    return out
+    """step -> training loss from the trainer's per-step log."""
+    return {int(r["step"]): float(r["loss"]) for r in records(checkpoint_dir)}
+
+
+def val_losses(checkpoint_dir: Path) -> dict[int, float]:
+    """step -> validation loss, for the steps after which the trainer evaluated."""
+    return {int(r["step"]): float(r["valLoss"]) for r in records(checkpoint_dir) if "valLoss" in r}
 
 
 def run_in_process(args: Sequence[str], environ: dict[str, str] | None = None) -> int:

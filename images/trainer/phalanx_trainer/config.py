@@ -44,16 +44,31 @@ class TrainConfig:
     seed: int = _opt("seed for init and data order", 1337)
     # execution
     parallelism: str = _opt("data parallelism strategy", "ddp", ("ddp", "fsdp"))
+    tensor_parallel: int = _opt(
+        "tensor-parallel degree: consecutive ranks split each block (needs fsdp)", 1
+    )
     compile: bool = _opt("torch.compile each transformer block", False)
     activation_checkpointing: bool = _opt("recompute block activations in backward", False)
     precision: str = _opt(
         "auto = bf16 autocast on GPU, fp32 on CPU", "auto", ("auto", "bf16", "fp32")
     )
-    device: str = _opt("auto, cuda or cpu", "auto", ("auto", "cuda", "cpu"))
+    device: str = _opt(
+        "auto (cuda, else npu, else cpu; npu when $RANK_TABLE_FILE is set), cuda, npu or cpu",
+        "auto",
+        ("auto", "cuda", "npu", "cpu"),
+    )
     pg_timeout: float = _opt("process-group timeout in seconds (must exceed a save)", 900.0)
+    loss_chunk: int = _opt(
+        "tokens per chunk of the cross-entropy (full logits never exist; 0 = plain loss)", 4096
+    )
     # data
     data: str | None = _opt("prepared data directory (default: the built-in corpus)")
     data_cache: str | None = _opt("where to prepare the built-in corpus")
+    # evaluation
+    eval_every: int = _opt(
+        "validation loss on the fixed val set every N steps and at the end (0 = off)", 100
+    )
+    eval_samples: int = _opt("sequences in the fixed val set (at most the split holds)", 64)
     # checkpoints
     checkpoint_dir: str = _opt("checkpoint root ($PHALANX_CHECKPOINT_DIR)", "phalanx-run")
     checkpoint_every: int = _opt("save every N steps (0 = only at the end)", 100)
@@ -163,6 +178,16 @@ def validate(cfg: TrainConfig) -> None:
     for name, allowed in choices.items():
         if allowed and getattr(cfg, name) not in allowed:
             raise InvalidConfig(f"--{name.replace('_', '-')} must be one of {list(allowed)}")
-    for name in ("steps", "batch_size", "grad_accum", "log_every"):
+    for name in (
+        "steps",
+        "batch_size",
+        "grad_accum",
+        "log_every",
+        "eval_samples",
+        "tensor_parallel",
+    ):
         if getattr(cfg, name) < 1:
             raise InvalidConfig(f"--{name.replace('_', '-')} must be at least 1")
+    for name in ("eval_every", "checkpoint_every", "export_every", "loss_chunk"):
+        if getattr(cfg, name) < 0:
+            raise InvalidConfig(f"--{name.replace('_', '-')} must be 0 or more")

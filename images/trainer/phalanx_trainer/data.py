@@ -231,7 +231,7 @@ class DistributedTokenLoader:
         self._perm_epoch = -1
         self._perm: np.ndarray[Any, Any] = np.empty(0, dtype=np.int64)
 
-    def _window(self, sample: int) -> np.ndarray[Any, Any]:
+    def window(self, sample: int) -> np.ndarray[Any, Any]:
         epoch, pos = divmod(sample, self.num_windows)
         if epoch != self._perm_epoch:
             self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_windows)
@@ -243,7 +243,7 @@ class DistributedTokenLoader:
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         first = self.consumed_samples + self.rank * self.micro_batch
-        rows = [self._window(first + b) for b in range(self.micro_batch)]
+        rows = [self.window(first + b) for b in range(self.micro_batch)]
         self.consumed_samples += self.world_size * self.micro_batch
         batch = torch.from_numpy(np.stack(rows).astype(np.int64))
         return batch[:, :-1], batch[:, 1:]

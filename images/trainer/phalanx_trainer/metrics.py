@@ -1,10 +1,14 @@
 """Live training metrics: Prometheus ``/metrics`` and the ``/progress`` JSON the operator polls.
 
-Only rank 0 serves. ``/progress`` returns exactly::
+Every rank serves its own (on ``--metrics-port`` + local rank); the operator polls rank 0.
+``/progress`` returns the contract's fields (docs/progress-contract.md)::
 
     {"step": int, "totalSteps": int, "loss": float|null, "tokensPerSecond": float|null,
      "mfu": float|null, "lastCheckpointStep": int|null, "etaSeconds": float|null,
      "exportSteps": [int], "exportPath": str|null}
+
+plus ``rank``, ``gradNorm``, ``stepSeconds`` (this rank's own), ``valLoss``,
+``valPerplexity`` and ``valStep``.
 """
 
 from __future__ import annotations
@@ -50,6 +54,14 @@ def peak_flops_for(device: torch.device) -> float | None:
     return None
 
 
+def resolve_peak_flops(explicit: float | None, device: torch.device, *, bf16: bool) -> float | None:
+    """Peak FLOP/s of one device for MFU: ``--peak-flops`` whenever given, in any precision;
+    otherwise the datasheet's dense bf16 peak, which only describes bf16 runs."""
+    if explicit is not None:
+        return explicit
+    return peak_flops_for(device) if bf16 else None
+
+
 def mfu(
     tokens_per_second: float, flops_per_token: float, peak_flops_total: float | None
 ) -> float | None:
@@ -72,6 +84,13 @@ class Progress:
     # checkpoint volume: the operator never infers an export from a checkpoint.
     export_steps: list[int] = field(default_factory=list)
     export_path: str | None = None
+    # Beyond the contract's fields (which the operator reads); unknown fields are ignored.
+    rank: int = 0
+    grad_norm: float | None = None
+    step_seconds: float | None = None  # this rank's own mean wall time per step
+    val_loss: float | None = None
+    val_perplexity: float | None = None
+    val_step: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         def finite(x: float | None) -> float | None:
@@ -87,42 +106,62 @@ class Progress:
             "etaSeconds": finite(self.eta_seconds),
             "exportSteps": list(self.export_steps),
             "exportPath": self.export_path,
+            "rank": self.rank,
+            "gradNorm": finite(self.grad_norm),
+            "stepSeconds": finite(self.step_seconds),
+            "valLoss": finite(self.val_loss),
+            "valPerplexity": finite(self.val_perplexity),
+            "valStep": self.val_step,
         }
 
 
 class TrainMetrics:
-    """The trainer's metrics and progress, optionally served over HTTP."""
+    """One rank's metrics and progress, optionally served over HTTP.
 
-    def __init__(self, total_steps: int) -> None:
+    Every series carries a ``rank`` label (the global rank), so the ranks of a job, each
+    serving its own endpoint, can be told apart. A series whose value is not known yet (MFU
+    on a device without a known peak, the loss before the first interval) is absent rather
+    than 0.
+    """
+
+    def __init__(self, total_steps: int, rank: int = 0) -> None:
         self.registry = CollectorRegistry()
-        self.loss = Gauge(
-            "phalanx_train_loss", "Training loss (mean over ranks)", registry=self.registry
+        self.rank = rank
+
+        def gauge(name: str, help: str) -> Gauge:
+            return Gauge(name, help, labelnames=("rank",), registry=self.registry)
+
+        self.loss = gauge("phalanx_train_loss", "Training loss (mean over ranks)")
+        self.grad_norm = gauge(
+            "phalanx_train_grad_norm", "Global gradient norm before clipping (interval mean)"
         )
-        self.tokens_per_second = Gauge(
-            "phalanx_train_tokens_per_second",
-            "Training throughput, all ranks",
-            registry=self.registry,
+        self.tokens_per_second = gauge(
+            "phalanx_train_tokens_per_second", "Training throughput, all ranks"
         )
-        self.mfu = Gauge(
-            "phalanx_train_mfu",
-            "Model FLOPs utilisation (0-1; absent on CPU)",
-            registry=self.registry,
+        self.mfu = gauge(
+            "phalanx_train_mfu", "Model FLOPs utilisation (0-1; absent when the peak is unknown)"
         )
-        self.step = Gauge("phalanx_train_step", "Optimizer steps completed", registry=self.registry)
-        self.total_steps = Gauge(
-            "phalanx_train_total_steps", "Optimizer steps planned", registry=self.registry
+        self.step_seconds = gauge(
+            "phalanx_train_step_seconds", "This rank's mean wall time per step (last interval)"
         )
-        self.learning_rate = Gauge(
-            "phalanx_train_learning_rate", "Current learning rate", registry=self.registry
+        self.step = gauge("phalanx_train_step", "Optimizer steps completed")
+        self.total_steps = gauge("phalanx_train_total_steps", "Optimizer steps planned")
+        self.learning_rate = gauge("phalanx_train_learning_rate", "Current learning rate")
+        self.val_loss = gauge("phalanx_train_val_loss", "Validation loss on the fixed val set")
+        self.val_perplexity = gauge(
+            "phalanx_train_val_perplexity", "exp(validation loss) on the fixed val set"
         )
         self.checkpoint_seconds = Histogram(
             "phalanx_checkpoint_save_seconds",
             "Time to write and publish one checkpoint",
+            labelnames=("rank",),
             buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800),
             registry=self.registry,
         )
-        self.progress = Progress(total_steps=total_steps)
-        self.total_steps.set(total_steps)
+        self._rank = str(rank)
+        self.progress = Progress(total_steps=total_steps, rank=rank)
+        self.total_steps.labels(self._rank).set(total_steps)
+        self.step.labels(self._rank).set(0)
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
 
@@ -135,6 +174,8 @@ class TrainMetrics:
         tokens_per_second: float | None,
         mfu: float | None,
         eta_seconds: float | None,
+        grad_norm: float | None = None,
+        step_seconds: float | None = None,
     ) -> None:
         with self._lock:
             self.progress.step = step
@@ -142,18 +183,33 @@ class TrainMetrics:
             self.progress.tokens_per_second = tokens_per_second
             self.progress.mfu = mfu
             self.progress.eta_seconds = eta_seconds
-        self.step.set(step)
-        self.loss.set(loss)
-        self.learning_rate.set(lr)
-        if tokens_per_second is not None:
-            self.tokens_per_second.set(tokens_per_second)
-        if mfu is not None:
-            self.mfu.set(mfu)
+            self.progress.grad_norm = grad_norm
+            self.progress.step_seconds = step_seconds
+        rank = self._rank
+        self.step.labels(rank).set(step)
+        self.loss.labels(rank).set(loss)
+        self.learning_rate.labels(rank).set(lr)
+        for series, value in (
+            (self.tokens_per_second, tokens_per_second),
+            (self.mfu, mfu),
+            (self.grad_norm, grad_norm),
+            (self.step_seconds, step_seconds),
+        ):
+            if value is not None:
+                series.labels(rank).set(value)
+
+    def record_eval(self, *, step: int, loss: float, perplexity: float) -> None:
+        with self._lock:
+            self.progress.val_loss = loss
+            self.progress.val_perplexity = perplexity
+            self.progress.val_step = step
+        self.val_loss.labels(self._rank).set(loss)
+        self.val_perplexity.labels(self._rank).set(perplexity)
 
     def record_checkpoint(self, step: int, seconds: float) -> None:
         with self._lock:
             self.progress.last_checkpoint_step = step
-        self.checkpoint_seconds.observe(seconds)
+        self.checkpoint_seconds.labels(self._rank).observe(seconds)
 
     def record_exports(self, steps: list[int], path: str | None) -> None:
         with self._lock:
@@ -164,7 +220,7 @@ class TrainMetrics:
         with self._lock:
             self.progress.step = step
             self.progress.last_checkpoint_step = last_checkpoint_step
-        self.step.set(step)
+        self.step.labels(self._rank).set(step)
 
     def progress_json(self) -> dict[str, Any]:
         with self._lock:

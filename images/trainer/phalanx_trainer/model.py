@@ -28,6 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from phalanx_trainer.loss import DEFAULT_CHUNK_TOKENS, linear_cross_entropy
+
 
 class KVCache(Protocol):
     """What ``Transformer.forward`` needs from a cache object."""
@@ -278,6 +280,8 @@ class Transformer(nn.Module):
             self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         # Recompute each block's activations in backward instead of storing them.
         self.activation_checkpointing = False
+        # Tokens per chunk of the training loss (0 = plain cross-entropy over full logits).
+        self.loss_chunk = DEFAULT_CHUNK_TOKENS
         self.init_weights()
 
     @torch.no_grad()
@@ -299,7 +303,13 @@ class Transformer(nn.Module):
         tokens: torch.Tensor,
         positions: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
+        targets: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """Logits ``[B, T, vocab]``; with ``targets``, the mean fp32 training loss instead.
+
+        The loss is computed here, inside the module's forward, so that under FSDP the
+        output weight is still unsharded, and chunked so that full logits never exist.
+        """
         bsz, seqlen = tokens.shape
         if positions is None:
             positions = torch.arange(seqlen, device=tokens.device).expand(bsz, seqlen)
@@ -312,6 +322,9 @@ class Transformer(nn.Module):
             else:
                 h = layer(h, cos, sin, kv_cache)
         h = self.norm(h)
+        if targets is not None:
+            weight = self.tok_embeddings.weight if self.output is None else self.output.weight
+            return linear_cross_entropy(h, weight, targets, chunk=self.loss_chunk)
         if self.output is None:
             return F.linear(h, self.tok_embeddings.weight)
         logits: torch.Tensor = self.output(h)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import signal
 import time
@@ -16,9 +17,10 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
+from phalanx_trainer import steplog
 from phalanx_trainer.checkpoint import (
     EXPORT_DIR,
     STEP_EXPORTS_DIR,
@@ -30,10 +32,17 @@ from phalanx_trainer.checkpoint import (
 from phalanx_trainer.config import TrainConfig
 from phalanx_trainer.data import DistributedTokenLoader, PreparedData, ensure_builtin_data
 from phalanx_trainer.distributed import DistEnv, init_distributed, new_gloo_group, shutdown
-from phalanx_trainer.metrics import TrainMetrics, mfu, peak_flops_for
+from phalanx_trainer.evaluation import ValidationSet
+from phalanx_trainer.metrics import TrainMetrics, mfu, resolve_peak_flops
 from phalanx_trainer.model import ModelConfig, Transformer
 from phalanx_trainer.optim import build_optimizer, build_scheduler
-from phalanx_trainer.parallel import no_grad_sync, parallelize
+from phalanx_trainer.parallel import (
+    clip_grad_norm,
+    data_parallel_position,
+    no_grad_sync,
+    parallelize,
+    unwrap,
+)
 from phalanx_trainer.termination import (
     InvalidConfig,
     Termination,
@@ -46,7 +55,7 @@ from phalanx_trainer.termination import (
 log = logging.getLogger("phalanx_trainer")
 
 DEFAULT_LR = {"nano": 3e-3, "gpt2-small": 6e-4, "1b": 3e-4}
-TRAIN_LOG_FILE = "train_log.jsonl"
+TRAIN_LOG_FILE = steplog.TRAIN_LOG_FILE
 # Above this many parameters FSDP builds the model on the meta device and initialises
 # it shard by shard instead of materialising a full copy on every rank.
 META_INIT_PARAMS = 500_000_000
@@ -101,7 +110,9 @@ def resolve_data(cfg: TrainConfig, env: DistEnv, model_cfg: ModelConfig) -> Prep
     return data
 
 
-def build_model(model_cfg: ModelConfig, cfg: TrainConfig, env: DistEnv) -> nn.Module:
+def build_model(
+    model_cfg: ModelConfig, cfg: TrainConfig, env: DistEnv, *, bf16: bool = False
+) -> nn.Module:
     meta_init = cfg.parallelism == "fsdp" and model_cfg.num_params() > META_INIT_PARAMS
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     if meta_init:
@@ -115,6 +126,8 @@ def build_model(model_cfg: ModelConfig, cfg: TrainConfig, env: DistEnv) -> nn.Mo
         device=env.device,
         compile_blocks=cfg.compile,
         activation_checkpointing=cfg.activation_checkpointing,
+        bf16_params=bf16,
+        tensor_parallel=cfg.tensor_parallel,
     )
     if meta_init:
         model.to_empty(device=env.device)
@@ -150,7 +163,7 @@ def run(cfg: TrainConfig, environ: Mapping[str, str] | None = None) -> Terminati
     stop = StopRequest()
     stop.install()
     try:
-        env = init_distributed(cfg.device, cfg.pg_timeout)
+        env = init_distributed(cfg.device, cfg.pg_timeout, env_vars)
         setup_logging(env.rank)
         termination = Trainer(cfg, env, stop).train()
         report(termination, env_vars)
@@ -163,6 +176,16 @@ def run(cfg: TrainConfig, environ: Mapping[str, str] | None = None) -> Terminati
     finally:
         stop.uninstall()
         shutdown()
+
+
+@dataclass
+class PendingStep:
+    """A finished step whose loss is still on the device (no host sync on ordinary steps)."""
+
+    step: int
+    lr: float
+    loss: torch.Tensor
+    grad_norm: torch.Tensor
 
 
 class Trainer:
@@ -178,11 +201,14 @@ class Trainer:
                 f"--seq-len {self.seq_len} exceeds the model's max_seq_len "
                 f"{self.model_cfg.max_seq_len}"
             )
-        use_bf16 = cfg.precision == "bf16" or (
-            cfg.precision == "auto" and env.device.type == "cuda"
+        self.bf16 = cfg.precision == "bf16" or (
+            cfg.precision == "auto" and env.device.type != "cpu"
         )
-        self.autocast_dtype = torch.bfloat16 if use_bf16 else None
-        self.model = build_model(self.model_cfg, cfg, env)
+        # FSDP casts parameters itself (MixedPrecisionPolicy); DDP and one process autocast.
+        fsdp_mixed = self.bf16 and cfg.parallelism == "fsdp"
+        self.autocast_dtype = torch.bfloat16 if self.bf16 and not fsdp_mixed else None
+        self.model = build_model(self.model_cfg, cfg, env, bf16=self.bf16)
+        unwrap(self.model).loss_chunk = cfg.loss_chunk
         lr = cfg.lr if cfg.lr is not None else DEFAULT_LR.get(cfg.preset, 3e-4)
         self.optimizer = build_optimizer(
             self.model,
@@ -195,20 +221,30 @@ class Trainer:
         self.scheduler = build_scheduler(
             self.optimizer, warmup=warmup, total=cfg.steps, min_ratio=cfg.min_lr_ratio
         )
+        # Ranks of one tensor-parallel group read the same batch.
+        self.dp_rank, self.dp_size = data_parallel_position(
+            env.rank, env.world_size, cfg.tensor_parallel
+        )
         self.loader = DistributedTokenLoader(
             self.data,
             seq_len=self.seq_len,
             micro_batch=cfg.batch_size,
-            rank=env.rank,
-            world_size=env.world_size,
+            rank=self.dp_rank,
+            world_size=self.dp_size,
             seed=cfg.seed,
         )
-        self.tokens_per_step = env.world_size * cfg.batch_size * cfg.grad_accum * self.seq_len
+        self.val_set: ValidationSet | None = None
+        if cfg.eval_every > 0:
+            self.val_set = ValidationSet(
+                self.data, seq_len=self.seq_len, samples=cfg.eval_samples, batch=cfg.batch_size
+            )
+        self.tokens_per_step = self.dp_size * cfg.batch_size * cfg.grad_accum * self.seq_len
         self.flops_per_token = self.model_cfg.flops_per_token(self.seq_len)
-        peak = cfg.peak_flops or peak_flops_for(env.device)
-        self.peak_flops_total = peak * env.world_size if peak and use_bf16 else None
-        self.metrics = TrainMetrics(cfg.steps)
+        peak = resolve_peak_flops(cfg.peak_flops, env.device, bf16=self.bf16)
+        self.peak_flops_total = peak * env.world_size if peak else None
+        self.metrics = TrainMetrics(cfg.steps, rank=env.rank)
         self.root = Path(cfg.checkpoint_dir)
+        self.log_path = self.root / TRAIN_LOG_FILE
         self.ckpt = CheckpointManager(
             self.root,
             keep=cfg.keep,
@@ -218,7 +254,11 @@ class Trainer:
         self.step = 0
         self.last_saved_step: int | None = None
         self.metrics_port: int | None = None
-        self._lr = lr
+        # Steps not yet in the log, extra fields for them (throughput, validation), and the
+        # logged records of the current interval (restored from the log after a resume).
+        self._pending: list[PendingStep] = []
+        self._annotations: dict[int, steplog.Record] = {}
+        self._interval: list[steplog.Record] = []
 
     # -- setup ----------------------------------------------------------------------------
 
@@ -238,29 +278,60 @@ class Trainer:
             log.info(
                 "world %d (%s on %s), %d tokens/step, precision %s, restart %s",
                 env.world_size,
-                cfg.parallelism,
+                cfg.parallelism
+                + (
+                    f", mesh dp={self.dp_size} x tp={cfg.tensor_parallel}"
+                    if cfg.tensor_parallel > 1
+                    else ""
+                ),
                 env.device,
                 self.tokens_per_step,
-                "bf16" if self.autocast_dtype else "fp32",
+                ("bf16 (FSDP mixed precision)" if self.autocast_dtype is None else "bf16")
+                if self.bf16
+                else "fp32",
                 os.environ.get("PHALANX_RESTART", "0"),
             )
+            if self.val_set is not None:
+                log.info(
+                    "validation every %d steps on %d fixed val sequences of %d tokens",
+                    cfg.eval_every,
+                    self.val_set.samples,
+                    self.seq_len,
+                )
 
     def _resume(self) -> None:
         state = self.ckpt.load_latest(self.model, self.optimizer)
         if state is None:
             log.info("no checkpoint in %s; starting from scratch", self.root)
-            return
-        self.step = int(state["step"])
-        if state.get("totalSteps") != self.cfg.steps:
-            log.warning(
-                "checkpoint was written for %s total steps, this run has %d: the learning-rate "
-                "schedule changes from here",
-                state.get("totalSteps"),
-                self.cfg.steps,
+        else:
+            self.step = int(state["step"])
+            if state.get("totalSteps") != self.cfg.steps:
+                log.warning(
+                    "checkpoint was written for %s total steps, this run has %d: the "
+                    "learning-rate schedule changes from here",
+                    state.get("totalSteps"),
+                    self.cfg.steps,
+                )
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.loader.load_state_dict(state["data"])
+            self.last_saved_step = self.step
+        self._restore_log()
+
+    def _restore_log(self) -> None:
+        """Cut the log back to the resumed step, so redone steps replace, never duplicate."""
+        if self.env.is_main:
+            kept = steplog.kept_records(steplog.read_records(self.log_path), self.step)
+            steplog.rewrite(self.log_path, kept)
+        dist.barrier()
+        kept = steplog.read_records(self.log_path)
+        after = steplog.interval_start(self.step + 1, self.cfg.log_every)
+        self._interval = [r for r in kept if r["step"] > after]
+        evaluated = [r for r in kept if r.get("valLoss") is not None]
+        if evaluated:
+            last = evaluated[-1]
+            self.metrics.record_eval(
+                step=last["step"], loss=last["valLoss"], perplexity=last["valPerplexity"]
             )
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.loader.load_state_dict(state["data"])
-        self.last_saved_step = self.step
 
     def _trainer_state(self) -> dict[str, Any]:
         return {
@@ -272,49 +343,67 @@ class Trainer:
             "trainConfig": self.cfg.to_dict(),
         }
 
+    def _serve_metrics(self) -> None:
+        """Every rank serves its own endpoint, on the port plus its local rank."""
+        base = self.cfg.metrics_port
+        if base < 0:
+            return
+        port = base + self.env.local_rank if base > 0 else 0
+        try:
+            self.metrics_port = self.metrics.serve(port)
+        except OSError as exc:
+            raise InvalidConfig(
+                f"rank {self.env.rank} cannot serve metrics on port {port} "
+                f"(--metrics-port {base} + local rank {self.env.local_rank}): {exc}"
+            ) from exc
+        log.info("serving /metrics and /progress on port %d", self.metrics_port)
+
     # -- the loop -------------------------------------------------------------------------
 
     def train(self) -> Termination:
         self._announce()
         self._resume()
         self._report_exports(final=self._exported_already())
-        if self.env.is_main and self.cfg.metrics_port >= 0:
-            self.metrics_port = self.metrics.serve(self.cfg.metrics_port)
-            log.info("serving /metrics and /progress on port %d", self.metrics_port)
+        self._serve_metrics()
         self.metrics.set_position(self.step, self.last_saved_step)
         self.model.train()
 
-        # Loss stays on the device between log intervals: no host sync on ordinary steps.
-        loss_sum = torch.zeros((), device=self.env.device)
-        interval_start, interval_steps = time.monotonic(), 0
+        cfg = self.cfg
+        interval_start, timed_steps = time.monotonic(), 0
         try:
-            while self.step < self.cfg.steps:
+            while self.step < cfg.steps:
                 if self._stop_requested():
                     return self._stop()
-                loss_sum += self._train_step()
+                lr = float(self.scheduler.get_last_lr()[0])
+                loss, grad_norm = self._train_step()
                 self.step += 1
-                interval_steps += 1
-                if self.step % self.cfg.log_every == 0 or self.step == self.cfg.steps:
-                    self._log_interval(loss_sum, interval_steps, time.monotonic() - interval_start)
-                    loss_sum.zero_()
-                    interval_steps = 0
-                    interval_start = time.monotonic()
-                every = self.cfg.checkpoint_every
-                if (every > 0 and self.step % every == 0) or self.step == self.cfg.steps:
-                    save_start = time.monotonic()
-                    self._save(final=self.step == self.cfg.steps)
-                    interval_start += time.monotonic() - save_start  # keep saves out of tok/s
-                if self.cfg.export_every > 0 and self.step % self.cfg.export_every == 0:
-                    export_start = time.monotonic()
+                timed_steps += 1
+                self._pending.append(PendingStep(self.step, lr, loss, grad_norm))
+                last = self.step == cfg.steps
+                step_done = time.monotonic()
+                if cfg.eval_every > 0 and (self.step % cfg.eval_every == 0 or last):
+                    self._evaluate()
+                interval_over = self.step % cfg.log_every == 0 or last
+                if interval_over:
+                    self._log_interval(timed_steps, step_done - interval_start)
+                    timed_steps = 0
+                every = cfg.checkpoint_every
+                if (every > 0 and self.step % every == 0) or last:
+                    self._flush_log()  # every step up to a checkpoint is in the log
+                    self._save(final=last)
+                if cfg.export_every > 0 and self.step % cfg.export_every == 0:
                     self._export(f"{STEP_EXPORTS_DIR}/step-{self.step}")
                     self._report_exports(final=False)
-                    interval_start += time.monotonic() - export_start
+                # Evaluation, logging, saves and exports stay out of tokens/s and step times.
+                now = time.monotonic()
+                interval_start = now if interval_over else interval_start + (now - step_done)
+            self._flush_log()
             if self.last_saved_step != self.step:
                 self._save(final=True)
             self.ckpt.wait()
-            if self.cfg.export and not self._exported_already():
+            if cfg.export and not self._exported_already():
                 self._export()
-            final = self.cfg.export and self._exported_already()
+            final = cfg.export and self._exported_already()
             self._report_exports(final=final)
             log.info("training complete at step %d", self.step)
             return completed(
@@ -326,9 +415,9 @@ class Trainer:
         finally:
             self.metrics.close()
 
-    def _train_step(self) -> torch.Tensor:
+    def _train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step; returns its loss and the global gradient norm before clipping."""
         cfg = self.cfg
-        lr = float(self.scheduler.get_last_lr()[0])
         step_loss = torch.zeros((), device=self.env.device)
         for micro in range(cfg.grad_accum):
             inputs, targets = self.loader.next_batch()
@@ -337,65 +426,128 @@ class Trainer:
             last_micro = micro == cfg.grad_accum - 1
             with no_grad_sync(self.model, skip=not last_micro):
                 with self._autocast():
-                    logits = self.model(inputs)
-                # Loss in fp32 and backward outside autocast (its ops pick their own dtypes).
-                loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+                    # fp32 loss, chunked over the output projection (see loss.py).
+                    loss = self.model(inputs, targets=targets)
                 torch.autograd.backward(loss / cfg.grad_accum)
             step_loss += loss.detach() / cfg.grad_accum
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        # With clipping off the norm is still measured: an infinite bound scales by 1.0.
+        bound = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+        if cfg.tensor_parallel > 1:  # gradients on two meshes: see clip_grad_norm
+            grad_norm = clip_grad_norm(self.model.parameters(), bound)
+        else:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), bound)
+        if isinstance(grad_norm, DTensor):  # FSDP: the norm of sharded gradients
+            grad_norm = grad_norm.full_tensor()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        self._lr = lr
-        return step_loss
+        return step_loss, grad_norm.detach().float()
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.env.device.type, dtype=self.autocast_dtype)
 
-    def _log_interval(self, loss_sum: torch.Tensor, steps: int, seconds: float) -> None:
-        mean = loss_sum.detach().clone() / max(1, steps)
-        dist.all_reduce(mean, op=dist.ReduceOp.SUM)
-        loss = mean.item() / self.env.world_size
-        tokens_per_second = self.tokens_per_step * steps / seconds if seconds > 0 else None
+    def _flush_log(self) -> list[steplog.Record]:
+        """Bring the pending steps to the host (one all-reduce) and append them to the log."""
+        if not self._pending:
+            return []
+        losses = torch.stack([p.loss for p in self._pending])
+        dist.all_reduce(losses, op=dist.ReduceOp.SUM)
+        mean_losses = (losses / self.env.world_size).tolist()
+        norms = torch.stack([p.grad_norm for p in self._pending]).tolist()
+        records = []
+        for pending, loss, norm in zip(self._pending, mean_losses, norms, strict=True):
+            record: steplog.Record = {
+                "step": pending.step,
+                "loss": loss,
+                "gradNorm": norm,
+                "lr": pending.lr,
+            }
+            record.update(self._annotations.pop(pending.step, {}))
+            records.append(record)
+        self._pending.clear()
+        if self.env.is_main:
+            steplog.append(self.log_path, records)
+        self._interval.extend(records)
+        return records
+
+    def _log_interval(self, timed_steps: int, seconds: float) -> None:
+        step, cfg = self.step, self.cfg
+        tokens_per_second = (
+            self.tokens_per_step * timed_steps / seconds if seconds > 0 and timed_steps else None
+        )
         achieved_mfu = (
             mfu(tokens_per_second, self.flops_per_token, self.peak_flops_total)
             if tokens_per_second
             else None
         )
-        eta = seconds / steps * (self.cfg.steps - self.step) if steps else None
+        throughput: steplog.Record = {"tokensPerSecond": tokens_per_second}
+        if achieved_mfu is not None:
+            throughput["mfu"] = achieved_mfu
+        self._annotations.setdefault(step, {}).update(throughput)
+        self._flush_log()
+        # Intervals end on multiples of --log-every whatever step a run resumed from, and
+        # their means cover logged steps (restored from the log after a resume).
+        after = steplog.interval_start(step, cfg.log_every)
+        loss = steplog.interval_mean(self._interval, after, step, "loss")
+        grad_norm = steplog.interval_mean(self._interval, after, step, "gradNorm")
+        lr = float(self._interval[-1]["lr"])  # the rate the interval's last step used
+        self._interval = []
+        assert loss is not None
+        step_seconds = seconds / timed_steps if timed_steps else None
+        eta = step_seconds * (cfg.steps - step) if step_seconds is not None else None
         self.metrics.record_step(
-            step=self.step,
+            step=step,
             loss=loss,
-            lr=self._lr,
+            lr=lr,
             tokens_per_second=tokens_per_second,
             mfu=achieved_mfu,
             eta_seconds=eta,
+            grad_norm=grad_norm,
+            step_seconds=step_seconds,
         )
-        if not self.env.is_main:
-            return
         mfu_text = f"{achieved_mfu:.1%}" if achieved_mfu is not None else "n/a"
         log.info(
-            "step %d/%d | loss %.4f | lr %.3e | tok/s %.0f | mfu %s | %.3fs/step | eta %.0fs",
-            self.step,
-            self.cfg.steps,
+            "step %d/%d | loss %.4f | gnorm %.3f | lr %.3e | tok/s %.0f | mfu %s | "
+            "%.3fs/step | eta %.0fs",
+            step,
+            cfg.steps,
             loss,
-            self._lr,
+            grad_norm or 0.0,
+            lr,
             tokens_per_second or 0.0,
             mfu_text,
-            seconds / max(1, steps),
+            step_seconds or 0.0,
             eta or 0.0,
         )
-        record = {
-            "step": self.step,
-            "loss": loss,
-            "lr": self._lr,
-            "tokensPerSecond": tokens_per_second,
-        }
-        with open(self.root / TRAIN_LOG_FILE, "a") as f:
-            f.write(json.dumps(record) + "\n")
+
+    def _evaluate(self) -> None:
+        """Validation loss on the fixed val set (collective: every rank runs it)."""
+        assert self.val_set is not None
+        self.model.eval()
+        try:
+            with torch.no_grad(), self._autocast():
+                loss_sum, tokens = self.val_set.loss_sum(
+                    self.model, self.dp_rank, self.dp_size, self.env.device
+                )
+        finally:
+            self.model.train()
+        totals = torch.stack([loss_sum, tokens])
+        dist.all_reduce(totals, op=dist.ReduceOp.SUM)
+        val_loss = float(totals[0] / totals[1])
+        perplexity = math.exp(min(val_loss, 700.0))  # exp overflows a float past ~709
+        self._annotations.setdefault(self.step, {}).update(
+            {"valLoss": val_loss, "valPerplexity": perplexity}
+        )
+        self.metrics.record_eval(step=self.step, loss=val_loss, perplexity=perplexity)
+        log.info(
+            "step %d/%d | val loss %.4f | val ppl %.2f",
+            self.step,
+            self.cfg.steps,
+            val_loss,
+            perplexity,
+        )
 
     def _save(self, *, final: bool) -> None:
         self.ckpt.save(self.step, self.model, self.optimizer, self._trainer_state(), final=final)
@@ -410,6 +562,7 @@ class Trainer:
         signum = self.stop.signum or signal.SIGTERM
         log.warning("stop requested (signal %d) at step %d", signum, self.step)
         self.ckpt.wait()  # finish the in-flight save rather than leave it half written
+        self._flush_log()
         if self.cfg.checkpoint_on_signal and self.last_saved_step != self.step and self.step > 0:
             self._save(final=False)
             self.ckpt.wait()
