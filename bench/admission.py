@@ -192,11 +192,18 @@ def burst(cluster: Cluster, namespace: str, mode: str, count: int, seed: int) ->
 
 
 def scrape(port: int) -> dict[str, float]:
+    """API requests the operator made: the total and per `verb resource`."""
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     totals: dict[str, float] = {}
     for line in text.splitlines():
         if line.startswith("phalanx_api_requests_total{"):
-            totals["api_requests"] = totals.get("api_requests", 0) + float(line.rsplit(" ", 1)[1])
+            labels, value = line.rsplit(" ", 1)
+            fields = dict(
+                part.split("=", 1) for part in labels[labels.index("{") + 1 : -1].split(",")
+            )
+            kind = f"{fields['verb'].strip(chr(34))} {fields['resource'].strip(chr(34))}"
+            totals[kind] = totals.get(kind, 0) + float(value)
+            totals["api_requests"] = totals.get("api_requests", 0) + float(value)
     return totals
 
 
@@ -219,6 +226,11 @@ def main() -> None:
         "--modes", nargs="+", default=["builtin", "none"], choices=["builtin", "none"]
     )
     parser.add_argument("--output", default="admission.json", help="file name under bench/results")
+    parser.add_argument(
+        "--operator-path",
+        help="run the operator from this source directory (e.g. an older commit's operator/) "
+        "to compare API requests per job before and after a change",
+    )
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="phalanx-bench-"))
     cluster_dir = DevCluster(workdir / "cluster")
@@ -257,6 +269,11 @@ def main() -> None:
         check=True,
         capture_output=True,
     )
+    operator_env = dict(env)
+    if args.operator_path:
+        operator_env["PYTHONPATH"] = os.pathsep.join(
+            [args.operator_path, *filter(None, [os.environ.get("PYTHONPATH")])]
+        )
     log = (workdir / "operator.log").open("w")
     operator = subprocess.Popen(
         [
@@ -270,11 +287,12 @@ def main() -> None:
             "--liveness",
             "http://127.0.0.1:18081/healthz",
         ],
-        env=env,
+        env=operator_env,
         stdout=log,
         stderr=subprocess.STDOUT,
     )
     results: dict[str, Any] = {
+        "operator_path": args.operator_path or "installed",
         "nodes": args.nodes,
         "gpus": args.nodes * 8,
         "dev_up_seconds": round(up_seconds, 1),
@@ -284,12 +302,20 @@ def main() -> None:
         time.sleep(5)
         cluster = Cluster(kubeconfig)
         for mode in args.modes:
-            before = scrape(18080).get("api_requests", 0)
+            before_all = scrape(18080)
+            before = before_all.get("api_requests", 0)
             namespace = cluster.namespace(f"bench-{mode}")
             latencies = single_gang(cluster, namespace, mode, args.reps)
             outcome = burst(cluster, namespace, mode, args.jobs, args.seed)
-            after = scrape(18080).get("api_requests", 0)
-            outcome["api_requests_per_job"] = round((after - before) / (args.jobs + args.reps), 1)
+            after_all = scrape(18080)
+            after = after_all.get("api_requests", 0)
+            jobs = args.jobs + args.reps
+            outcome["api_requests_per_job"] = round((after - before) / jobs, 1)
+            outcome["api_requests_per_job_by_kind"] = {
+                kind: round((count - before_all.get(kind, 0)) / jobs, 2)
+                for kind, count in sorted(after_all.items())
+                if kind != "api_requests" and count - before_all.get(kind, 0) > 0
+            }
             results["modes"][mode] = {
                 "gang64_bind_seconds": [round(x, 3) for x in latencies],
                 "gang64_bind_p50": round(statistics.median(latencies), 3),
@@ -299,10 +325,12 @@ def main() -> None:
             }
             cluster.delete_all(namespace)
             print(json.dumps({mode: results["modes"][mode]}, indent=2), flush=True)
-        builtin, none = results["modes"]["builtin"]["burst"], results["modes"]["none"]["burst"]
-        results["bind_rate_ratio_builtin_over_none"] = round(
-            builtin["pods_bound_per_second"] / none["pods_bound_per_second"], 3
-        )
+        if {"builtin", "none"} <= set(results["modes"]):
+            builtin = results["modes"]["builtin"]["burst"]
+            none = results["modes"]["none"]["burst"]
+            results["bind_rate_ratio_builtin_over_none"] = round(
+                builtin["pods_bound_per_second"] / none["pods_bound_per_second"], 3
+            )
     finally:
         operator.terminate()
         operator.wait(timeout=30)
