@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import json
+import signal
+import socket
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from trainer_testkit import free_port, launch, records, wait_for
 
 from phalanx_trainer.metrics import TrainMetrics, mfu, peak_flops_for, resolve_peak_flops
 
@@ -134,3 +139,70 @@ def test_mfu_is_unknown_without_a_peak() -> None:
     assert peak_flops_for(torch.device("cpu")) is None
     assert mfu(1000.0, 6e6, None) is None
     assert mfu(1e5, 6e9, 989e12) == pytest.approx(1e5 * 6e9 / 989e12)
+
+
+def two_free_ports() -> int:
+    """A port P such that P and P + 1 are both free (ranks serve on P + local rank)."""
+    for _ in range(50):
+        base = free_port()
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", base + 1))
+            except OSError:
+                continue
+        return base
+    raise AssertionError("no two consecutive free ports")
+
+
+def progress_of(port: int) -> dict[str, Any]:
+    try:
+        body = get(f"http://127.0.0.1:{port}/progress")[1]
+    except OSError:
+        return {}
+    result: dict[str, Any] = json.loads(body)
+    return result
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_every_rank_serves_its_progress_and_explicit_peak_gives_fp32_mfu(
+    prepared_data: Path, tmp_path: Path
+) -> None:
+    base = two_free_ports()
+    args = [
+        "--data", str(prepared_data),
+        "--checkpoint-dir", str(tmp_path / "ckpt"),
+        "--steps", "100000",
+        "--batch-size", "2",
+        "--seq-len", "32",
+        "--log-every", "2",
+        "--eval-every", "0",
+        "--checkpoint-every", "0",
+        "--metrics-port", str(base),
+        "--peak-flops", "1e12",  # a CPU in fp32: no table entry, but the user knows its peak
+    ]  # fmt: skip
+    gang = launch(2, args, tmp_path / "logs")
+    try:
+        wait_for(
+            lambda: all(progress_of(base + r).get("stepSeconds") for r in (0, 1)),
+            timeout=180,
+            alive=gang.alive,
+        )
+        ranks = [progress_of(base + r) for r in (0, 1)]
+        text = get(f"http://127.0.0.1:{base + 1}/metrics")[1].decode()
+        for proc in gang.procs:
+            proc.send_signal(signal.SIGTERM)
+        codes = gang.wait(timeout=120)
+    finally:
+        gang.kill()
+    assert codes == [128 + signal.SIGTERM] * 2, gang.log()
+    assert [p["rank"] for p in ranks] == [0, 1]
+    for p in ranks:
+        assert p["mfu"] is not None
+        assert 0 < p["mfu"] < 1
+        assert p["gradNorm"] is not None
+        assert p["loss"] is not None
+    assert 'phalanx_train_step_seconds{rank="1"}' in text
+    assert 'phalanx_train_mfu{rank="1"}' in text
+    logged = records(tmp_path / "ckpt")
+    assert all("mfu" in r for r in logged if "tokensPerSecond" in r)
