@@ -29,6 +29,7 @@ lint: $(PY)  ## ruff + mypy (strict on operator/phalanx) + CRD drift check
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy operator/phalanx
 	$(VENV)/bin/mypy images/trainer/phalanx_trainer images/inference/phalanx_serve
+	$(VENV)/bin/lint-imports
 
 format: $(PY)  ## Format the code
 	$(VENV)/bin/ruff format .
