@@ -51,12 +51,13 @@ class RequestResult:
     output_tokens: int = 0
     prompt_tokens: int = 0
     error: str = ""
+    text: str = ""
 
 
 async def timed_request(
     client: httpx.AsyncClient, prompt: list[int], output_len: int
 ) -> RequestResult:
-    body = {
+    body: dict[str, Any] = {
         "prompt": prompt,
         "max_tokens": output_len,
         "temperature": 0,
@@ -82,6 +83,7 @@ async def timed_request(
                     result.prompt_tokens = chunk["usage"]["prompt_tokens"]
                 if not chunk.get("choices") or not chunk["choices"][0]["text"]:
                     continue
+                result.text += chunk["choices"][0]["text"]
                 if result.ttft == 0.0:
                     result.ttft = now - start
                 else:
@@ -156,6 +158,7 @@ async def run_load(
         "tpot_ms": percentiles(tpots),
         "itl_ms": percentiles([x for r in done for x in r.itl]),
         "e2el_ms": percentiles([r.latency for r in done]),
+        "texts": [r.text for r in results],
     }
 
 
@@ -200,47 +203,195 @@ class ServerProcess:
             self.proc.kill()
 
 
-def cpu_scaling(args: argparse.Namespace) -> dict[str, Any]:
+def long_context_copy(model_dir: Path, max_len: int, out: Path) -> Path:
+    """The same weights with a longer context: rotary positions have no learned table."""
+    out.mkdir(parents=True, exist_ok=True)
+    for f in model_dir.iterdir():
+        target = out / f.name
+        if not target.exists():
+            target.symlink_to(f.resolve())
+    config = json.loads((model_dir / "config.json").read_text())
+    config["max_position_embeddings"] = max_len
+    (out / "config.json").unlink()
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
+def proc_cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (Linux), to compare runs when wall time is noisy."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def summary(values: list[float]) -> dict[str, float]:
+    s = sorted(values)
+    return {"min": s[0], "median": s[len(s) // 2], "max": s[-1]}
+
+
+class HFBaseline:
+    """Hugging Face ``generate`` on the same weights: greedy, exactly output_len new tokens."""
+
+    def __init__(self, model_dir: Path, threads: int) -> None:
+        import torch
+        from tokenizers import Tokenizer
+        from transformers import LlamaForCausalLM
+
+        torch.set_num_threads(threads)
+        self.torch = torch
+        self.model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        self.tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+
+    def generate(self, prompts: list[list[int]], output_len: int) -> tuple[float, float, list[str]]:
+        """(wall seconds, CPU seconds, texts) for one batched call over all prompts."""
+        torch = self.torch
+        ids = torch.tensor(prompts)
+        wall, cpu = time.perf_counter(), time.process_time()
+        with torch.no_grad():
+            out = self.model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=output_len,
+                do_sample=False,
+                # No end-of-sequence: the server's ignore_eos, so both produce output_len tokens.
+                eos_token_id=None,
+                pad_token_id=0,
+            )
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        texts = [self.tokenizer.decode(row[len(prompts[0]) :].tolist()) for row in out]
+        return wall, cpu, texts
+
+
+def cpu_vs_hf(args: argparse.Namespace) -> dict[str, Any]:
+    from phalanx_serve.builtin import ensure_builtin_model, is_builtin
+
+    model_dir = ensure_builtin_model(args.model) if is_builtin(args.model) else Path(args.model)
     rng = random.Random(args.seed)
-    extra = ["--device", "cpu", "--dtype", "float32"]
-    if args.threads:
-        extra += ["--threads", str(args.threads)]
-    runs: list[dict[str, Any]] = []
-
-    def serve(max_batch: int, label: str, levels: list[int]) -> None:
-        server = ServerProcess(args.model, max_batch, extra)
-        try:
-            server.wait_ready()
-            vocab = server.vocab_size()
-            for c in levels:
-                n = max(args.prompts_per_client * c, args.min_prompts)
-                prompts = [[rng.randrange(vocab) for _ in range(args.input_len)] for _ in range(n)]
-                # One untimed request per level: connection set-up and first-call costs.
-                asyncio.run(run_load(server.url, prompts[:1], 4, 1, math.inf, args.seed))
-                result = asyncio.run(
-                    run_load(server.url, prompts, args.output_len, c, args.request_rate, args.seed)
+    extra = ["--device", "cpu", "--dtype", "float32", "--threads", str(args.threads)]
+    hf = HFBaseline(model_dir, args.threads)
+    vocab = 256  # ids below 256 exist in every byte-level vocabulary
+    levels: list[dict[str, Any]] = []
+    server = ServerProcess(str(model_dir), args.max_batch_size, extra)
+    try:
+        server.wait_ready()
+        asyncio.run(run_load(server.url, [[1, 2, 3]], 4, 1, math.inf, args.seed))  # warm-up
+        for c in args.concurrency:
+            prompts = [[rng.randrange(vocab) for _ in range(args.input_len)] for _ in range(c)]
+            hf.generate(prompts[:1], 4)  # warm-up
+            hf_runs, srv_runs, mismatches = [], [], 0
+            for _ in range(args.repeats):
+                wall, cpu, hf_texts = hf.generate(prompts, args.output_len)
+                hf_runs.append({"wall_s": wall, "cpu_s": cpu})
+                before = proc_cpu_seconds(server.proc.pid)
+                run = asyncio.run(
+                    run_load(server.url, prompts, args.output_len, c, math.inf, args.seed)
                 )
-                result.update(server=label, max_batch_size=max_batch)
-                runs.append(result)
-                _print_run(result)
-        finally:
-            server.stop()
-
-    serve(args.max_batch_size, "continuous-batching", args.concurrency)
-    serve(1, "sequential (max batch 1)", sorted({1, max(args.concurrency)}))
-    top = max(args.concurrency)
-    batched = next(r for r in runs if r["max_batch_size"] > 1 and r["concurrency"] == top)
-    sequential = next(r for r in runs if r["max_batch_size"] == 1 and r["concurrency"] == top)
-    speedup = batched["output_throughput"] / sequential["output_throughput"]
+                srv_cpu = proc_cpu_seconds(server.proc.pid) - before
+                mismatches += sum(a != b for a, b in zip(run.pop("texts"), hf_texts, strict=True))
+                srv_runs.append({**run, "server_cpu_s": srv_cpu})
+            tokens = c * args.output_len
+            hf_tps = [tokens / r["wall_s"] for r in hf_runs]
+            srv_tps = [r["output_throughput"] for r in srv_runs]
+            ratios = [a / b for a, b in zip(srv_tps, hf_tps, strict=True)]
+            # CPU seconds for the same tokens: steadier than wall time on a shared machine.
+            cpu_ratios = [
+                h["cpu_s"] / max(r["server_cpu_s"], 1e-9)
+                for h, r in zip(hf_runs, srv_runs, strict=True)
+            ]
+            level = {
+                "clients": c,
+                "prompts": c,
+                "hf_generate_batch": c,
+                "hf_output_tokens_per_s": summary(hf_tps),
+                "server_output_tokens_per_s": summary(srv_tps),
+                "speedup_vs_hf": summary(ratios),
+                "cpu_efficiency_vs_hf": summary(cpu_ratios),
+                "hf_cpu_s": summary([r["cpu_s"] for r in hf_runs]),
+                "server_cpu_s": summary([r["server_cpu_s"] for r in srv_runs]),
+                "server_ttft_ms_p50": summary([r["ttft_ms"]["p50"] for r in srv_runs]),
+                "server_tpot_ms_p50": summary([r["tpot_ms"]["p50"] for r in srv_runs]),
+                "outputs_equal_hf": mismatches == 0,
+                "mismatched_outputs": mismatches,
+                "failed_requests": sum(r["failed"] for r in srv_runs),
+            }
+            levels.append(level)
+            print(
+                f"clients={c:<3} HF {level['hf_output_tokens_per_s']['median']:8.1f} tok/s  "
+                f"server {level['server_output_tokens_per_s']['median']:8.1f} tok/s  "
+                f"ratio min/median {level['speedup_vs_hf']['min']:.2f}/"
+                f"{level['speedup_vs_hf']['median']:.2f}  CPU-time ratio median "
+                f"{level['cpu_efficiency_vs_hf']['median']:.2f}  outputs equal: {mismatches == 0}",
+                flush=True,
+            )
+    finally:
+        server.stop()
+    prefix = prefix_workload(args, model_dir, rng)
     return {
-        "suite": "cpu-scaling",
+        "suite": "cpu-vs-hf",
         "model": args.model,
         "input_len": args.input_len,
         "output_len": args.output_len,
-        "runs": runs,
-        f"speedup_output_throughput_at_{top}_clients": speedup,
-        "target_speedup": 3.0,
-        "meets_target": speedup >= 3.0,
+        "threads": args.threads,
+        "repeats": args.repeats,
+        "levels": levels,
+        "targets": {"speedup_at_16_clients": 1.5, "speedup_at_1_client": 1.0, "prefix_ttft": 3.0},
+        "prefix_caching": prefix,
+    }
+
+
+def prefix_workload(
+    args: argparse.Namespace, model_dir: Path, rng: random.Random
+) -> dict[str, Any]:
+    """TTFT of requests sharing a long system prompt, prefix caching on vs off."""
+    import tempfile
+
+    shared = [rng.randrange(256) for _ in range(args.prefix_len)]
+    prompts = [
+        shared + [rng.randrange(256) for _ in range(args.input_len)]
+        for _ in range(args.prefix_requests)
+    ]
+    max_len = args.prefix_len + args.input_len + args.prefix_output_len + 16
+    results: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        long_dir = long_context_copy(model_dir, max(max_len, 256), Path(tmp) / "model")
+        for label, flag in (("on", "true"), ("off", "false")):
+            extra = [
+                "--device", "cpu", "--dtype", "float32", "--threads", str(args.threads),
+                "--max-model-len", str(max_len), "--enable-prefix-caching", flag,
+            ]  # fmt: skip
+            server = ServerProcess(str(long_dir), 4, extra)
+            try:
+                server.wait_ready()
+                # The first request with the prefix fills the cache (when caching is on).
+                asyncio.run(run_load(server.url, [[*shared, 7]], 2, 1, math.inf, args.seed))
+                runs = []
+                for _ in range(args.repeats):
+                    run = asyncio.run(
+                        run_load(server.url, prompts, args.prefix_output_len, 1, math.inf, 0)
+                    )
+                    runs.append(run)
+                results[label] = {
+                    "ttft_ms_p50": summary([r["ttft_ms"]["p50"] for r in runs]),
+                    "ttft_ms_mean": summary([r["ttft_ms"]["mean"] for r in runs]),
+                    "texts": runs[0]["texts"],
+                }
+            finally:
+                server.stop()
+    ratio = results["off"]["ttft_ms_p50"]["median"] / results["on"]["ttft_ms_p50"]["median"]
+    same = results["on"].pop("texts") == results["off"].pop("texts")
+    print(
+        f"prefix {args.prefix_len} tokens: TTFT p50 on {results['on']['ttft_ms_p50']['median']:.1f} ms,"
+        f" off {results['off']['ttft_ms_p50']['median']:.1f} ms -> {ratio:.2f}x, outputs equal: {same}",
+        flush=True,
+    )
+    return {
+        "shared_prefix_tokens": args.prefix_len,
+        "unique_tokens": args.input_len,
+        "output_len": args.prefix_output_len,
+        "requests": args.prefix_requests,
+        "concurrency": 1,
+        **results,
+        "ttft_improvement_median": ratio,
+        "outputs_equal_on_off": same,
     }
 
 
@@ -437,11 +588,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument(
-        "--suite", choices=["scaling", "roofline"], help="default: scaling on cpu, roofline on cuda"
+        "--suite", choices=["hf", "roofline"], help="default: hf on cpu, roofline on cuda"
     )
     p.add_argument("--model", default="builtin:tiny", help="model served by the scaling suite")
     p.add_argument("--model-preset", default="1b", help="trainer preset for the roofline suite")
-    p.add_argument("--concurrency", default="1,4,16", help="comma-separated client counts")
+    p.add_argument("--concurrency", default="1,16", help="comma-separated client counts")
+    p.add_argument("--repeats", type=int, default=3, help="measurements per level (min/median)")
+    p.add_argument("--prefix-len", type=int, default=512, help="shared system prompt tokens")
+    p.add_argument("--prefix-requests", type=int, default=8)
+    p.add_argument("--prefix-output-len", type=int, default=8)
     p.add_argument("--max-batch-size", type=int, default=16)
     p.add_argument("--prompts-per-client", type=int, default=4)
     p.add_argument("--min-prompts", type=int, default=8)
@@ -462,11 +617,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
-    suite = args.suite or ("roofline" if args.device == "cuda" else "scaling")
+    suite = args.suite or ("roofline" if args.device == "cuda" else "hf")
     if suite == "roofline" and args.device == "cuda":
         args.input_len, args.output_len = max(args.input_len, 128), max(args.output_len, 128)
 
-    result = roofline(args) if suite == "roofline" else cpu_scaling(args)
+    result = roofline(args) if suite == "roofline" else cpu_vs_hf(args)
     result["host"] = {
         "platform": platform.platform(),
         "python": platform.python_version(),
@@ -475,11 +630,6 @@ def main(argv: list[str] | None = None) -> int:
     result["timestamp"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    if suite == "scaling":
-        top = max(args.concurrency)
-        print(
-            f"speedup at {top} clients vs sequential: {result[f'speedup_output_throughput_at_{top}_clients']:.2f}x (target 3x)"
-        )
     print(f"wrote {args.out}")
     return 0
 

@@ -4,11 +4,13 @@ and decoding through the serving KV cache computes what a full forward pass comp
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 from phalanx_serve.kv_cache import Chunk, DecodeView, PackedPrefillView, PagedKVCache
+from phalanx_serve.model_runner import ServingModel
 from phalanx_trainer.hf import load_pretrained
 from phalanx_trainer.model import Transformer
 
@@ -74,10 +76,13 @@ def _cache_for(model: Transformer, blocks: int, block_size: int = 4) -> PagedKVC
     )
 
 
-def test_kv_cached_decoding_matches_full_forward(tmp_path: Path) -> None:
+@pytest.mark.parametrize("serving", [False, True], ids=["trainer-forward", "serving-forward"])
+def test_kv_cached_decoding_matches_full_forward(tmp_path: Path, serving: bool) -> None:
     """Three prompts of different lengths prefilled packed, in two chunks for the longest,
-    into scattered blocks, then decoded together."""
+    into scattered blocks, then decoded together; by the trainer's forward and by the
+    serving forward (fused projections) over the same weights."""
     model, _ = load_pretrained(_tiny_llama(tmp_path, tie=False), dtype=torch.float64)
+    forward: Any = ServingModel(model) if serving else model
     gen = torch.Generator().manual_seed(2)
     prompts = [torch.randint(0, 97, (n,), generator=gen).tolist() for n in (5, 11, 2)]
     continuations = [torch.randint(0, 97, (6,), generator=gen).tolist() for _ in prompts]
@@ -101,7 +106,7 @@ def test_kv_cached_decoding_matches_full_forward(tmp_path: Path) -> None:
                     ]
                 ]
             )
-            logits = model(packed, positions=view.positions(), kv_cache=view)[0]
+            logits = forward(packed, positions=view.positions(), kv_cache=view)[0]
             offset = 0
             for c, o in zip(chunks, owners, strict=True):
                 piece = logits[offset : offset + c.length]
@@ -113,7 +118,7 @@ def test_kv_cached_decoding_matches_full_forward(tmp_path: Path) -> None:
             lengths = [len(p) + step for p in prompts]
             dview = DecodeView(cache, tables, lengths)
             tokens = torch.tensor([[c[step]] for c in continuations])
-            step_logits.append(model(tokens, positions=dview.positions(), kv_cache=dview)[:, 0])
+            step_logits.append(forward(tokens, positions=dview.positions(), kv_cache=dview)[:, 0])
 
         for i, (p, c) in enumerate(zip(prompts, continuations, strict=True)):
             full = model(torch.tensor([p + c]))[0]
@@ -143,3 +148,17 @@ def test_shared_prefix_blocks_give_the_same_logits_as_recomputing(tmp_path: Path
         tail = model(torch.tensor([b[len(shared) :]]), positions=view.positions(), kv_cache=view)
         full = model(torch.tensor([b]))[0, len(shared) :]
     torch.testing.assert_close(tail[0], full, atol=1e-9, rtol=0)
+
+
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
+def test_serving_forward_computes_only_the_requested_logit_rows(tmp_path: Path, tie: bool) -> None:
+    model, _ = load_pretrained(_tiny_llama(tmp_path, tie=tie), dtype=torch.float64)
+    serving = ServingModel(model)
+    cache = _cache_for(model, blocks=8)
+    tokens = [5, 8, 13, 21, 34, 55, 89]
+    with torch.no_grad():
+        view = PackedPrefillView(cache, [Chunk((0, 1), 0, len(tokens))], logit_rows=[2, 6])
+        got = serving(torch.tensor([tokens]), positions=view.positions(), kv_cache=view)[0]
+        full = model(torch.tensor([tokens]))[0]
+    assert got.shape[0] == 2
+    torch.testing.assert_close(got, full[[2, 6]], atol=1e-9, rtol=0)

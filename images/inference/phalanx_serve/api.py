@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -65,6 +66,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 def create_app(settings: ServerSettings, *, runtime: ServerRuntime | None = None) -> FastAPI:
     rt = runtime or ServerRuntime(settings, ServeMetrics(settings.model_name))
     metrics = rt.metrics
+    relays: Relays = {}  # one per event loop serving this app (in practice one)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -161,7 +163,7 @@ def create_app(settings: ServerSettings, *, runtime: ServerRuntime | None = None
                     track_logprob=best_of > body.n,
                 )
                 requests.append((ids, params))
-        gen = _submit(rt, "cmpl", requests)
+        gen = _submit(rt, relays, "cmpl", requests)
         texts = [text if body.echo else "" for _, text in prompts]
         fmt = LogprobFormatter(rt.token_text)
         if body.stream:
@@ -218,7 +220,7 @@ def create_app(settings: ServerSettings, *, runtime: ServerRuntime | None = None
             )
             for j in range(body.n)
         ]
-        gen = _submit(rt, "chatcmpl", requests)
+        gen = _submit(rt, relays, "chatcmpl", requests)
         fmt = LogprobFormatter(rt.token_text)
         if body.stream:
             return _sse(_chat_chunks(gen, settings.model_name, body, fmt), rt, gen)
@@ -405,18 +407,28 @@ class Generation:
     created: int
 
 
+Relays = dict[asyncio.AbstractEventLoop, "OutputRelay"]
+
+
 def _submit(
-    rt: ServerRuntime, prefix: str, requests: list[tuple[list[int], SamplingParams]]
+    rt: ServerRuntime,
+    relays: Relays,
+    prefix: str,
+    requests: list[tuple[list[int], SamplingParams]],
 ) -> Generation:
     assert rt.engine is not None
     loop = asyncio.get_running_loop()
     outputs: asyncio.Queue[tuple[int, RequestOutput] | None] = asyncio.Queue()
     request_id = f"{prefix}-{uuid.uuid4().hex}"
 
+    relay = relays.get(loop)
+    if relay is None:
+        relay = relays[loop] = OutputRelay(loop)
+
     def sink_for(index: int) -> Callable[[RequestOutput], None]:
         def sink(out: RequestOutput) -> None:
             # Called on the engine thread; a closed loop (server stopping) raises and is logged.
-            loop.call_soon_threadsafe(outputs.put_nowait, (index, out))
+            relay.put(outputs, (index, out))
 
         return sink
 
@@ -522,15 +534,67 @@ def _sse(
     return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)
 
 
+class OutputRelay:
+    """Hands engine outputs to the event loop with one wake-up per engine step, not one per
+    sequence: every sink of a step appends here, and the first one schedules the drain."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.lock = threading.Lock()
+        self.pending: list[tuple[asyncio.Queue[Any], Any]] = []
+
+    def put(self, queue: asyncio.Queue[Any], item: Any) -> None:
+        with self.lock:
+            self.pending.append((queue, item))
+            first = len(self.pending) == 1
+        if first:
+            self.loop.call_soon_threadsafe(self._drain)
+
+    def _drain(self) -> None:
+        with self.lock:
+            items, self.pending = self.pending, []
+        for queue, item in items:
+            queue.put_nowait(item)
+
+
+def merge_outputs(a: RequestOutput, b: RequestOutput) -> RequestOutput:
+    """Two consecutive outputs of one sequence as one (a stream that fell behind)."""
+    logprobs = None if a.logprobs is None and b.logprobs is None else [
+        *(a.logprobs or []), *(b.logprobs or [])
+    ]  # fmt: skip
+    return RequestOutput(
+        text=a.text + b.text,
+        num_new_tokens=a.num_new_tokens + b.num_new_tokens,
+        prompt_tokens=b.prompt_tokens,
+        completion_tokens=b.completion_tokens,
+        finished=b.finished,
+        finish_reason=b.finish_reason,
+        error=b.error,
+        logprobs=logprobs,
+        prompt_logprobs=a.prompt_logprobs if a.prompt_logprobs is not None else b.prompt_logprobs,
+        cumulative_logprob=b.cumulative_logprob,
+    )
+
+
 async def _outputs(gen: Generation) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Outputs as they come; whatever queued up meanwhile is merged into one per sequence, so a
+    slow client gets fewer, larger chunks instead of falling further behind."""
     remaining = len(gen.seqs)
     while remaining:
         item = await gen.outputs.get()
         if item is None:
             return
-        yield item
-        if item[1].finished:
-            remaining -= 1
+        batch: dict[int, RequestOutput] = {item[0]: item[1]}
+        while not gen.outputs.empty():
+            more = gen.outputs.get_nowait()
+            if more is None:
+                break
+            k, out = more
+            batch[k] = merge_outputs(batch[k], out) if k in batch else out
+        for k, out in batch.items():
+            yield k, out
+            if out.finished:
+                remaining -= 1
 
 
 def _include_usage(body: SamplingFields) -> bool:

@@ -39,6 +39,7 @@ from phalanx_serve.kv_cache import (
     PagedKVCache,
 )
 from phalanx_serve.metrics import ServeMetrics
+from phalanx_serve.model_runner import ServingModel
 from phalanx_serve.sampling import (
     RowContext,
     SamplingParams,
@@ -46,6 +47,7 @@ from phalanx_serve.sampling import (
     sample_next_tokens,
     token_logprobs,
 )
+from phalanx_trainer.model import Transformer
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +175,8 @@ class Engine:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
     ) -> None:
-        self.model = model
+        # A trainer model gets the serving forward (fused projections, logits only where read).
+        self.model = ServingModel(model) if isinstance(model, Transformer) else model
         self.decoder = decoder
         self.config = config
         self.metrics = metrics
@@ -401,18 +404,32 @@ class Engine:
             ],
             device=self.device,
         )
-        view = PackedPrefillView(self.cache, chunks)
+        # Only the rows the step reads: prompt positions that are scored, and each finished
+        # prompt's last position, whose logits choose its first token.
+        wanted: list[int] = []
+        offset = 0
+        for seq, chunk in zip(seqs, chunks, strict=True):
+            if seq.needs_prompt_logprobs:
+                wanted.extend(range(offset, offset + chunk.length))
+            elif chunk.end == seq.num_tokens:
+                wanted.append(offset + chunk.length - 1)
+            offset += chunk.length
+        view = PackedPrefillView(self.cache, chunks, logit_rows=wanted)
         logits = self.model(tokens, positions=view.positions(), kv_cache=view)[0]
+        if logits.shape[0] != len(wanted):  # a model that ignores logit_rows
+            logits = logits[wanted]
+        index = {row: i for i, row in enumerate(wanted)}
         done_rows: list[int] = []
         done: list[Sequence] = []
         offset = 0
         for seq, chunk in zip(seqs, chunks, strict=True):
             if seq.needs_prompt_logprobs:
-                self._add_prompt_logprobs(seq, chunk, logits[offset : offset + chunk.length])
+                rows = [index[r] for r in range(offset, offset + chunk.length)]
+                self._add_prompt_logprobs(seq, chunk, logits[rows])
             self._computed(seq, chunk.end)
             offset += chunk.length
             if seq.pending == 0:
-                done_rows.append(offset - 1)
+                done_rows.append(index[offset - 1])
                 done.append(seq)
         for seq in done:
             if not seq.counted_prompt:

@@ -183,9 +183,13 @@ class PackedPrefillView:
     A block-diagonal causal mask keeps sequences apart.
     """
 
-    def __init__(self, cache: PagedKVCache, chunks: list[Chunk]) -> None:
+    def __init__(
+        self, cache: PagedKVCache, chunks: list[Chunk], logit_rows: list[int] | None = None
+    ) -> None:
         self.cache = cache
         self.chunks = chunks
+        # Packed positions whose logits the caller reads (None: all); models may skip the rest.
+        self.logit_rows = logit_rows
         dev = cache.device
         write: list[int] = []
         read: list[int] = []
@@ -201,6 +205,10 @@ class PackedPrefillView:
         mask = (q_seq[:, None] == k_seq[None, :]) & (k_pos[None, :] <= q_pos[:, None])
         self.mask = mask[None, None].to(dev)
         self._positions = q_pos[None].to(dev)
+
+    def spec(self) -> tuple[object, ...]:
+        """Plain data from which another process rebuilds this view on its own cache."""
+        return ("prefill", [(c.table, c.start, c.end) for c in self.chunks], self.logit_rows)
 
     def positions(self) -> torch.Tensor:
         return self._positions
@@ -227,28 +235,49 @@ class DecodeView:
     def __init__(self, cache: PagedKVCache, tables: list[list[int]], lengths: list[int]) -> None:
         """``lengths[i]``: tokens of sequence ``i`` already cached; the new one goes after."""
         self.cache = cache
+        self.tables, self.lengths = tables, lengths
         dev = cache.device
-        span = max(lengths) + 1
-        read = torch.zeros((len(tables), span), dtype=torch.int64)
-        write: list[int] = []
-        for i, (table, n) in enumerate(zip(tables, lengths, strict=True)):
-            rows = cache.rows(table, 0, n + 1)
-            read[i, : n + 1] = torch.tensor(rows)
-            write.append(rows[-1])
-        self.read = read.to(dev)
-        self.write = torch.tensor(write, dtype=torch.int64, device=dev)
-        self.pos = torch.tensor(lengths, dtype=torch.int64, device=dev)
-        keys_idx = torch.arange(span, device=dev)
-        self.mask = (keys_idx[None, :] <= self.pos[:, None])[:, None, None, :]
+        bs = cache.block_size
+        self.batch = len(tables)
+        self.span = max(lengths) + 1
+        width = -(-self.span // bs)
+        padded = [t[:width] + [0] * (width - len(t[:width])) for t in tables]
+        # Rows of every (sequence, position) from the block tables, computed as tensors.
+        table_t = torch.tensor(padded, dtype=torch.int64)
+        pos = torch.arange(self.span)
+        read = table_t[:, pos // bs] * bs + pos % bs
+        length_t = torch.tensor(lengths, dtype=torch.int64)
+        valid = pos[None, :] <= length_t[:, None]
+        self.read = read.masked_fill(~valid, 0).flatten().to(dev)
+        self.write = read.gather(1, length_t[:, None])[:, 0].to(dev)
+        self.pos = length_t.to(dev)
+        # Equal lengths (a common case under load) need no mask: every gathered key is live.
+        self.mask = None if min(lengths) == max(lengths) else valid[:, None, None, :].to(dev)
 
     def positions(self) -> torch.Tensor:
         return self.pos[:, None]
+
+    def spec(self) -> tuple[object, ...]:
+        return ("decode", self.tables, self.lengths)
 
     def update(
         self, layer: int, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         keys, values = self.cache.keys[layer], self.cache.values[layer]
-        keys[self.write] = k[:, :, 0]
-        values[self.write] = v[:, :, 0]
-        # [B, S, kv_heads, D] -> [B, kv_heads, S, D]
-        return keys[self.read].transpose(1, 2), values[self.read].transpose(1, 2), self.mask
+        keys.index_copy_(0, self.write, k[:, :, 0])
+        values.index_copy_(0, self.write, v[:, :, 0])
+        shape = (self.batch, self.span, keys.shape[1], keys.shape[2])
+        # [B * S, kv_heads, D] -> [B, kv_heads, S, D]
+        k_all = keys.index_select(0, self.read).view(shape).transpose(1, 2)
+        v_all = values.index_select(0, self.read).view(shape).transpose(1, 2)
+        return k_all, v_all, self.mask
+
+
+def view_from_spec(cache: PagedKVCache, spec: tuple[object, ...]) -> PackedPrefillView | DecodeView:
+    kind = spec[0]
+    if kind == "prefill":
+        chunks = [Chunk(tuple(t), s, e) for t, s, e in spec[1]]  # type: ignore[attr-defined]
+        return PackedPrefillView(cache, chunks, spec[2])  # type: ignore[arg-type]
+    if kind == "decode":
+        return DecodeView(cache, spec[1], spec[2])  # type: ignore[arg-type]
+    raise ValueError(f"unknown step kind {kind!r}")

@@ -1,0 +1,159 @@
+"""The serving forward pass over a trainer ``Transformer``'s weights, optionally one shard of a
+tensor-parallel group.
+
+Same architecture and numerics as ``phalanx_trainer.model`` (the RMSNorm, rotary tables and
+attention are the trainer's functions), laid out for inference: the q/k/v projections are one
+matmul, the SwiGLU gate and up projections another, and logits are computed only for the rows
+the engine will read. Fewer, larger operations matter on CPUs, where per-operation overhead
+dominates a small model's decode step.
+
+Tensor parallelism (Megatron-style): rank ``r`` of ``size`` holds heads
+``[r*H/size, (r+1)*H/size)`` of the attention (its own slice of the KV cache) and the same slice
+of the MLP's hidden units. The output projections are split by input columns, so each rank's
+partial sums are added with one all-reduce after attention and one after the MLP. Embeddings,
+norms and the output head are replicated. Every rank then holds the same hidden state and logits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from phalanx_trainer.model import Transformer, TransformerBlock, apply_rotary, rotary_cos_sin
+
+AllReduce = Callable[[torch.Tensor], None]
+# Called with (tokens, view) before every forward on the leader of a group, so that the
+# workers run the same step.
+StepHook = Callable[[torch.Tensor, object], None]
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # The trainer's formula (fp32 statistics), so served and trained models agree bit for bit.
+    xf = x.float()
+    normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (normed * weight.float()).to(x.dtype)
+
+
+class _Layer(nn.Module):
+    def __init__(self, qkv: torch.Tensor, wo: torch.Tensor, gate_up: torch.Tensor,
+                 w2: torch.Tensor, attn_norm: torch.Tensor, ffn_norm: torch.Tensor) -> None:  # fmt: skip
+        super().__init__()
+        self.qkv = nn.Parameter(qkv, requires_grad=False)
+        self.wo = nn.Parameter(wo, requires_grad=False)
+        self.gate_up = nn.Parameter(gate_up, requires_grad=False)
+        self.w2 = nn.Parameter(w2, requires_grad=False)
+        self.attn_norm = nn.Parameter(attn_norm, requires_grad=False)
+        self.ffn_norm = nn.Parameter(ffn_norm, requires_grad=False)
+
+
+class ServingModel(nn.Module):
+    def __init__(
+        self,
+        model: Transformer,
+        *,
+        rank: int = 0,
+        size: int = 1,
+        all_reduce: AllReduce | None = None,
+    ) -> None:
+        super().__init__()
+        cfg = model.cfg
+        check_shardable(cfg.n_heads, cfg.n_kv_heads, cfg.ffn_dim, size)
+        if size > 1 and all_reduce is None:
+            raise ValueError("a tensor-parallel shard needs an all-reduce")
+        self.cfg = cfg
+        self.rank, self.size = rank, size
+        self.all_reduce = all_reduce
+        self.before_forward: StepHook | None = None
+        hd = cfg.head_dim
+        self.n_heads = cfg.n_heads // size
+        self.n_kv_heads = cfg.n_kv_heads // size
+        self.head_dim = hd
+        ffn = cfg.ffn_dim // size
+
+        def rows(w: torch.Tensor, n: int) -> torch.Tensor:
+            return w.detach()[rank * n : (rank + 1) * n]
+
+        def cols(w: torch.Tensor, n: int) -> torch.Tensor:
+            return w.detach()[:, rank * n : (rank + 1) * n]
+
+        layers = []
+        for block in model.layers:
+            assert isinstance(block, TransformerBlock)
+            attn, mlp = block.attention, block.feed_forward
+            q = rows(attn.wq.weight, self.n_heads * hd)
+            k = rows(attn.wk.weight, self.n_kv_heads * hd)
+            v = rows(attn.wv.weight, self.n_kv_heads * hd)
+            layers.append(
+                _Layer(
+                    qkv=torch.cat([q, k, v]).contiguous(),
+                    wo=cols(attn.wo.weight, self.n_heads * hd).contiguous(),
+                    gate_up=torch.cat([rows(mlp.w1.weight, ffn), rows(mlp.w3.weight, ffn)]),
+                    w2=cols(mlp.w2.weight, ffn).contiguous(),
+                    attn_norm=block.attention_norm.weight.detach(),
+                    ffn_norm=block.ffn_norm.weight.detach(),
+                )
+            )
+        self.layers = nn.ModuleList(layers)
+        self._layers: list[_Layer] = layers  # typed view of the same modules
+        self.embed = nn.Parameter(model.tok_embeddings.weight.detach(), requires_grad=False)
+        head = model.output.weight if model.output is not None else model.tok_embeddings.weight
+        self.head = nn.Parameter(head.detach(), requires_grad=False)
+        self.norm = nn.Parameter(model.norm.weight.detach(), requires_grad=False)
+        self.q_size = self.n_heads * hd
+        self.kv_size = self.n_kv_heads * hd
+        self.ffn = ffn
+
+    def forward(
+        self, tokens: torch.Tensor, positions: torch.Tensor, kv_cache: object
+    ) -> torch.Tensor:
+        """Logits ``[B, T', V]``: every position, or only ``kv_cache.logit_rows`` of a packed
+        single-row prefill when the view names them (then ``T'`` is their number)."""
+        if self.before_forward is not None:
+            self.before_forward(tokens, kv_cache)
+        cfg = self.cfg
+        bsz, seqlen = tokens.shape
+        cos, sin = rotary_cos_sin(positions, self.head_dim, cfg.rope_theta)
+        h = F.embedding(tokens, self.embed)
+        update = kv_cache.update  # type: ignore[attr-defined]
+        gqa = self.n_heads != self.n_kv_heads
+        for i, layer in enumerate(self._layers):
+            x = _rms_norm(h, layer.attn_norm, cfg.norm_eps)
+            qkv = F.linear(x, layer.qkv)
+            q = qkv[..., : self.q_size]
+            k = qkv[..., self.q_size : self.q_size + self.kv_size]
+            v = qkv[..., self.q_size + self.kv_size :]
+            q = q.view(bsz, seqlen, self.n_heads, self.head_dim).transpose(1, 2)
+            k = k.view(bsz, seqlen, self.n_kv_heads, self.head_dim).transpose(1, 2)
+            v = v.view(bsz, seqlen, self.n_kv_heads, self.head_dim).transpose(1, 2)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            k, v, mask = update(i, k, v)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+            attn = F.linear(out.transpose(1, 2).reshape(bsz, seqlen, -1), layer.wo)
+            if self.all_reduce is not None:
+                self.all_reduce(attn)
+            h = h + attn
+            x = _rms_norm(h, layer.ffn_norm, cfg.norm_eps)
+            gate_up = F.linear(x, layer.gate_up)
+            gate, up = gate_up[..., : self.ffn], gate_up[..., self.ffn :]
+            mlp = F.linear(F.silu(gate) * up, layer.w2)
+            if self.all_reduce is not None:
+                self.all_reduce(mlp)
+            h = h + mlp
+        rows = getattr(kv_cache, "logit_rows", None)
+        if rows is not None:
+            h = h[:, rows]
+        return F.linear(_rms_norm(h, self.norm, cfg.norm_eps), self.head)
+
+
+def check_shardable(n_heads: int, n_kv_heads: int, ffn_dim: int, size: int) -> None:
+    if size < 1:
+        raise ValueError("a tensor-parallel group has at least one process")
+    for name, value in (("attention heads", n_heads), ("key/value heads", n_kv_heads),
+                        ("MLP hidden units", ffn_dim)):  # fmt: skip
+        if value % size:
+            raise ValueError(
+                f"the model's {value} {name} do not split evenly over a group of {size}"
+            )
