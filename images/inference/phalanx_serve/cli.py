@@ -12,7 +12,14 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from phalanx_serve.settings import ServerSettings
+from phalanx_serve.settings import (
+    DEFAULT_GROUP_PORT,
+    GROUP_SIZE_ENV,
+    LEADER_ADDRESS_ENV,
+    WORKER_INDEX_ENV,
+    GroupSettings,
+    ServerSettings,
+)
 
 ENV_PREFIX = "PHALANX_SERVE_"
 
@@ -57,6 +64,27 @@ def build_parser() -> argparse.ArgumentParser:
     add("--max-body-bytes", type_=int, default=2 * 2**20, help_="largest request body accepted")
     add("--threads", type_=int, help_="torch CPU threads (default: torch's choice)")
     add("--log-level", default="info", help_="debug, info, warning or error")
+    group = p.add_argument_group("tensor-parallel groups (set by the operator)")
+    group.add_argument(
+        "--group-size",
+        type=int,
+        default=int(os.environ.get(GROUP_SIZE_ENV) or 1),
+        help=f"processes serving one model together [env {GROUP_SIZE_ENV}]",
+    )
+    group.add_argument(
+        "--worker-index",
+        type=int,
+        default=int(os.environ.get(WORKER_INDEX_ENV) or 0),
+        help=f"this process's place in the group; 0 leads [env {WORKER_INDEX_ENV}]",
+    )
+    group.add_argument(
+        "--leader-address",
+        default=os.environ.get(LEADER_ADDRESS_ENV),
+        help=f"host name of worker 0 [env {LEADER_ADDRESS_ENV}]",
+    )
+    add(
+        "--group-port", type_=int, default=DEFAULT_GROUP_PORT, help_="rendezvous port on the leader"
+    )
     return p
 
 
@@ -84,6 +112,15 @@ def settings_from_args(argv: Sequence[str] | None = None) -> ServerSettings:
             parser.error(f"--{name.replace('_', '-')} is out of range")
     if args.max_model_len is not None and args.max_model_len < 2:
         parser.error("--max-model-len must be at least 2")
+    group = None
+    if args.group_size > 1:
+        if not args.leader_address:
+            parser.error(f"a group of {args.group_size} needs --leader-address")
+        if not 0 <= args.worker_index < args.group_size:
+            parser.error(f"--worker-index {args.worker_index} is outside the group")
+        group = GroupSettings(
+            args.leader_address, args.group_size, args.worker_index, args.group_port
+        )
     return ServerSettings(
         model=args.model,
         served_model_name=args.served_model_name,
@@ -103,6 +140,7 @@ def settings_from_args(argv: Sequence[str] | None = None) -> ServerSettings:
         max_body_bytes=args.max_body_bytes,
         threads=args.threads,
         log_level=args.log_level,
+        group=group,
     )
 
 
@@ -111,6 +149,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if settings.group is not None and not settings.group.is_leader:
+        from phalanx_serve.group import serve_worker
+
+        return serve_worker(settings)
     import uvicorn
 
     from phalanx_serve.api import create_app

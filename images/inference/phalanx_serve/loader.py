@@ -10,10 +10,11 @@ from typing import Any
 
 import torch
 from tokenizers import Tokenizer
+from torch import nn
 
 from phalanx_serve.builtin import ensure_builtin_model, is_builtin
 from phalanx_trainer.hf import load_pretrained
-from phalanx_trainer.model import ModelConfig, Transformer
+from phalanx_trainer.model import ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +28,8 @@ DTYPES = {
 
 @dataclass
 class LoadedModel:
-    model: Transformer
+    # The trainer's Transformer when loaded; the serving forward (maybe a shard) once built.
+    model: nn.Module
     config: ModelConfig
     tokenizer: Tokenizer
     path: Path

@@ -15,10 +15,13 @@ import torch
 
 from phalanx_serve.chat_template import ChatTemplate
 from phalanx_serve.engine import Engine, EngineConfig, RequestOutput
+from phalanx_serve.group import GroupComm, attach_leader, send_cache_layout, send_stop
 from phalanx_serve.loader import LoadedModel, load_model
 from phalanx_serve.metrics import ServeMetrics
+from phalanx_serve.model_runner import ServingModel
 from phalanx_serve.sampling import SamplingParams
 from phalanx_serve.settings import ServerSettings
+from phalanx_trainer.model import Transformer
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +40,7 @@ class ServerRuntime:
     max_model_len: int = 0
     _token_texts: dict[int, str] = field(default_factory=dict, repr=False)
     _thread: threading.Thread | None = field(default=None, repr=False)
+    _comm: GroupComm | None = field(default=None, repr=False)
 
     @property
     def ready(self) -> bool:
@@ -67,6 +71,11 @@ class ServerRuntime:
     def shutdown(self) -> None:
         if self.engine is not None:
             self.engine.shutdown()
+        if self._comm is not None:
+            if self.engine is not None and self.engine.error is None:
+                send_stop(self._comm)
+            self._comm.close()
+            self._comm = None
 
     def _load(self) -> None:
         try:
@@ -88,8 +97,20 @@ class ServerRuntime:
                 f"--max-model-len {max_len} exceeds the model's context of {cfg.max_seq_len} tokens"
             )
         self.chat_template = ChatTemplate.resolve(s.chat_template, loaded.chat_template)
-        engine = Engine(
+        size = 1 if s.group is None else s.group.size
+        if s.group is not None:
+            self._comm = GroupComm(s.group)  # waits for every worker to join
+        assert isinstance(loaded.model, Transformer)
+        serving = ServingModel(
             loaded.model,
+            size=size,
+            all_reduce=None if self._comm is None else self._comm.all_reduce,
+        )
+        if self._comm is not None:
+            attach_leader(serving, self._comm)
+        loaded.model = serving  # the unfused weights are no longer needed
+        engine = Engine(
+            serving,
             loaded.tokenizer,
             EngineConfig(
                 max_batch_size=s.max_batch_size,
@@ -104,12 +125,14 @@ class ServerRuntime:
             ),
             self.metrics,
             n_layers=cfg.n_layers,
-            n_kv_heads=cfg.n_kv_heads,
+            n_kv_heads=cfg.n_kv_heads // size,
             head_dim=cfg.head_dim,
             eos_token_ids=loaded.eos_token_ids,
             dtype=loaded.dtype,
             device=loaded.device,
         )
+        if self._comm is not None:
+            send_cache_layout(self._comm, engine.config.total_blocks, engine.config.block_size)
         engine.start()
         _warm_up(engine)
         self.loaded, self.engine, self.max_model_len = loaded, engine, max_len

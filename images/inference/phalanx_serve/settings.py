@@ -4,6 +4,26 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# Set by the operator on every pod of a multi-pod group (LeaderWorkerSet-style).
+LEADER_ADDRESS_ENV = "PHALANX_LEADER_ADDRESS"
+GROUP_SIZE_ENV = "PHALANX_GROUP_SIZE"
+WORKER_INDEX_ENV = "PHALANX_WORKER_INDEX"
+DEFAULT_GROUP_PORT = 29500
+
+
+@dataclass(frozen=True)
+class GroupSettings:
+    """Where this process stands in a tensor-parallel group of pods."""
+
+    leader_address: str
+    size: int
+    index: int
+    port: int = DEFAULT_GROUP_PORT
+
+    @property
+    def is_leader(self) -> bool:
+        return self.index == 0
+
 
 @dataclass(frozen=True)
 class ServerSettings:
@@ -26,6 +46,7 @@ class ServerSettings:
     max_body_bytes: int = 2 * 2**20
     threads: int | None = None  # torch intra-op threads on CPU
     log_level: str = "info"
+    group: GroupSettings | None = None  # None: this process serves the model alone
 
     @property
     def model_name(self) -> str:
