@@ -103,13 +103,15 @@ def phalanx_loop(
             "--checkpoint-dir", tmp,
             "--metrics-port", "-1",
             "--no-export",
+            "--eval-every", "0",
             "--compile" if compile else "--no-compile",
         ]  # fmt: skip
         code = run(load_config(args, environ={})).exit_code
         if code != 0:
             raise SystemExit(f"training exited with {code}")
         records = [json.loads(line) for line in (Path(tmp) / TRAIN_LOG_FILE).open()]
-    measured = [r["tokensPerSecond"] for r in records[1:] if r["tokensPerSecond"]]
+    # Interval ends carry the throughput; the first interval is warm-up.
+    measured = [r["tokensPerSecond"] for r in records if r.get("tokensPerSecond")][1:]
     return statistics.median(measured)
 
 

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from trainer_testkit import child_pids, torchrun, wait_for
+from trainer_testkit import child_pids, run_in_process, torchrun, wait_for
 
+from phalanx_trainer.data import prepare
 from phalanx_trainer.termination import (
     MAX_MESSAGE_BYTES,
     CheckpointError,
@@ -193,3 +194,26 @@ def test_torchrun_killed_worker_leaves_the_survivors_communication_error(
     record = read_log(log)
     assert (record["exitCode"], record["reason"]) == (11, "CommunicationError"), record
     assert "peer" in str(record["message"])
+
+
+def test_validation_without_a_val_split(tmp_path: Path) -> None:
+    """By default a data set without a val split trains without validation; asking for
+    validation on it is a DataError (exit 3), not a silently skipped setting."""
+    docs = [
+        f"document {i}: the quick brown fox jumps over the lazy dog {i * 7}." for i in range(60)
+    ]
+    data = prepare(docs, tmp_path / "data", vocab_size=280, val_every=0)
+    args = [
+        "--data", str(data.path), "--steps", "2", "--batch-size", "1", "--seq-len", "8",
+        "--metrics-port", "-1", "--no-export",
+    ]  # fmt: skip
+    assert run_in_process([*args, "--checkpoint-dir", str(tmp_path / "a")]) == 0
+    log = tmp_path / "termination-log"
+    code = run_in_process(
+        [*args, "--checkpoint-dir", str(tmp_path / "b"), "--eval-every", "5"],
+        {"PHALANX_TERMINATION_LOG": str(log)},
+    )
+    assert code == 3
+    record = read_log(log)
+    assert record["reason"] == "DataError"
+    assert "no 'val' split" in str(record["message"])

@@ -65,8 +65,9 @@ class TrainConfig:
     data: str | None = _opt("prepared data directory (default: the built-in corpus)")
     data_cache: str | None = _opt("where to prepare the built-in corpus")
     # evaluation
-    eval_every: int = _opt(
-        "validation loss on the fixed val set every N steps and at the end (0 = off)", 100
+    eval_every: int | None = _opt(
+        "validation loss on the fixed val set every N steps and at the end (0 = off; "
+        "default: 100 when the data has a val split)"
     )
     eval_samples: int = _opt("sequences in the fixed val set (at most the split holds)", 64)
     # checkpoints
@@ -189,5 +190,5 @@ def validate(cfg: TrainConfig) -> None:
         if getattr(cfg, name) < 1:
             raise InvalidConfig(f"--{name.replace('_', '-')} must be at least 1")
     for name in ("eval_every", "checkpoint_every", "export_every", "loss_chunk"):
-        if getattr(cfg, name) < 0:
+        if (getattr(cfg, name) or 0) < 0:
             raise InvalidConfig(f"--{name.replace('_', '-')} must be 0 or more")

@@ -18,11 +18,23 @@ from phalanx_trainer.termination import DataError
 
 VAL_SPLIT = "val"
 VAL_ORDER_SEED = 0
+DEFAULT_EVAL_EVERY = 100
+
+
+def has_val_split(data: PreparedData) -> bool:
+    return bool(data.splits.get(VAL_SPLIT)) and data.num_tokens(VAL_SPLIT) > 0
+
+
+def resolve_eval_every(requested: int | None, data: PreparedData) -> int:
+    """``--eval-every`` as given, or by default every 100 steps when there is a val split."""
+    if requested is None:
+        return DEFAULT_EVAL_EVERY if has_val_split(data) else 0
+    return requested
 
 
 class ValidationSet:
     def __init__(self, data: PreparedData, *, seq_len: int, samples: int, batch: int) -> None:
-        if not data.splits.get(VAL_SPLIT):
+        if not has_val_split(data):
             raise DataError(
                 f"{data.path} has no {VAL_SPLIT!r} split to validate on; prepare the data with "
                 "a val split (phalanx-data prepare --val-every N) or pass --eval-every 0"

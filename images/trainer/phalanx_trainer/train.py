@@ -32,7 +32,7 @@ from phalanx_trainer.checkpoint import (
 from phalanx_trainer.config import TrainConfig
 from phalanx_trainer.data import DistributedTokenLoader, PreparedData, ensure_builtin_data
 from phalanx_trainer.distributed import DistEnv, init_distributed, new_gloo_group, shutdown
-from phalanx_trainer.evaluation import ValidationSet
+from phalanx_trainer.evaluation import ValidationSet, resolve_eval_every
 from phalanx_trainer.metrics import TrainMetrics, mfu, resolve_peak_flops
 from phalanx_trainer.model import ModelConfig, Transformer
 from phalanx_trainer.optim import build_optimizer, build_scheduler
@@ -233,8 +233,9 @@ class Trainer:
             world_size=self.dp_size,
             seed=cfg.seed,
         )
+        self.eval_every = resolve_eval_every(cfg.eval_every, self.data)
         self.val_set: ValidationSet | None = None
-        if cfg.eval_every > 0:
+        if self.eval_every > 0:
             self.val_set = ValidationSet(
                 self.data, seq_len=self.seq_len, samples=cfg.eval_samples, batch=cfg.batch_size
             )
@@ -294,9 +295,16 @@ class Trainer:
             if self.val_set is not None:
                 log.info(
                     "validation every %d steps on %d fixed val sequences of %d tokens",
-                    cfg.eval_every,
+                    self.eval_every,
                     self.val_set.samples,
                     self.seq_len,
+                )
+            else:
+                log.info(
+                    "no validation: %s",
+                    "--eval-every 0"
+                    if cfg.eval_every == 0
+                    else f"{self.data.path} has no val split",
                 )
 
     def _resume(self) -> None:
@@ -381,7 +389,7 @@ class Trainer:
                 self._pending.append(PendingStep(self.step, lr, loss, grad_norm))
                 last = self.step == cfg.steps
                 step_done = time.monotonic()
-                if cfg.eval_every > 0 and (self.step % cfg.eval_every == 0 or last):
+                if self.eval_every > 0 and (self.step % self.eval_every == 0 or last):
                     self._evaluate()
                 interval_over = self.step % cfg.log_every == 0 or last
                 if interval_over:
