@@ -88,3 +88,71 @@ LEVEL_ORDER: Final = (
     "clique",
     "host",
 )
+
+
+class Reason:
+    """Every condition and event reason Phalanx writes (PascalCase, as in `kubectl describe`)."""
+
+    # LLMTrainJob: admission and the gang
+    QUEUED: Final = "Queued"
+    WAITING_FOR_PREFERRED_DOMAIN: Final = "WaitingForPreferredDomain"
+    INSUFFICIENT_CAPACITY: Final = "InsufficientCapacity"
+    QUEUED_BEHIND_HIGHER_PRIORITY: Final = "QueuedBehindHigherPriority"
+    GANG_EXCEEDS_DOMAIN_CAPACITY: Final = "GangExceedsDomainCapacity"
+    POD_EXCEEDS_NODE_CAPACITY: Final = "PodExceedsNodeCapacity"
+    UNKNOWN_TOPOLOGY_LEVEL: Final = "UnknownTopologyLevel"
+    GANG_ADMITTED: Final = "GangAdmitted"
+    SCHEDULER_MANAGED: Final = "SchedulerManaged"
+    GANG_TIMEOUT: Final = "GangTimeout"
+    GANG_RESTARTING: Final = "GangRestarting"
+    POD_CREATE_REJECTED: Final = "PodCreateRejected"
+    INVALID_SPEC: Final = "InvalidSpec"
+    # LLMTrainJob: running and the end
+    ALL_RANKS_RUNNING: Final = "AllRanksRunning"
+    IMAGE_PULL_FAILED: Final = "ImagePullFailed"
+    CONTAINER_CONFIG_ERROR: Final = "ContainerConfigError"
+    RANK_FAILED: Final = "RankFailed"
+    GANG_RUNNING: Final = "GangRunning"
+    SUSPENDED: Final = "Suspended"
+    RESUMED: Final = "Resumed"
+    COMPLETED: Final = "Completed"
+    ALL_RANKS_SUCCEEDED: Final = "AllRanksSucceeded"
+    RESTART_LIMIT_EXCEEDED: Final = "RestartLimitExceeded"
+    PERMANENT_FAILURE: Final = "PermanentFailure"
+    DEADLINE_EXCEEDED: Final = "DeadlineExceeded"
+    # Why a rank can no longer finish, besides its container's own reasons
+    NODE_LOST: Final = "NodeLost"
+    POD_DELETED: Final = "PodDeleted"
+    POD_MISSING: Final = "PodMissing"
+    # InferenceService: the model
+    LOADED: Final = "Loaded"
+    LOADING: Final = "Loading"
+    EXPORT_NOT_READY: Final = "ExportNotReady"
+    TRAIN_JOB_NOT_FOUND: Final = "TrainJobNotFound"
+    TRAIN_JOB_INVALID: Final = "TrainJobInvalid"
+    TRAIN_JOB_HAS_NO_CHECKPOINT: Final = "TrainJobHasNoCheckpoint"
+    CLAIM_NOT_FOUND: Final = "ClaimNotFound"
+    # InferenceService: groups, rollout, readiness
+    ROLLING_UPDATE: Final = "RollingUpdate"
+    SCALING: Final = "Scaling"
+    ROLLOUT_COMPLETE: Final = "RolloutComplete"
+    ROLLOUT_STALLED: Final = "RolloutStalled"
+    GROUP_RECREATED: Final = "GroupRecreated"
+    MINIMUM_REPLICAS_AVAILABLE: Final = "MinimumReplicasAvailable"
+    GROUPS_STARTING: Final = "GroupsStarting"
+    SCALED_TO_ZERO: Final = "ScaledToZero"
+    UNSCHEDULABLE: Final = "Unschedulable"
+    CRASH_LOOP_BACK_OFF: Final = "CrashLoopBackOff"
+    # InferenceService: the autoscaler
+    AUTOSCALING_DISABLED: Final = "AutoscalingDisabled"
+    NO_METRICS: Final = "NoMetrics"
+    METRICS_AVAILABLE: Final = "MetricsAvailable"
+    SCALE_UP: Final = "ScaleUp"
+    SCALE_DOWN: Final = "ScaleDown"
+    SCALE_DOWN_STABILIZING: Final = "ScaleDownStabilizing"
+    WITHIN_TARGET: Final = "WithinTarget"
+    OUT_OF_BOUNDS: Final = "OutOfBounds"
+    SCALED_UP: Final = "ScaledUp"
+    SCALED_DOWN: Final = "ScaledDown"
+    # Children
+    CHILD_REJECTED: Final = "ChildRejected"

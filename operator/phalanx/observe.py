@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from phalanx.constants import GANG_GATE, LABEL_GENERATION, LABEL_RANK
+from phalanx.constants import GANG_GATE, LABEL_GENERATION, LABEL_RANK, Reason
 
 Obj = Mapping[str, Any]
 
@@ -233,7 +233,11 @@ class StartProblem:
 
     @property
     def condition_reason(self) -> str:
-        return "ImagePullFailed" if self.reason in IMAGE_PULL_REASONS else "ContainerConfigError"
+        return (
+            Reason.IMAGE_PULL_FAILED
+            if self.reason in IMAGE_PULL_REASONS
+            else Reason.CONTAINER_CONFIG_ERROR
+        )
 
     def describe(self) -> str:
         detail = f": {self.message}" if self.message else ""

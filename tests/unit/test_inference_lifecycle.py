@@ -8,6 +8,8 @@ from typing import Any
 import pytest
 
 from phalanx.api.inference import InferenceService, InferenceServiceSpec
+from phalanx.api.trainjob import LLMTrainJob
+from phalanx.api.validate import SpecError, parse
 from phalanx.observe import CreateRejection
 from phalanx.plan.autoscale import Decision
 from phalanx.plan.groups import group_failure, groups_of
@@ -76,6 +78,19 @@ def trainjob(
 
 
 # --- model resolution --------------------------------------------------------------------
+
+
+def resolve(
+    spec: InferenceServiceSpec, job: dict[str, Any] | None, claims: frozenset[str] | None
+) -> ModelMount | ModelProblem:
+    """resolve_model as the shell calls it: the job parsed (or why not) and its status."""
+    parsed: LLMTrainJob | SpecError | None = None
+    if job is not None:
+        try:
+            parsed = parse(job, LLMTrainJob)
+        except SpecError as error:
+            parsed = error
+    return resolve_model(spec, parsed, (job or {}).get("status") or {}, claims)
 
 
 @pytest.mark.parametrize(
@@ -169,7 +184,7 @@ def test_resolve_model(
     claims: frozenset[str] | None,
     expected: ModelMount | ModelProblem,
 ) -> None:
-    resolved = resolve_model(make_spec(model=model), job, claims)
+    resolved = resolve(make_spec(model=model), job, claims)
     if isinstance(expected, ModelProblem):
         assert isinstance(resolved, ModelProblem)
         assert resolved.reason == expected.reason
@@ -463,7 +478,7 @@ def test_autoscaler_decision_scales_and_is_reported() -> None:
 
 
 def test_missing_step_names_the_steps_that_exist() -> None:
-    resolved = resolve_model(
+    resolved = resolve(
         make_spec(model={"fromTrainJob": {"name": "gpt", "step": 250}}),
         trainjob("Running", steps=[100, 200]),
         None,

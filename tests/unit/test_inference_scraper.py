@@ -48,8 +48,14 @@ def test_targets_are_ready_leaders_of_autoscaled_services_loopback_only() -> Non
     op = Operator()
     op.cache.services.put(
         {
-            "metadata": {"name": "chat", "namespace": "ml", "resourceVersion": "1"},
-            "spec": {"autoscaling": {"maxReplicas": 3}, "server": {"port": 9000}},
+            "apiVersion": "phalanx.dev/v1alpha1",
+            "kind": "InferenceService",
+            "metadata": {"name": "chat", "namespace": "ml", "uid": "u1", "resourceVersion": "1"},
+            "spec": {
+                "model": {"builtin": "tiny"},
+                "autoscaling": {"maxReplicas": 3},
+                "server": {"port": 9000},
+            },
         }
     )
     for pod in (

@@ -117,13 +117,29 @@ def _metadata_errors(obj: dict[str, Any]) -> list[FieldError]:
 
 def validate_object(obj: Any) -> list[FieldError]:
     """Every problem in one manifest; an empty list means the API server would accept it."""
+    return _check(obj)[1]
+
+
+def parse(obj: dict[str, Any], model: type[BaseModel]) -> Any:
+    """The validated model of a manifest (validated once), or SpecError listing everything
+    wrong with it."""
+    parsed, errors = _check(obj)
+    if errors:
+        raise SpecError(errors)
+    if not isinstance(parsed, model):
+        raise SpecError([FieldError("kind", f"expected {model.__name__}, got {obj.get('kind')}")])
+    return parsed
+
+
+def _check(obj: Any) -> tuple[BaseModel | None, list[FieldError]]:
+    """The model of a manifest and every problem found in it."""
     if not isinstance(obj, dict):
-        return [
+        return None, [
             FieldError("", "a manifest must be a mapping with apiVersion, kind, metadata and spec")
         ]
     kind = obj.get("kind")
     if obj.get("apiVersion") != API_VERSION or kind not in MODELS:
-        return [
+        return None, [
             FieldError(
                 "apiVersion" if obj.get("apiVersion") != API_VERSION else "kind",
                 f"expected apiVersion {API_VERSION} and kind {' or '.join(MODELS)}, "
@@ -135,16 +151,8 @@ def validate_object(obj: Any) -> list[FieldError]:
     try:
         model = MODELS[kind].model_validate(body)
     except ValidationError as exc:
-        return errors + _pydantic_errors(exc)
-    return errors + [FieldError(p.lstrip("."), m) for p, m in rule_violations(model, "")]
-
-
-def parse(obj: dict[str, Any], model: type[BaseModel]) -> Any:
-    """The validated model of a manifest, or SpecError listing everything wrong with it."""
-    errors = validate_object(obj)
-    if errors:
-        raise SpecError(errors)
-    return model.model_validate({k: v for k, v in obj.items() if k != "status"})
+        return None, errors + _pydantic_errors(exc)
+    return model, errors + [FieldError(p.lstrip("."), m) for p, m in rule_violations(model, "")]
 
 
 def load_documents(path: Path) -> Iterator[tuple[int, Any]]:

@@ -22,13 +22,14 @@ from typing import Any
 from phalanx import kube, metrics, observe
 from phalanx.api.inference import InferenceService
 from phalanx.api.trainjob import LLMTrainJob, LLMTrainJobSpec
-from phalanx.api.validate import SpecError, parse
+from phalanx.api.validate import SpecError
 from phalanx.constants import (
     GANG_GATE,
     LABEL_HOSTNAME,
     LABEL_RANK,
     LABEL_WORKER_INDEX,
     TRAINJOB_PLURAL,
+    Reason,
 )
 from phalanx.placement import (
     CapacitySnapshot,
@@ -104,19 +105,8 @@ def _created(job: Obj) -> float:
 
 
 def _spec_of(op: Operator, job: Obj) -> LLMTrainJobSpec | None:
-    """The parsed spec, memoised per (uid, generation): a pass looks at every queued job.
-    Entries go when their job is deleted (`Operator.forget_trainjob`) or is edited again."""
-    meta = job["metadata"]
-    uid, generation = str(meta.get("uid")), int(meta.get("generation") or 0)
-    if (uid, generation) not in op.specs:
-        for stale in [k for k in op.specs if k[0] == uid]:
-            del op.specs[stale]
-        try:
-            op.specs[(uid, generation)] = parse(job, LLMTrainJob).spec
-        except SpecError:
-            op.specs[(uid, generation)] = None
-    spec: LLMTrainJobSpec | None = op.specs[(uid, generation)]
-    return spec
+    parsed = op.parsed(job, LLMTrainJob)
+    return None if isinstance(parsed, SpecError) else parsed.spec
 
 
 def queued_gangs(op: Operator) -> tuple[list[Gang], list[Gang]]:
@@ -160,10 +150,10 @@ def _service_gangs(op: Operator) -> list[Gang]:
     for key, obj in list(op.cache.services.items.items()):
         if obj["metadata"].get("deletionTimestamp"):
             continue
-        try:
-            spec = parse(obj, InferenceService).spec
-        except SpecError:
+        parsed = op.parsed(obj, InferenceService)
+        if isinstance(parsed, SpecError):
             continue
+        spec = parsed.spec
         if spec.nodes_per_replica < 2:
             continue
         for index, group in groups_of(op.cache.pods_of_service(key)).items():
@@ -245,7 +235,7 @@ async def admission_pass(op: Operator, topology: Topology, window: int = 32) -> 
             op,
             by_key[request.key],
             Unplaceable(
-                "Queued",
+                Reason.QUEUED,
                 f"Waiting in the admission queue ({position - 1} gangs ahead at the last look).",
                 permanent=False,
             ),

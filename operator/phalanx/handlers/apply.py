@@ -19,6 +19,7 @@ from datetime import datetime
 from typing import Any
 
 from phalanx import kube
+from phalanx.constants import Reason
 from phalanx.observe import CreateRejection
 from phalanx.status import set_condition, status_patch
 
@@ -86,7 +87,7 @@ async def apply_children(op: Operator, owner: Obj, children: Iterable[Obj]) -> N
             op.refused_children[(uid, kind, name)] = digest or ""
             log.warning("%s/%s: %s", namespace, meta["name"], refusal)
             await asyncio.to_thread(
-                kube.event, owner, "Warning", "ChildRejected",
+                kube.event, owner, "Warning", Reason.CHILD_REJECTED,
                 f"The API server rejected {kind} {name}: {refusal.message}",
             )  # fmt: skip
             continue
@@ -205,13 +206,15 @@ async def report_invalid(
     status = dict(owner.get("status") or {})
     generation = owner["metadata"].get("generation")
     conditions, changed = set_condition(
-        status.get("conditions") or [], condition, False, "InvalidSpec",
+        status.get("conditions") or [], condition, False, Reason.INVALID_SPEC,
         f"The spec is invalid: {message}. Fix the spec; nothing was created.", now, generation,
     )  # fmt: skip
     new = {**status, "conditions": conditions, "observedGeneration": generation, **(extra or {})}
     if not changed and status_patch(status, new) == {}:
         return
-    await write_status(plural, store, owner, status, new, [("Warning", "InvalidSpec", message)])
+    await write_status(
+        plural, store, owner, status, new, [("Warning", Reason.INVALID_SPEC, message)]
+    )
 
 
 def requeue(queue: WorkQueue, key: Key, after: float | None) -> None:

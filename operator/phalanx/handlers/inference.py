@@ -17,8 +17,9 @@ from typing import Any
 
 from phalanx import kube, metrics, observe
 from phalanx.api.inference import InferenceService, InferenceServiceSpec
-from phalanx.api.validate import SpecError, parse
-from phalanx.constants import INFERENCE_PLURAL
+from phalanx.api.trainjob import LLMTrainJob
+from phalanx.api.validate import SpecError
+from phalanx.constants import INFERENCE_PLURAL, Reason
 from phalanx.plan.autoscale import recommend
 from phalanx.plan.inference import ServicePlan, ServiceWorld, plan_service
 from phalanx.plan.model_source import resolve_model
@@ -61,16 +62,18 @@ async def _reconcile(op: Operator, key: Key) -> None:
     now = op.clock()
     meta = obj["metadata"]
     status = dict(obj.get("status") or {})
-    try:
-        service: InferenceService = parse(obj, InferenceService)
-    except SpecError as error:
+    service = op.parsed(obj, InferenceService)
+    if isinstance(service, SpecError):
+        error = service
         await report_invalid(INFERENCE_PLURAL, op.cache.services, obj, READY, str(error), now)
         return
     spec = service.spec
     ref = ServiceRef(meta["name"], meta["namespace"], meta["uid"])
     source = spec.model.from_train_job
-    trainjob = op.cache.trainjobs.get((key[0], source.name)) if source is not None else None
-    model = resolve_model(spec, trainjob, op.cache.claim_names(key[0]))
+    job = op.cache.trainjobs.get((key[0], source.name)) if source is not None else None
+    trainjob = op.parsed(job, LLMTrainJob) if job is not None else None
+    status = (job or {}).get("status") or {}
+    model = resolve_model(spec, trainjob, status, op.cache.claim_names(key[0]))
     decision = None
     if spec.autoscaling is not None:
         decision = recommend(op.samples.get(key, []), spec.autoscaling, spec.replicas, now)
@@ -135,7 +138,7 @@ async def _scale(op: Operator, key: Key, obj: Obj, current: int, plan: ServicePl
         ),
         "",
     )
-    reason = "ScaledUp" if direction == "up" else "ScaledDown"
+    reason = Reason.SCALED_UP if direction == "up" else Reason.SCALED_DOWN
     await asyncio.to_thread(
         kube.event, obj, "Normal", reason, f"{current} -> {plan.scale_to} replicas: {message}"
     )

@@ -12,6 +12,8 @@ from typing import Any
 
 import aiohttp
 
+from phalanx.api.trainjob import LLMTrainJob
+from phalanx.api.validate import SpecError
 from phalanx.constants import LABEL_RANK
 from phalanx.status import RUNNING, is_true
 
@@ -28,7 +30,10 @@ def _targets(op: Operator) -> list[tuple[Key, str]]:
         status = job.get("status") or {}
         if not is_true(status.get("conditions") or [], RUNNING):
             continue
-        port = ((job.get("spec") or {}).get("trainer") or {}).get("metricsPort", 9400)
+        parsed = op.parsed(job, LLMTrainJob)
+        if isinstance(parsed, SpecError):
+            continue
+        port = parsed.spec.trainer.metrics_port
         for pod in op.cache.pods_of_job(key):
             labels = pod["metadata"].get("labels") or {}
             ip = (pod.get("status") or {}).get("podIP")

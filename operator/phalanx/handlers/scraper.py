@@ -62,10 +62,12 @@ def targets(op: Operator, loopback_only: bool) -> dict[Key, list[str]]:
     """Metrics URLs of the ready leaders of every autoscaled service."""
     found: dict[Key, list[str]] = {}
     for key, obj in list(op.cache.services.items.items()):
-        spec = obj.get("spec") or {}
-        if not spec.get("autoscaling") or obj["metadata"].get("deletionTimestamp"):
+        if obj["metadata"].get("deletionTimestamp"):
             continue
-        port = (spec.get("server") or {}).get("port", 8000)
+        parsed = op.parsed(obj, InferenceService)
+        if isinstance(parsed, SpecError) or parsed.spec.autoscaling is None:
+            continue
+        port = parsed.spec.server.port
         urls = found.setdefault(key, [])
         for pod in op.cache.pods_of_service(key):
             ip = (pod.get("status") or {}).get("podIP")

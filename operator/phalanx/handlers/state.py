@@ -14,15 +14,19 @@ from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
+
+from pydantic import BaseModel
 
 from phalanx import metrics, observe
+from phalanx.api.validate import SpecError, parse
 from phalanx.constants import LABEL_JOB, LABEL_SERVICE
 from phalanx.observe import CreateRejection
 from phalanx.plan.autoscale import Sample
 
 log = logging.getLogger("phalanx")
 Key = tuple[str, str]  # (namespace, name)
+M = TypeVar("M", bound=BaseModel)
 Obj = dict[str, Any]
 
 
@@ -243,15 +247,34 @@ class Operator:
     service_rejections: dict[Key, CreateRejection] = field(default_factory=dict)
     # The one clock of the shell; tests substitute their own.
     clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
-    # When each gang's admission verdict was last written (rate limit), and parsed specs by
-    # (uid, generation), both for the admission loop.
+    # When each gang's admission verdict was last written (rate limit).
     verdict_written: dict[Key, float] = field(default_factory=dict)
+    # Every parsed object (or why it does not parse) by (uid, generation): the one way specs
+    # are read, once per generation, however many passes and loops look at them.
     specs: dict[tuple[str, int], Any] = field(default_factory=dict)
     admission_wanted: asyncio.Event = field(default_factory=asyncio.Event)
     started: float = field(default_factory=time.monotonic)
 
     def wake_admission(self) -> None:
         self.admission_wanted.set()
+
+    def parsed(self, obj: Obj, model: type[M]) -> M | SpecError:
+        """The validated model of `obj`, memoised per (uid, generation); older generations of
+        the same object are dropped when a new one is parsed."""
+        meta = obj["metadata"]
+        uid, generation = str(meta.get("uid") or ""), int(meta.get("generation") or 0)
+        key = (uid, generation)
+        if key not in self.specs:
+            for stale in [k for k in self.specs if k[0] == uid]:
+                del self.specs[stale]
+            try:
+                self.specs[key] = parse(obj, model)
+            except SpecError as error:
+                self.specs[key] = error
+        found = self.specs[key]
+        if not isinstance(found, model | SpecError):
+            raise TypeError(f"{uid} was parsed as {type(found).__name__}, not {model.__name__}")
+        return found
 
     def forget_trainjob(self, key: Key, uid: str) -> None:
         """Drop everything held for a job that is gone (by key and by uid)."""

@@ -14,7 +14,7 @@ from typing import Any
 
 from phalanx import kube, metrics
 from phalanx.api.trainjob import LLMTrainJob
-from phalanx.api.validate import SpecError, parse
+from phalanx.api.validate import SpecError
 from phalanx.constants import TRAINJOB_PLURAL
 from phalanx.plan.trainjob import Plan, World, plan_trainjob
 from phalanx.render.trainjob import JobRef
@@ -47,9 +47,9 @@ async def _reconcile(op: Operator, key: Key) -> None:
     now = op.clock()
     meta = obj["metadata"]
     status = dict(obj.get("status") or {})
-    try:
-        job: LLMTrainJob = parse(obj, LLMTrainJob)
-    except SpecError as error:
+    job = op.parsed(obj, LLMTrainJob)
+    if isinstance(job, SpecError):
+        error = job
         await report_invalid(
             TRAINJOB_PLURAL,
             op.cache.trainjobs,

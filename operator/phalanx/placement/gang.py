@@ -6,6 +6,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
+from phalanx.constants import Reason
+
 
 @dataclass(frozen=True)
 class GangRequest:
@@ -51,11 +53,11 @@ class Placement:
 
 
 # Reasons, PascalCase as they appear in the Admitted condition.
-UNKNOWN_LEVEL = "UnknownTopologyLevel"
-POD_EXCEEDS_NODE = "PodExceedsNodeCapacity"
-GANG_EXCEEDS_DOMAIN = "GangExceedsDomainCapacity"
-INSUFFICIENT_CAPACITY = "InsufficientCapacity"
-QUEUED_BEHIND = "QueuedBehindHigherPriority"
+UNKNOWN_LEVEL = Reason.UNKNOWN_TOPOLOGY_LEVEL
+POD_EXCEEDS_NODE = Reason.POD_EXCEEDS_NODE_CAPACITY
+GANG_EXCEEDS_DOMAIN = Reason.GANG_EXCEEDS_DOMAIN_CAPACITY
+INSUFFICIENT_CAPACITY = Reason.INSUFFICIENT_CAPACITY
+QUEUED_BEHIND = Reason.QUEUED_BEHIND_HIGHER_PRIORITY
 
 
 @dataclass(frozen=True)

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from phalanx.constants import Reason
 from phalanx.placement.gang import GangRequest, Placement, Unplaceable
 from phalanx.placement.place import place_gang
 from phalanx.placement.snapshot import CapacitySnapshot
 from phalanx.placement.topology import Topology
 
-WAITING_FOR_PREFERRED = "WaitingForPreferredDomain"
+WAITING_FOR_PREFERRED = Reason.WAITING_FOR_PREFERRED_DOMAIN
 Decided = tuple[GangRequest, Placement | Unplaceable]
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from phalanx.api.inference import Autoscaling
+from phalanx.constants import Reason
 
 # Samples older than this are useless to every window the API allows.
 MAX_WINDOW_SECONDS = 86400 + 60
@@ -71,12 +72,12 @@ def recommend(
     if not recent or now - recent[-1].at > STALE_AFTER:
         # Never act on silence: keep the count (but honour the bounds).
         desired = clamp(current, spec)
-        return Decision(desired, "NoMetrics", "No recent load samples from ready leaders.")
+        return Decision(desired, Reason.NO_METRICS, "No recent load samples from ready leaders.")
     if current != clamp(current, spec):
         bounded = clamp(current, spec)
         return Decision(
             bounded,
-            "OutOfBounds",
+            Reason.OUT_OF_BOUNDS,
             f"{current} replicas is outside {spec.min_replicas}..{spec.max_replicas}.",
         )
     latest = recent[-1]
@@ -87,7 +88,7 @@ def recommend(
     up_window = [s for s in recent if s.at >= up_since] or [latest]
     up = clamp(min(wanted(s, spec) for s in up_window), spec)
     if up > current:
-        return Decision(up, "ScaleUp", f"{about}: {current} -> {up} replicas.")
+        return Decision(up, Reason.SCALE_UP, f"{about}: {current} -> {up} replicas.")
 
     down_since = now - timedelta(seconds=spec.scale_down_delay_seconds)
     down_window = [s for s in recent if s.at >= down_since]
@@ -96,12 +97,12 @@ def recommend(
         if recent[0].at > down_since:
             return Decision(
                 current,
-                "ScaleDownStabilizing",
+                Reason.SCALE_DOWN_STABILIZING,
                 f"{about}: {down} replicas would do, but the load has not been low for "
                 f"{spec.scale_down_delay_seconds}s yet.",
             )
-        return Decision(down, "ScaleDown", f"{about}: {current} -> {down} replicas.")
-    return Decision(current, "WithinTarget", f"{about}: {current} replicas fit.")
+        return Decision(down, Reason.SCALE_DOWN, f"{about}: {current} -> {down} replicas.")
+    return Decision(current, Reason.WITHIN_TARGET, f"{about}: {current} replicas fit.")
 
 
 def trim(history: Sequence[Sample], spec: Autoscaling, now: datetime) -> list[Sample]:

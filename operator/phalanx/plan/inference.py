@@ -15,6 +15,7 @@ from typing import Any
 
 from phalanx import observe
 from phalanx.api.inference import InferenceServiceSpec
+from phalanx.constants import Reason
 from phalanx.observe import CreateRejection
 from phalanx.render.inference import (
     ModelMount,
@@ -130,14 +131,18 @@ def plan_service(
         if old_exist and group.revision == revision:
             data["stalledRevision"] = revision
             cond.set(
-                PROGRESSING, False, "RolloutStalled",
+                PROGRESSING, False, Reason.ROLLOUT_STALLED,
                 f"Group {group.index} of the new revision failed: {reason}. The rollout stopped "
                 "and the old groups keep serving; fix the spec or the model to roll again.",
                 warn=True,
             )  # fmt: skip
         else:
             cond.events.append(
-                ("Warning", "GroupRecreated", f"Group {group.index}: {reason}; recreating it.")
+                (
+                    "Warning",
+                    Reason.GROUP_RECREATED,
+                    f"Group {group.index}: {reason}; recreating it.",
+                )
             )
 
     # New-revision groups that never became ready in time stall the rollout too.
@@ -152,7 +157,7 @@ def plan_service(
             if now - created >= deadline:
                 data["stalledRevision"] = revision
                 cond.set(
-                    PROGRESSING, False, "RolloutStalled",
+                    PROGRESSING, False, Reason.ROLLOUT_STALLED,
                     f"Group {group.index} of the new revision was not ready within "
                     f"{spec.rollout.progress_deadline_seconds}s; the old groups keep serving.",
                     warn=True,
@@ -214,7 +219,7 @@ def plan_service(
     data["updatedReplicas"] = len(updated)
     _model_condition(cond, model, ready, revision)
     if held and rejected is not None:
-        cond.set(PROGRESSING, False, "PodCreateRejected", rejected.describe(), warn=True)
+        cond.set(PROGRESSING, False, Reason.POD_CREATE_REJECTED, rejected.describe(), warn=True)
     else:
         _progress_condition(
             cond, spec, model, remaining, ready, revision, stalled, bool(plan.create)
@@ -237,12 +242,12 @@ def _model_condition(
     serving = [g for g in ready if g.revision == revision]
     if serving:
         cond.set(
-            MODEL_LOADED, True, "Loaded",
+            MODEL_LOADED, True, Reason.LOADED,
             f"{model.revision} is loaded and healthy in {len(serving)} group(s).",
         )  # fmt: skip
     else:
         cond.set(
-            MODEL_LOADED, False, "Loading",
+            MODEL_LOADED, False, Reason.LOADING,
             f"Waiting for {model.revision} to load (the server's /health answers 200 once it has).",
         )  # fmt: skip
 
@@ -267,17 +272,17 @@ def _progress_condition(
     if old:
         updated = len(remaining) - len(old)
         cond.set(
-            PROGRESSING, True, "RollingUpdate",
+            PROGRESSING, True, Reason.ROLLING_UPDATE,
             f"{updated} of {desired} group(s) at revision {revision}; {len(old)} old group(s) left.",
         )  # fmt: skip
     elif creating or len(remaining) != desired or len(ready) != desired:
         cond.set(
-            PROGRESSING, True, "Scaling",
+            PROGRESSING, True, Reason.SCALING,
             f"{len(ready)} of {desired} group(s) ready ({len(remaining)} exist).",
         )  # fmt: skip
     else:
         cond.set(
-            PROGRESSING, False, "RolloutComplete",
+            PROGRESSING, False, Reason.ROLLOUT_COMPLETE,
             f"All {desired} group(s) run revision {revision} and are ready.",
         )  # fmt: skip
 
@@ -296,11 +301,11 @@ def _ready_condition(
     _, unavailable = rollout_bounds(spec, desired)
     floor = max(desired - unavailable, 1)
     if desired == 0:
-        cond.set(READY, False, "ScaledToZero", "spec.replicas is 0; scale up to serve.")
+        cond.set(READY, False, Reason.SCALED_TO_ZERO, "spec.replicas is 0; scale up to serve.")
         return
     if len(ready) >= floor:
         cond.set(
-            READY, True, "MinimumReplicasAvailable",
+            READY, True, Reason.MINIMUM_REPLICAS_AVAILABLE,
             f"{len(ready)} of {desired} group(s) ready behind the Service.",
         )  # fmt: skip
         return
@@ -310,24 +315,30 @@ def _ready_condition(
     if isinstance(model, ModelProblem):
         reason, message = model.reason, model.message
     elif held and world.rejection is not None:
-        reason, message = "PodCreateRejected", world.rejection.describe()
+        reason, message = Reason.POD_CREATE_REJECTED, world.rejection.describe()
     elif problem is not None:
         reason = problem.condition_reason
         message = f"{problem.describe()}. Fix spec.image, the pull secret or the referenced ConfigMap/Secret."
     elif looping is not None:
-        reason = "CrashLoopBackOff"
+        reason = Reason.CRASH_LOOP_BACK_OFF
         message = f"{looping.describe()}. See the server's log (kubectl logs --previous)."
     elif world.verdict is not None:
         reason, message = world.verdict
         message = f"A group of {spec.nodes_per_replica} pods cannot be placed: {message}"
     elif (unschedulable := _unschedulable(pods)) is not None:
-        reason, message = "Unschedulable", f"{unschedulable}. Free capacity or change the spec."
+        reason, message = (
+            Reason.UNSCHEDULABLE,
+            f"{unschedulable}. Free capacity or change the spec.",
+        )
     elif stalled:
-        reason, message = "RolloutStalled", "The new revision fails; see the Progressing condition."
+        reason, message = (
+            Reason.ROLLOUT_STALLED,
+            "The new revision fails; see the Progressing condition.",
+        )
     else:
-        reason = "GroupsStarting"
+        reason = Reason.GROUPS_STARTING
         message = f"{len(ready)} of {desired} group(s) ready; waiting for {floor}."
-    cond.set(READY, False, reason, message, warn=reason != "GroupsStarting")
+    cond.set(READY, False, reason, message, warn=reason != Reason.GROUPS_STARTING)
 
 
 def _scaling(
@@ -336,19 +347,19 @@ def _scaling(
     if spec.autoscaling is None:
         plan.status.pop("desiredReplicas", None)
         cond.set(
-            SCALING_ACTIVE, False, "AutoscalingDisabled",
+            SCALING_ACTIVE, False, Reason.AUTOSCALING_DISABLED,
             "spec.autoscaling is not set; spec.replicas is driven by kubectl scale, HPA or KEDA.",
         )  # fmt: skip
         return
-    if decision is None or decision.reason == "NoMetrics":
+    if decision is None or decision.reason == Reason.NO_METRICS:
         cond.set(
-            SCALING_ACTIVE, False, "NoMetrics",
+            SCALING_ACTIVE, False, Reason.NO_METRICS,
             "No recent load samples from ready leaders; the replica count is kept.",
         )  # fmt: skip
         if decision is None:
             return
     else:
-        cond.set(SCALING_ACTIVE, True, "MetricsAvailable", decision.message)
+        cond.set(SCALING_ACTIVE, True, Reason.METRICS_AVAILABLE, decision.message)
     plan.status["desiredReplicas"] = decision.desired
     if decision.desired != spec.replicas:
         plan.scale_to = decision.desired

@@ -1,7 +1,8 @@
 """Which model an InferenceService serves, or why it cannot be served yet. Pure.
 
-`resolve_model` takes the train job as the cache holds it (for `fromTrainJob`) and the claim
-names known in the namespace; exports are only what the job's status says the trainer reported.
+`resolve_model` takes the parsed train job (for `fromTrainJob`; or why it did not parse), its
+status, and the claim names known in the namespace; exports are only what the job's status
+says the trainer reported.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from typing import Any
 
 from phalanx.api.inference import InferenceServiceSpec
 from phalanx.api.trainjob import LLMTrainJob
-from phalanx.api.validate import SpecError, parse
+from phalanx.api.validate import SpecError
+from phalanx.constants import Reason
 from phalanx.render.inference import MODEL_DIR, ModelMount
 from phalanx.render.trainjob import checkpoint_claim_name
 
@@ -27,12 +29,14 @@ class ModelProblem:
 
 def resolve_model(
     spec: InferenceServiceSpec,
-    trainjob: Mapping[str, Any] | None,
+    trainjob: LLMTrainJob | SpecError | None,
+    trainjob_status: Mapping[str, Any],
     claims: frozenset[str] | None,
 ) -> ModelMount | ModelProblem:
-    """The model to serve, from the spec and (for fromTrainJob) the job as the cache holds it.
+    """The model to serve, from the spec and (for fromTrainJob) the job and its status.
 
-    `claims` are the claim names that exist in the namespace, or None when not known yet.
+    `trainjob` is None when no such job exists, a SpecError when it does not parse. `claims`
+    are the claim names that exist in the namespace, or None when not known yet.
     """
     source = spec.model
     if source.builtin is not None:
@@ -41,7 +45,7 @@ def resolve_model(
         claim = source.claim
         if claims is not None and claim.name not in claims:
             return ModelProblem(
-                "ClaimNotFound",
+                Reason.CLAIM_NOT_FOUND,
                 f"PersistentVolumeClaim {claim.name} does not exist; create it or fix "
                 "spec.model.claim.name.",
             )
@@ -53,28 +57,29 @@ def resolve_model(
     wanted = source.from_train_job
     if trainjob is None:
         return ModelProblem(
-            "TrainJobNotFound",
+            Reason.TRAIN_JOB_NOT_FOUND,
             f"LLMTrainJob {wanted.name} does not exist in this namespace; create it or fix "
             "spec.model.fromTrainJob.name.",
         )
-    try:
-        job: LLMTrainJob = parse(dict(trainjob), LLMTrainJob)
-    except SpecError as error:
-        return ModelProblem("TrainJobInvalid", f"LLMTrainJob {wanted.name} is invalid: {error}")
+    if isinstance(trainjob, SpecError):
+        return ModelProblem(
+            Reason.TRAIN_JOB_INVALID, f"LLMTrainJob {wanted.name} is invalid: {trainjob}"
+        )
+    job = trainjob
     claim_name = checkpoint_claim_name(wanted.name, job.spec)
     if claim_name is None:
         return ModelProblem(
-            "TrainJobHasNoCheckpoint",
+            Reason.TRAIN_JOB_HAS_NO_CHECKPOINT,
             f"LLMTrainJob {wanted.name} keeps no checkpoint volume (checkpoint.enabled: false), "
             "so its export is lost; serve a claim or a job with a checkpoint volume.",
         )
     if claims is not None and claim_name not in claims:
         return ModelProblem(
-            "ClaimNotFound",
+            Reason.CLAIM_NOT_FOUND,
             f"The checkpoint claim {claim_name} of LLMTrainJob {wanted.name} does not exist.",
         )
-    status = trainjob.get("status") or {}
-    uid = str(trainjob.get("metadata", {}).get("uid") or "")[:8]
+    status = trainjob_status
+    uid = str(job.metadata.get("uid") or "")[:8]
     if wanted.step is not None:
         # exports/step-N is a servable snapshot the trainer publishes atomically (COMPLETE
         # written last) and reports in exportSteps; checkpoints themselves are shards.
@@ -82,7 +87,7 @@ def resolve_model(
         if wanted.step not in steps:
             listed = ", ".join(str(s) for s in steps) if steps else "none yet"
             return ModelProblem(
-                "ExportNotReady",
+                Reason.EXPORT_NOT_READY,
                 f"LLMTrainJob {wanted.name} has not reported an export of step {wanted.step} "
                 f"(export steps: {listed}); waiting. Steps are exported every "
                 "spec.trainer.exportEvery steps.",
@@ -98,7 +103,7 @@ def resolve_model(
                 else f"phase {phase}; the model is served once the job succeeds"
             )
             return ModelProblem(
-                "ExportNotReady", f"LLMTrainJob {wanted.name} has no export yet ({detail})."
+                Reason.EXPORT_NOT_READY, f"LLMTrainJob {wanted.name} has no export yet ({detail})."
             )
         directory = str(export).strip("/")
     return ModelMount(

@@ -14,7 +14,7 @@ from typing import Any
 
 from phalanx import observe
 from phalanx.api.trainjob import FailureRule, LLMTrainJobSpec
-from phalanx.constants import PERMANENT_REASONS, PERMANENT_START_REASONS
+from phalanx.constants import PERMANENT_REASONS, PERMANENT_START_REASONS, Reason
 from phalanx.observe import CreateRejection
 from phalanx.render.trainjob import CONTAINER, JobRef, render_children, render_pod
 from phalanx.status import (
@@ -101,9 +101,9 @@ def rank_failure(pod: Mapping[str, Any], ready_nodes: frozenset[str]) -> RankFai
         ended = observe.termination(pod, CONTAINER)
         return RankFailure(rank, name, node, ended.exit_code, ended.reasons, ended.message)
     if node and node not in ready_nodes:
-        return RankFailure(rank, name, node, None, ("NodeLost",))
+        return RankFailure(rank, name, node, None, (Reason.NODE_LOST,))
     if observe.terminating(pod):
-        return RankFailure(rank, name, node, None, ("PodDeleted",))
+        return RankFailure(rank, name, node, None, (Reason.POD_DELETED,))
     problem = observe.start_problem(pod)
     if problem is not None and problem.reason in PERMANENT_START_REASONS:
         return RankFailure(rank, name, node, None, (problem.reason,), problem.describe())
@@ -178,16 +178,16 @@ def _decide(
         st.set(
             SUSPENDED,
             True,
-            "Suspended",
+            Reason.SUSPENDED,
             "Pods deleted; the checkpoint volume is kept. Set spec.runPolicy.suspend to false to resume.",
         )
-        st.clear(RUNNING, "Suspended", "The job is suspended.")
-        st.clear(ADMITTED, "Suspended", "The job is suspended.")
+        st.clear(RUNNING, Reason.SUSPENDED, "The job is suspended.")
+        st.clear(ADMITTED, Reason.SUSPENDED, "The job is suspended.")
         st.data.pop("placement", None)
         st.data["accelerators"] = 0
         return _finish(plan, st, pods)
     if st.is_true(SUSPENDED):
-        st.set(SUSPENDED, False, "Resumed", "The job was resumed; a new gang is queued.")
+        st.set(SUSPENDED, False, Reason.RESUMED, "The job was resumed; a new gang is queued.")
         generation = _next_generation(st, generation)
 
     started = observe.parse_time(st.data.get("startTime"))
@@ -199,7 +199,7 @@ def _decide(
                 st,
                 plan,
                 pods,
-                "DeadlineExceeded",
+                Reason.DEADLINE_EXCEEDED,
                 f"The job ran longer than activeDeadlineSeconds ({deadline}s).",
             )
             return _finish(plan, st, pods)
@@ -222,7 +222,7 @@ def _decide(
     if missing and admitted_pods and not old:
         # A rank vanished from an admitted gang: its peers cannot finish without it.
         restart.append(
-            RankFailure(missing[0], f"{ref.name}-{missing[0]}", "", None, ("PodMissing",))
+            RankFailure(missing[0], f"{ref.name}-{missing[0]}", "", None, (Reason.POD_MISSING,))
         )
     if restart:
         _restart(spec, st, plan, pods, restart[0], generation)
@@ -232,9 +232,12 @@ def _decide(
     finished = [r for r, p in current.items() if observe.phase(p) == "Succeeded" or r in ignored]
     if len(current) == spec.nodes and len(finished) == spec.nodes:
         st.set(
-            SUCCEEDED, True, "AllRanksSucceeded", f"All {spec.nodes} ranks completed successfully."
+            SUCCEEDED,
+            True,
+            Reason.ALL_RANKS_SUCCEEDED,
+            f"All {spec.nodes} ranks completed successfully.",
         )
-        st.clear(RUNNING, "Completed", "The job completed.")
+        st.clear(RUNNING, Reason.COMPLETED, "The job completed.")
         st.data["completionTime"] = timestamp(now)
         # Only what rank 0 reported is an export: its final termination message says what it
         # published (a user image that reports nothing has exported nothing we know of).
@@ -255,7 +258,7 @@ def _decide(
     rejected = world.rejection
     if missing and rejected is not None and rejected.holds(now, metadata_generation):
         # Creating again now would only repeat the API server's refusal: back off.
-        st.set(ADMITTED, False, "PodCreateRejected", rejected.describe(), warn=True)
+        st.set(ADMITTED, False, Reason.POD_CREATE_REJECTED, rejected.describe(), warn=True)
         plan.later((rejected.retry_at() - now).total_seconds())
         return _finish(plan, st, pods)
     if missing:
@@ -290,7 +293,9 @@ def _fail_permanently(
     rules: Sequence[FailureRule],
 ) -> None:
     _, why = failure_verdict(failure, rules)
-    _fail(st, plan, pods, "PermanentFailure", f"{failure.describe()}; {why}, so the job failed.")
+    _fail(
+        st, plan, pods, Reason.PERMANENT_FAILURE, f"{failure.describe()}; {why}, so the job failed."
+    )
 
 
 def _admission(
@@ -314,7 +319,7 @@ def _admission(
             if placement.get("domain")
             else ""
         )
-        reason = "GangAdmitted" if builtin else "SchedulerManaged"
+        reason = Reason.GANG_ADMITTED if builtin else Reason.SCHEDULER_MANAGED
         st.set(ADMITTED, True, reason, f"{spec.nodes} pods placed{where}.")
         st.data["accelerators"] = spec.nodes * spec.accelerator.count()
     elif world.verdict is not None:
@@ -322,13 +327,16 @@ def _admission(
         st.set(ADMITTED, False, reason, message, warn=True)
     else:
         st.set(
-            ADMITTED, False, "Queued", f"Waiting for capacity for {spec.nodes} pods in one domain."
+            ADMITTED,
+            False,
+            Reason.QUEUED,
+            f"Waiting for capacity for {spec.nodes} pods in one domain.",
         )
 
     running = [p for p in pods if observe.running(p) or observe.rank(p) in finished]
     if complete and len(running) == spec.nodes:
-        st.set(RUNNING, True, "AllRanksRunning", f"All {spec.nodes} ranks are running.")
-        st.clear(RESTARTING, "GangRunning", "The restarted gang is running.")
+        st.set(RUNNING, True, Reason.ALL_RANKS_RUNNING, f"All {spec.nodes} ranks are running.")
+        st.clear(RESTARTING, Reason.GANG_RUNNING, "The restarted gang is running.")
         return
     timeout = spec.failure_policy.gang_timeout_seconds
     stuck = [p for p in pods if p not in running]
@@ -365,7 +373,7 @@ def _admission(
             st.set(
                 ADMITTED,
                 False,
-                "GangTimeout",
+                Reason.GANG_TIMEOUT,
                 f"Not all pods were running {timeout}s after placement: {names}; the gang was re-queued.",
                 warn=True,
             )
@@ -401,7 +409,7 @@ def _restart(
             st,
             plan,
             pods,
-            "RestartLimitExceeded",
+            Reason.RESTART_LIMIT_EXCEEDED,
             f"{failure.describe()}; the gang already restarted {restarts} times (maxRestarts {limit}).",
         )
         return
@@ -410,12 +418,12 @@ def _restart(
     st.set(
         RESTARTING,
         True,
-        "RankFailed",
+        Reason.RANK_FAILED,
         f"{failure.describe()}; restarting the whole gang from the newest checkpoint (restart {restarts + 1} of {limit}).",
         warn=True,
     )
-    st.clear(RUNNING, "RankFailed", failure.describe())
-    st.clear(ADMITTED, "GangRestarting", "The gang is being recreated.")
+    st.clear(RUNNING, Reason.RANK_FAILED, failure.describe())
+    st.clear(ADMITTED, Reason.GANG_RESTARTING, "The gang is being recreated.")
     _next_generation(st, generation)
 
 
