@@ -1,20 +1,23 @@
 """The life of an LLMTrainJob, as one pure function: observed world in, a plan out.
 
 `plan_trainjob` answers "what should happen now?" for one job: which pods to create or delete,
-what the status says, whether to restart the gang after a rank died, when to look again. The
-handler shell applies the plan; nothing here talks to the API server or reads the clock.
+what the status says, whether to restart the gang after a rank died, when to look again. It
+reads as the recipe: the end, suspend/resume, the deadline, failed ranks
+(`failure_policy`), success, the old gang's departure, then creation and admission of the
+current gang; the clock-driven rules live in `lifetime`. The handler shell applies the plan;
+nothing here talks to the API server or reads the clock.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from phalanx import observe
 from phalanx.api.trainjob import FailureRule, LLMTrainJobSpec
-from phalanx.constants import PERMANENT_REASONS, PERMANENT_START_REASONS, Reason
+from phalanx.constants import Reason
 from phalanx.observe import CreateRejection
 from phalanx.render.trainjob import CONTAINER, JobRef, render_children, render_pod
 from phalanx.status import (
@@ -30,8 +33,14 @@ from phalanx.status import (
     trainjob_phase,
 )
 
-# A pod stuck terminating on a node that stopped answering is removed by force after this.
-FORCE_DELETE_AFTER = timedelta(seconds=30)
+from .failure_policy import (
+    RankFailure,
+    failure_action,
+    failure_verdict,
+    rank_failure,
+    start_failure,
+)
+from .lifetime import deadline_left, stuck_terminating, ttl_left
 
 
 @dataclass(frozen=True)
@@ -64,74 +73,6 @@ class Plan:
         self.requeue_after = (
             seconds if self.requeue_after is None else min(self.requeue_after, seconds)
         )
-
-
-@dataclass(frozen=True)
-class RankFailure:
-    rank: int
-    pod: str
-    node: str
-    exit_code: int | None
-    reasons: tuple[str, ...]
-    message: str = ""  # the trainer's own sentence, when it followed the termination contract
-
-    @property
-    def reason(self) -> str:
-        return self.reasons[0] if self.reasons else "Failed"
-
-    def describe(self) -> str:
-        if self.exit_code is not None:
-            shown = [r for r in self.reasons if r not in ("Error", "Completed")][:1]
-            code = f"exit code {self.exit_code}" + (f" ({shown[0]})" if shown else "")
-        else:
-            code = self.reason
-        where = f" on node {self.node}" if self.node else ""
-        said = f": {self.message!r}" if self.message else ""
-        return f"rank {self.rank} (pod {self.pod}{where}) failed: {code}{said}"
-
-
-def rank_failure(pod: Mapping[str, Any], ready_nodes: frozenset[str]) -> RankFailure | None:
-    """Why this rank can no longer finish, or None while it still can (or already did)."""
-    name = observe.name(pod)
-    node = observe.node_of(pod)
-    rank = observe.rank(pod)
-    if observe.phase(pod) == "Succeeded":
-        return None
-    if observe.phase(pod) == "Failed":
-        ended = observe.termination(pod, CONTAINER)
-        return RankFailure(rank, name, node, ended.exit_code, ended.reasons, ended.message)
-    if node and node not in ready_nodes:
-        return RankFailure(rank, name, node, None, (Reason.NODE_LOST,))
-    if observe.terminating(pod):
-        return RankFailure(rank, name, node, None, (Reason.POD_DELETED,))
-    problem = observe.start_problem(pod)
-    if problem is not None and problem.reason in PERMANENT_START_REASONS:
-        return RankFailure(rank, name, node, None, (problem.reason,), problem.describe())
-    return None
-
-
-def failure_verdict(failure: RankFailure, rules: Sequence[FailureRule]) -> tuple[str, str]:
-    """(action, why): the first matching rule, else the built-in defaults (the permanent
-    classes of the termination contract fail the job; everything else restarts the gang)."""
-    for index, rule in enumerate(rules):
-        if failure.exit_code is not None and failure.exit_code in rule.on_exit_codes:
-            return (
-                rule.action,
-                f"failurePolicy.rules[{index}] matches exit code {failure.exit_code}",
-            )
-        matched = next((r for r in failure.reasons if r in rule.on_reasons), None)
-        if matched is not None:
-            return rule.action, f"failurePolicy.rules[{index}] matches {matched}"
-    permanent = next(
-        (r for r in failure.reasons if r in PERMANENT_REASONS | PERMANENT_START_REASONS), None
-    )
-    if permanent is not None:
-        return "FailJob", f"{permanent} is permanent by default: retrying cannot help"
-    return "RestartGang", "unmatched failures restart the gang"
-
-
-def failure_action(failure: RankFailure, rules: Sequence[FailureRule]) -> str:
-    return failure_verdict(failure, rules)[0]
 
 
 def plan_trainjob(
@@ -190,19 +131,13 @@ def _decide(
         st.set(SUSPENDED, False, Reason.RESUMED, "The job was resumed; a new gang is queued.")
         generation = _next_generation(st, generation)
 
-    started = observe.parse_time(st.data.get("startTime"))
-    deadline = spec.run_policy.active_deadline_seconds
-    if deadline is not None and started is not None:
-        remaining = (started + timedelta(seconds=deadline) - now).total_seconds()
-        if remaining <= 0:
-            _fail(
-                st,
-                plan,
-                pods,
-                Reason.DEADLINE_EXCEEDED,
-                f"The job ran longer than activeDeadlineSeconds ({deadline}s).",
-            )
-            return _finish(plan, st, pods)
+    remaining = deadline_left(spec, st.data, now)
+    if remaining is not None and remaining <= 0:
+        deadline = spec.run_policy.active_deadline_seconds
+        message = f"The job ran longer than activeDeadlineSeconds ({deadline}s)."
+        _fail(st, plan, pods, Reason.DEADLINE_EXCEEDED, message)
+        return _finish(plan, st, pods)
+    if remaining is not None:
         plan.later(remaining)
 
     old = [p for p in pods if observe.generation(p) != generation]
@@ -357,11 +292,7 @@ def _admission(
             # failure it meets the failure rules and the restart limit instead.
             problem = problems[0]
             pod = next(p for p in pods if observe.name(p) == problem.pod)
-            failure = RankFailure(
-                observe.rank(pod), problem.pod, observe.node_of(pod), None,
-                (problem.reason, problem.condition_reason),
-                f"image {problem.image!r}: {problem.message}" if problem.image else problem.message,
-            )  # fmt: skip
+            failure = start_failure(pod, problem)
             if failure_action(failure, spec.failure_policy.rules) == "FailJob":
                 _fail_permanently(st, plan, pods, failure, spec.failure_policy.rules)
             else:
@@ -451,32 +382,20 @@ def _finished(
         if observe.phase(p) not in ("Succeeded", "Failed") and not observe.terminating(p)
     ]
     st.data["accelerators"] = 0
-    ttl = spec.run_policy.ttl_seconds_after_finished
-    done = observe.parse_time(st.data.get("completionTime"))
-    if ttl is None or done is None:
-        return
-    remaining = (done + timedelta(seconds=ttl) - st.now).total_seconds()
-    if remaining <= 0:
+    remaining = ttl_left(spec, st.data, st.now)
+    if remaining is not None and remaining <= 0:
         plan.delete_job = True
-    else:
+    elif remaining is not None:
         plan.later(remaining)
 
 
 def _force_stuck(
     pods: Sequence[Mapping[str, Any]], ready_nodes: frozenset[str], now: datetime, plan: Plan
 ) -> None:
-    """Terminating pods on dead nodes never finish: no kubelet is left to confirm."""
-    for pod in pods:
-        meta = pod.get("metadata", {})
-        deleted = observe.parse_time(meta.get("deletionTimestamp"))
-        node = observe.node_of(pod)
-        if deleted is None or not node or node in ready_nodes:
-            continue
-        requested = deleted - timedelta(seconds=int(meta.get("deletionGracePeriodSeconds") or 0))
-        if now - requested >= FORCE_DELETE_AFTER:
-            plan.force_delete.append(str(meta["name"]))
-        else:
-            plan.later((requested + FORCE_DELETE_AFTER - now).total_seconds())
+    force, wait = stuck_terminating(pods, ready_nodes, now)
+    plan.force_delete += force
+    if wait is not None:
+        plan.later(wait)
 
 
 def _finish(plan: Plan, st: StatusDraft, pods: Sequence[Mapping[str, Any]]) -> Plan:
