@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from builders import make_job
+from builders import make_job, node
 
 from phalanx.handlers import admission
 from phalanx.handlers.apply import APPLIED_HASH, with_hash
@@ -24,15 +24,6 @@ def obj(name: str, version: int, uid: str = "u1") -> dict[str, Any]:
     return {
         "metadata": {"name": name, "namespace": "ml", "uid": uid, "resourceVersion": str(version)}
     }
-
-
-def node(name: str, ready: bool, since: datetime) -> dict[str, Any]:
-    condition = {
-        "type": "Ready",
-        "status": "True" if ready else "False",
-        "lastTransitionTime": since.strftime("%Y-%m-%dT%H:%M:%SZ"),
-    }
-    return {"metadata": {"name": name, "namespace": ""}, "status": {"conditions": [condition]}}
 
 
 def test_store_keeps_the_newest_version_and_never_revives_a_deleted_object() -> None:

@@ -6,8 +6,9 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from builders import SERVICE, TINY, group_pods, make_service, trainjob_object
 
-from phalanx.api.inference import InferenceService, InferenceServiceSpec
+from phalanx.api.inference import InferenceServiceSpec
 from phalanx.api.trainjob import LLMTrainJob
 from phalanx.api.validate import SpecError, parse
 from phalanx.observe import CreateRejection
@@ -16,17 +17,11 @@ from phalanx.plan.groups import group_failure, groups_of
 from phalanx.plan.inference import ServiceWorld, plan_service
 from phalanx.plan.model_source import ModelProblem, resolve_model
 from phalanx.plan.rollout import GroupView, plan_rollout, rollout_bounds
-from phalanx.render.inference import ModelMount, ServiceRef, render_group, template_revision
+from phalanx.render.inference import ModelMount, template_revision
 
 NOW = datetime(2025, 1, 1, 12, 0, 0, tzinfo=UTC)
-REF = ServiceRef("chat", "ml", "uid-9")
-TINY = ModelMount(path="builtin:tiny", revision="builtin:tiny")
+REF = SERVICE
 NODES = frozenset({"n1", "n2", "n3", "n4"})
-
-
-def make_spec(**fields: Any) -> InferenceServiceSpec:
-    fields.setdefault("model", {"builtin": "tiny"})
-    return InferenceService.model_validate({"spec": fields}).spec
 
 
 def stamp(seconds_ago: float = 0) -> str:
@@ -34,47 +29,9 @@ def stamp(seconds_ago: float = 0) -> str:
 
 
 def group(
-    spec: InferenceServiceSpec,
-    index: int,
-    revision: str,
-    ready: bool = True,
-    age: float = 60,
-    **pod_status: Any,
+    spec: InferenceServiceSpec, index: int, revision: str, **fields: Any
 ) -> list[dict[str, Any]]:
-    """The pods of one group as the API returns them: bound, Running and Ready (or not)."""
-    pods = render_group(REF, spec, TINY, index, revision)
-    for n, pod in enumerate(pods):
-        pod["metadata"]["creationTimestamp"] = stamp(age)
-        pod["spec"].pop("schedulingGates", None)
-        pod["spec"]["nodeName"] = f"n{n + 1}"
-        pod["status"] = {
-            "phase": "Running",
-            "conditions": [{"type": "Ready", "status": "True" if ready else "False"}],
-            **pod_status,
-        }
-    return pods
-
-
-def trainjob(
-    phase: str | None = None,
-    export: str | None = None,
-    steps: list[int] | None = None,
-    **spec: Any,
-) -> dict[str, Any]:
-    status: dict[str, Any] = {}
-    if phase:
-        status["phase"] = phase
-    if export:
-        status["exportPath"] = export
-    if steps is not None:
-        status["exportSteps"] = steps
-    return {
-        "apiVersion": "phalanx.dev/v1alpha1",
-        "kind": "LLMTrainJob",
-        "metadata": {"name": "gpt", "namespace": "ml", "uid": "12345678-aaaa"},
-        "spec": spec,
-        "status": status,
-    }
+    return group_pods(spec, index, revision, NOW, **fields)
 
 
 # --- model resolution --------------------------------------------------------------------
@@ -120,42 +77,42 @@ def resolve(
         ),
         pytest.param(
             {"fromTrainJob": {"name": "gpt"}},
-            trainjob("Running"),
+            trainjob_object("Running"),
             None,
             ModelProblem("ExportNotReady", ""),
             id="job-running-no-export",
         ),
         pytest.param(
             {"fromTrainJob": {"name": "gpt"}},
-            trainjob("Succeeded", "export"),
+            trainjob_object("Succeeded", "export"),
             frozenset({"gpt-checkpoint"}),
             ModelMount("/models/export", "gpt/export@12345678", "gpt-checkpoint"),
             id="job-exported",
         ),
         pytest.param(
             {"fromTrainJob": {"name": "gpt"}},
-            trainjob("Succeeded", "export", checkpoint={"existingClaim": "shared"}),
+            trainjob_object("Succeeded", "export", checkpoint={"existingClaim": "shared"}),
             None,
             ModelMount("/models/export", "gpt/export@12345678", "shared"),
             id="job-with-existing-claim",
         ),
         pytest.param(
             {"fromTrainJob": {"name": "gpt"}},
-            trainjob("Succeeded", "export", checkpoint={"enabled": False}),
+            trainjob_object("Succeeded", "export", checkpoint={"enabled": False}),
             None,
             ModelProblem("TrainJobHasNoCheckpoint", ""),
             id="job-without-checkpoint",
         ),
         pytest.param(
             {"fromTrainJob": {"name": "gpt"}},
-            trainjob("Succeeded", "export"),
+            trainjob_object("Succeeded", "export"),
             frozenset(),
             ModelProblem("ClaimNotFound", ""),
             id="job-claim-deleted",
         ),
         pytest.param(
             {"fromTrainJob": {"name": "gpt", "step": 200}},
-            trainjob("Running", steps=[100, 200]),
+            trainjob_object("Running", steps=[100, 200]),
             None,
             ModelMount(
                 "/models/exports/step-200", "gpt/exports/step-200@12345678", "gpt-checkpoint"
@@ -164,14 +121,14 @@ def resolve(
         ),
         pytest.param(
             {"fromTrainJob": {"name": "gpt", "step": 200}},
-            trainjob("Succeeded", "export", steps=[100, 300]),
+            trainjob_object("Succeeded", "export", steps=[100, 300]),
             None,
             ModelProblem("ExportNotReady", ""),
             id="job-step-not-reported-even-after-success",
         ),
         pytest.param(
             {"fromTrainJob": {"name": "gpt"}},
-            trainjob("Succeeded"),
+            trainjob_object("Succeeded"),
             None,
             ModelProblem("ExportNotReady", ""),
             id="job-succeeded-without-reported-export",
@@ -184,7 +141,7 @@ def test_resolve_model(
     claims: frozenset[str] | None,
     expected: ModelMount | ModelProblem,
 ) -> None:
-    resolved = resolve(make_spec(model=model), job, claims)
+    resolved = resolve(make_service(model=model), job, claims)
     if isinstance(expected, ModelProblem):
         assert isinstance(resolved, ModelProblem)
         assert resolved.reason == expected.reason
@@ -339,7 +296,7 @@ def test_rollout_never_drops_below_the_floor_and_finishes(surge: int, unavailabl
     [(1, 0, 4, (1, 0)), ("25%", "25%", 4, (1, 1)), ("10%", "10%", 4, (1, 0)), (0, 0, 3, (0, 1))],
 )
 def test_rollout_bounds(surge: Any, unavailable: Any, replicas: int, expected: Any) -> None:
-    spec = make_spec(rollout={"maxSurge": surge, "maxUnavailable": unavailable})
+    spec = make_service(rollout={"maxSurge": surge, "maxUnavailable": unavailable})
     assert rollout_bounds(spec, replicas) == expected
 
 
@@ -347,7 +304,7 @@ def test_rollout_bounds(surge: Any, unavailable: Any, replicas: int, expected: A
 
 
 def test_one_failed_pod_fails_the_whole_group() -> None:
-    spec = make_spec(nodesPerReplica=2)
+    spec = make_service(nodesPerReplica=2)
     pods = group(spec, 0, "r")
     pods[1]["status"]["phase"] = "Failed"
     [g] = groups_of(pods).values()
@@ -357,13 +314,13 @@ def test_one_failed_pod_fails_the_whole_group() -> None:
 def test_a_restarted_container_fails_a_multi_pod_group_but_not_a_single_pod() -> None:
     restarted = {"containerStatuses": [{"name": "server", "restartCount": 1}]}
     for size, fails in ((1, False), (2, True)):
-        spec = make_spec(nodesPerReplica=size)
+        spec = make_service(nodesPerReplica=size)
         [g] = groups_of(group(spec, 0, "r", **restarted)).values()
         assert (group_failure(g, size, NODES) is not None) is fails
 
 
 def test_lost_node_fails_the_group() -> None:
-    spec = make_spec(nodesPerReplica=2)
+    spec = make_service(nodesPerReplica=2)
     [g] = groups_of(group(spec, 0, "r")).values()
     assert "lost its node" in (group_failure(g, 2, frozenset({"n1"})) or "")
 
@@ -383,7 +340,7 @@ def conditions(status: dict[str, Any]) -> dict[str, tuple[str, str]]:
 
 
 def test_fresh_service_creates_groups_and_reports_status() -> None:
-    spec = make_spec(replicas=2)
+    spec = make_service(replicas=2)
     p = plan(spec, [])
     assert [pod["metadata"]["name"] for pod in p.create] == ["chat-0-0", "chat-1-0"]
     assert p.status["selector"] == "phalanx.dev/inference-service=chat,phalanx.dev/worker-index=0"
@@ -399,7 +356,7 @@ def test_fresh_service_creates_groups_and_reports_status() -> None:
 
 
 def test_all_groups_ready_is_ready_and_complete() -> None:
-    spec = make_spec(replicas=2)
+    spec = make_service(replicas=2)
     rev = template_revision(spec, TINY)
     p = plan(spec, [*group(spec, 0, rev), *group(spec, 1, rev)])
     assert not p.create
@@ -413,14 +370,14 @@ def test_all_groups_ready_is_ready_and_complete() -> None:
 
 def test_model_problem_creates_nothing_and_says_what_to_fix() -> None:
     problem = ModelProblem("TrainJobNotFound", "LLMTrainJob gpt does not exist; create it.")
-    p = plan(make_spec(replicas=2), [], model=problem)
+    p = plan(make_service(replicas=2), [], model=problem)
     assert not p.create
     assert conditions(p.status)["Ready"] == ("False", "TrainJobNotFound")
     assert conditions(p.status)["ModelLoaded"] == ("False", "TrainJobNotFound")
 
 
 def test_failed_pod_recreates_its_whole_group() -> None:
-    spec = make_spec(replicas=1, nodesPerReplica=2)
+    spec = make_service(replicas=1, nodesPerReplica=2)
     rev = template_revision(spec, TINY)
     pods = group(spec, 0, rev)
     pods[0]["status"]["phase"] = "Failed"
@@ -431,7 +388,7 @@ def test_failed_pod_recreates_its_whole_group() -> None:
 
 
 def test_failed_new_revision_stalls_and_keeps_old_groups() -> None:
-    spec = make_spec(replicas=2)
+    spec = make_service(replicas=2)
     rev = template_revision(spec, TINY)
     pods = [*group(spec, 0, "old"), *group(spec, 1, "old"), *group(spec, 2, rev)]
     pods[-1]["status"]["phase"] = "Failed"
@@ -449,7 +406,7 @@ def test_failed_new_revision_stalls_and_keeps_old_groups() -> None:
 
 
 def test_new_group_past_the_deadline_stalls() -> None:
-    spec = make_spec(replicas=1, rollout={"progressDeadlineSeconds": 60})
+    spec = make_service(replicas=1, rollout={"progressDeadlineSeconds": 60})
     rev = template_revision(spec, TINY)
     pods = [*group(spec, 0, "old"), *group(spec, 1, rev, ready=False, age=120)]
     p = plan(spec, pods)
@@ -460,13 +417,13 @@ def test_new_group_past_the_deadline_stalls() -> None:
 
 
 def test_unplaceable_group_is_reported_on_ready() -> None:
-    spec = make_spec(replicas=1, nodesPerReplica=2)
+    spec = make_service(replicas=1, nodesPerReplica=2)
     p = plan(spec, [], verdict=("GangExceedsDomainCapacity", "needs 2 nodes in one rack"))
     assert conditions(p.status)["Ready"] == ("False", "GangExceedsDomainCapacity")
 
 
 def test_autoscaler_decision_scales_and_is_reported() -> None:
-    spec = make_spec(replicas=1, autoscaling={"maxReplicas": 4})
+    spec = make_service(replicas=1, autoscaling={"maxReplicas": 4})
     decision = Decision(3, "ScaleUp", "requestsInFlight 24 for target 8: 1 -> 3 replicas.")
     p = plan(spec, [], decision=decision)
     assert p.scale_to == 3
@@ -479,8 +436,8 @@ def test_autoscaler_decision_scales_and_is_reported() -> None:
 
 def test_missing_step_names_the_steps_that_exist() -> None:
     resolved = resolve(
-        make_spec(model={"fromTrainJob": {"name": "gpt", "step": 250}}),
-        trainjob("Running", steps=[100, 200]),
+        make_service(model={"fromTrainJob": {"name": "gpt", "step": 250}}),
+        trainjob_object("Running", steps=[100, 200]),
         None,
     )
     assert resolved == ModelProblem(
@@ -491,7 +448,7 @@ def test_missing_step_names_the_steps_that_exist() -> None:
 
 
 def test_crash_looping_server_is_reported_with_its_last_exit() -> None:
-    spec = make_spec(replicas=1)
+    spec = make_service(replicas=1)
     rev = template_revision(spec, TINY)
     pods = group(
         spec,
@@ -519,7 +476,7 @@ def test_crash_looping_server_is_reported_with_its_last_exit() -> None:
 
 
 def test_image_pull_failure_is_reported_on_ready() -> None:
-    spec = make_spec(replicas=1, image="ghcr.io/x/inference:typo")
+    spec = make_service(replicas=1, image="ghcr.io/x/inference:typo")
     rev = template_revision(spec, TINY)
     pods = group(
         spec,
@@ -541,7 +498,7 @@ def test_image_pull_failure_is_reported_on_ready() -> None:
 
 
 def test_rejected_pods_back_off_and_are_reported() -> None:
-    spec = make_spec(replicas=1)
+    spec = make_service(replicas=1)
     refused = CreateRejection("Pod chat-0-0", 422, "spec.dnsPolicy: Unsupported value", 1, NOW, 2)
     p = plan(spec, [], rejection=refused)
     assert not p.create

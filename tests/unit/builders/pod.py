@@ -1,47 +1,10 @@
-"""Small fluent builders for unit tests: jobs, pods and nodes as the API server returns them."""
+"""Train job pods as the API server returns them, in any state of their life."""
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
-from phalanx.api.trainjob import LLMTrainJob, LLMTrainJobSpec
 from phalanx.constants import GANG_GATE, LABEL_GENERATION, LABEL_JOB, LABEL_RANK
-
-
-class JobBuilder:
-    def __init__(self, name: str = "train", **spec: Any) -> None:
-        self.name = name
-        self.spec: dict[str, Any] = dict(spec)
-
-    def set(self, **fields: Any) -> JobBuilder:
-        self.spec.update(fields)
-        return self
-
-    def topology(self, required: str | None = None, preferred: str | None = None) -> JobBuilder:
-        self.spec["topology"] = {
-            k: v for k, v in (("required", required), ("preferred", preferred)) if v
-        }
-        return self
-
-    def accelerator(self, **fields: Any) -> JobBuilder:
-        self.spec["accelerator"] = fields
-        return self
-
-    def manifest(self) -> dict[str, Any]:
-        return {
-            "apiVersion": "phalanx.dev/v1alpha1",
-            "kind": "LLMTrainJob",
-            "metadata": {"name": self.name, "namespace": "ml", "uid": "uid-1", "generation": 1},
-            "spec": copy.deepcopy(self.spec),
-        }
-
-    def build(self) -> LLMTrainJobSpec:
-        return LLMTrainJob.model_validate({"spec": self.spec}).spec
-
-
-def make_job(name: str = "train", **spec: Any) -> JobBuilder:
-    return JobBuilder(name, **spec)
 
 
 def pod(
