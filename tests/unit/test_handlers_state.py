@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from builders import make_job, node
+from builders import make_job, node, pod
 
 from phalanx.handlers import admission
 from phalanx.handlers.apply import APPLIED_HASH, with_hash
@@ -134,3 +134,30 @@ async def _drain(queue: WorkQueue) -> None:
     while len(queue):
         await asyncio.sleep(0)
     worker.cancel()
+
+
+def test_admission_queues_whole_gated_gangs_and_finishes_recorded_ones_first() -> None:
+    op = Operator()
+    waiting = make_job("wait", nodes=2, topology={"preferredWaitSeconds": 30}).manifest()
+    waiting["status"] = {"gangGeneration": 1, "queuedAt": "2026-01-01T11:59:00Z"}
+    recorded = make_job("half", nodes=2).manifest()
+    recorded["metadata"]["uid"] = "uid-2"
+    recorded["status"] = {
+        "gangGeneration": 1,
+        "placement": {"nodes": ["n1", "n2"], "generation": 1},
+    }
+    partial = make_job("part", nodes=2).manifest()  # one pod not created yet: not a gang
+    partial["metadata"]["uid"] = "uid-3"
+    for job in (waiting, recorded, partial):
+        op.cache.trainjobs.put(job)
+    for p in (pod("wait", 0, gated=True), pod("wait", 1, gated=True)):
+        op.cache.put_pod(p)
+    for p in (pod("half", 0, gated=False, node="n1"), pod("half", 1, gated=True)):
+        op.cache.put_pod(p)
+    op.cache.put_pod(pod("part", 0, gated=True))
+    queued, unfinished = admission.queued_gangs(op)
+    assert [g.key for g in queued] == [("ml", "wait")]
+    assert [g.key for g in unfinished] == [("ml", "half")]
+    request = admission.request_for(queued[0])
+    assert (request.key, request.pods, request.preferred_wait) == ("ml/wait", 2, 30.0)
+    assert request.created == datetime(2026, 1, 1, 11, 59, tzinfo=UTC).timestamp()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -21,6 +22,7 @@ from phalanx.render.trainjob import (
 )
 
 REF = JobRef("gpt", "ml", "uid-1")
+NOW = datetime(2026, 1, 1, tzinfo=UTC)
 
 
 def env_of(pod: dict[str, Any]) -> dict[str, str]:
@@ -276,3 +278,29 @@ def test_trainer_container_carries_the_termination_contract() -> None:
     )
     assert env_of(pod)["PHALANX_TERMINATION_LOG"] == "/dev/termination-log"
     assert "PHALANX_TERMINATION_LOG" in RESERVED_ENV
+
+
+def test_phalanx_render_and_the_operator_share_one_list_of_children() -> None:
+    from phalanx.plan.trainjob import World, plan_trainjob
+    from phalanx.render.trainjob import render_children, render_job_objects
+
+    manifest = make_job("npu", nodes=2, accelerator={"type": "ascend", "perNode": 8}).manifest()
+    printed = render_job_objects(manifest)
+    assert [(o["kind"], o["metadata"]["name"]) for o in printed] == [
+        ("Service", "npu"),
+        ("PersistentVolumeClaim", "npu-checkpoint"),
+        ("ConfigMap", "npu-hccl"),
+        ("Pod", "npu-0"),
+        ("Pod", "npu-1"),
+    ]
+    ref = JobRef("npu", "ml", "uid-1")
+    spec = make_job("npu", nodes=2, accelerator={"type": "ascend", "perNode": 8}).build()
+    plan = plan_trainjob(ref, spec, 1, {}, World([], frozenset()), NOW)
+    assert plan.children == render_children(ref, spec) == printed[:3]
+    table = json.loads(plan.children[2]["data"]["hccl.json"])
+    assert table == {
+        "status": "initializing",
+        "version": "1.0",
+        "server_count": "0",
+        "server_list": [],
+    }
