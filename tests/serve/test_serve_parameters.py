@@ -6,6 +6,7 @@ sequence is re-run for every new token and the parameter is applied by hand.
 
 from __future__ import annotations
 
+import json
 import math
 from collections import Counter
 from collections.abc import Callable
@@ -229,6 +230,36 @@ def test_echo_logprobs_with_one_generated_token_as_lm_eval_asks(
     assert len(lp["token_logprobs"]) == len(prompt) + 1
     ref = _log_softmax_rows(model, prompt)
     assert lp["token_logprobs"][-1] == pytest.approx(float(ref[-1].max()), abs=1e-9)
+
+
+def test_streamed_logprobs_add_up_to_the_non_streamed_ones(server: LiveServer) -> None:
+    body = {"prompt": PROMPT, "max_tokens": 6, "temperature": 0, "ignore_eos": True,
+            "echo": True, "logprobs": 1}  # fmt: skip
+    whole = _complete(server, **body)["choices"][0]
+    tokens: list[str] = []
+    scores: list[float | None] = []
+    text = ""
+    with httpx.stream("POST", server.url + "/v1/completions", json={**body, "stream": True}) as r:
+        for line in r.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            choice = json.loads(line[6:])["choices"][0]
+            text += choice["text"]
+            if choice["logprobs"]:
+                tokens += choice["logprobs"]["tokens"]
+                scores += choice["logprobs"]["token_logprobs"]
+    assert text == whole["text"]
+    assert tokens == whole["logprobs"]["tokens"]
+    assert scores == whole["logprobs"]["token_logprobs"]
+
+
+def test_a_request_larger_than_the_server_is_refused(server: LiveServer) -> None:
+    r = httpx.post(
+        server.url + "/v1/completions",
+        json={"prompt": ["a"] * 8, "n": 16, "max_tokens": 1},
+    )
+    assert r.status_code == 400
+    assert "needs 128 sequences" in r.json()["error"]["message"]
 
 
 def test_chat_logprobs_and_top_logprobs(server: LiveServer) -> None:

@@ -417,6 +417,13 @@ def _submit(
     requests: list[tuple[list[int], SamplingParams]],
 ) -> Generation:
     assert rt.engine is not None
+    capacity = rt.settings.max_batch_size + rt.settings.max_queue
+    if len(requests) > capacity:
+        raise bad_request(
+            f"this request needs {len(requests)} sequences (prompts x n or best_of) but the "
+            f"server holds at most {capacity}; send fewer prompts or choices",
+            param="n",
+        )
     loop = asyncio.get_running_loop()
     outputs: asyncio.Queue[tuple[int, RequestOutput] | None] = asyncio.Queue()
     request_id = f"{prefix}-{uuid.uuid4().hex}"
