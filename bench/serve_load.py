@@ -6,14 +6,19 @@ TPOT ((e2e - TTFT) / (output tokens - 1)), ITL (gap between streamed chunks) and
 latency, as mean/p50/p90/p99, plus request and token throughput. Arrivals are Poisson at
 ``--request-rate`` (``inf``: all at once), bounded by the concurrency under test.
 
-CPU (default): throughput at 1, 4 and 16 concurrent clients against the same model served one
-request at a time (``--max-batch-size 1``), in the same run. Target: >= 3x at 16 clients.
+CPU (default): output throughput at 1 and 16 concurrent clients against Hugging Face
+``generate`` on the same weights and prompts in the same run (batched, greedy, the same torch
+threads), repeated, with min/median, the CPU time both used, and a check that every output
+equals HF's. Then a prefix-shared workload (a 512-token shared system prompt): TTFT with
+automatic prefix caching on vs off. Targets: >= 1.5x HF at 16 clients, >= 1.0x at 1 client,
+TTFT >= 3x better with prefix caching.
 
 CUDA (``--device cuda --model-preset 1b``): a random-weight Llama-architecture model in bf16;
 batch-1 decode tokens/s against the memory-bandwidth roofline, and throughput of 64 concurrent
 requests through the engine against Hugging Face ``generate`` on the same shapes.
 
-Results go to ``bench/results/serve_load.json``; a summary is printed.
+Results go to ``bench/results/serve_load.json`` (with the command line and the load average);
+a summary is printed.
 """
 
 from __future__ import annotations
@@ -622,7 +627,9 @@ def main(argv: list[str] | None = None) -> int:
         args.input_len, args.output_len = max(args.input_len, 128), max(args.output_len, 128)
 
     result = roofline(args) if suite == "roofline" else cpu_vs_hf(args)
+    result["command"] = " ".join(["python", "bench/serve_load.py", *(argv or sys.argv[1:])])
     result["host"] = {
+        "load_average_1m_at_end": os.getloadavg()[0],
         "platform": platform.platform(),
         "python": platform.python_version(),
         "cpus": os.cpu_count(),
