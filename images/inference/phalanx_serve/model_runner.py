@@ -119,16 +119,15 @@ class ServingModel(nn.Module):
         h = F.embedding(tokens, self.embed)
         update = kv_cache.update  # type: ignore[attr-defined]
         gqa = self.n_heads != self.n_kv_heads
+        qk_heads = self.n_heads + self.n_kv_heads
+        heads = qk_heads + self.n_kv_heads
         for i, layer in enumerate(self._layers):
             x = _rms_norm(h, layer.attn_norm, cfg.norm_eps)
-            qkv = F.linear(x, layer.qkv)
-            q = qkv[..., : self.q_size]
-            k = qkv[..., self.q_size : self.q_size + self.kv_size]
-            v = qkv[..., self.q_size + self.kv_size :]
-            q = q.view(bsz, seqlen, self.n_heads, self.head_dim).transpose(1, 2)
-            k = k.view(bsz, seqlen, self.n_kv_heads, self.head_dim).transpose(1, 2)
-            v = v.view(bsz, seqlen, self.n_kv_heads, self.head_dim).transpose(1, 2)
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            qkv = F.linear(x, layer.qkv).view(bsz, seqlen, heads, self.head_dim).transpose(1, 2)
+            # Rotary embedding of queries and keys in one pass: it is per head and position.
+            qk = apply_rotary(qkv[:, :qk_heads], cos, sin)
+            q, k = qk[:, : self.n_heads], qk[:, self.n_heads :]
+            v = qkv[:, qk_heads:]
             k, v, mask = update(i, k, v)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
             attn = F.linear(out.transpose(1, 2).reshape(bsz, seqlen, -1), layer.wo)
