@@ -416,6 +416,12 @@ ONE_SENTENCE = [
         "top_logprobs needs logprobs set to true",
         id="top-logprobs",
     ),
+    pytest.param(
+        "/v1/completions",
+        {"prompt": "x", "stream_options": {"include_usage": True}},
+        "stream_options is only allowed when stream is true",
+        id="stream-options",
+    ),
 ]
 
 
@@ -465,3 +471,25 @@ def test_unknown_model_is_404_and_models_can_be_retrieved(server: LiveServer) ->
     missing = httpx.get(server.url + "/v1/models/gpt-9")
     assert missing.status_code == 404
     assert missing.json()["error"]["code"] == "model_not_found"
+
+
+def test_message_names_reach_the_chat_template(make_server: Callable[..., LiveServer]) -> None:
+    template = (
+        "{% for m in messages %}{{ m.get('name', 'anon') }}: {{ m['content'] }}\n{% endfor %}"
+    )
+    server = make_server(chat_template=template)
+    body: dict[str, Any] = {"max_tokens": 1, "temperature": 0, "ignore_eos": True}
+    named = [{"role": "user", "content": "hi", "name": "a_very_long_participant_name"}]
+    anonymous = [{"role": "user", "content": "hi"}]
+    tokenizer = server.runtime.loaded.tokenizer
+    usage = [
+        httpx.post(server.url + "/v1/chat/completions", json={**body, "messages": m}).json()[
+            "usage"
+        ]["prompt_tokens"]
+        for m in (named, anonymous)
+    ]
+    assert usage == [
+        len(tokenizer.encode(f"{who}: hi\n").ids)
+        for who in ("a_very_long_participant_name", "anon")
+    ]
+    assert usage[0] > usage[1]

@@ -302,7 +302,7 @@ async def _tokenize_chat_prompt(
 ) -> tuple[list[int], str]:
     assert rt.loaded is not None
     assert rt.chat_template is not None
-    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+    messages = [m.for_template() for m in body.messages]
     try:
         text = rt.chat_template.render(
             messages,

@@ -194,6 +194,12 @@ class SamplingFields(_Body):
     def _unsupported_common(cls, value: Any, info: ValidationInfo) -> Any:
         return _refuse_unsupported(str(info.field_name), value, _UNSUPPORTED_COMMON)
 
+    @model_validator(mode="after")
+    def _stream_options_need_stream(self) -> SamplingFields:
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed when stream is true")
+        return self
+
     def stop_strings(self) -> tuple[str, ...]:
         return tuple(self.stop or ())
 
@@ -291,6 +297,14 @@ class ChatMessage(BaseModel):
 
     def text(self) -> str:
         return self.content or ""
+
+    def for_template(self) -> dict[str, Any]:
+        """What the chat template sees: role, text, and whichever other fields were given."""
+        message: dict[str, Any] = {"role": self.role, "content": self.text()}
+        for name in ("name", "tool_call_id", "reasoning_content"):
+            if (value := getattr(self, name)) is not None:
+                message[name] = value
+        return message
 
 
 class ChatCompletionRequest(SamplingFields):
