@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from realkit import RealCluster, kernel_blocker
+from realkit import RealCluster, kernel_blocker, machine_snapshot, snapshot_difference
 
 from phalanx.devcluster import build, paths, realnode
 from phalanx.devcluster.cluster import DevCluster
@@ -53,6 +53,7 @@ def real_cluster() -> Iterator[RealCluster]:
         pytest.fail(f"the e2e tier cannot start: {error}", pytrace=False)
     cluster = DevCluster(paths.default_state_dir("e2e"))
     cluster.down()  # leftovers of an interrupted run
+    before = machine_snapshot()
     previous = os.environ.get("KUBECONFIG")
     try:
         kubeconfig = cluster.up(profile="cpu", nodes=0, real=2, timeout=600)
@@ -67,6 +68,9 @@ def real_cluster() -> Iterator[RealCluster]:
         pytest.fail(f"cannot start the real-node cluster: {error}", pytrace=False)
     finally:
         cluster.down()
+        changed = snapshot_difference(before, machine_snapshot())
+        # Reported as an error of the session's last test: the machine must be as it was.
+        assert not changed, "real nodes left the machine changed:\n" + "\n".join(changed[:20])
         if previous is None:
             os.environ.pop("KUBECONFIG", None)
         else:

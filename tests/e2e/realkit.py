@@ -54,7 +54,9 @@ def trainjob(name: str, *, steps: int = STEPS, **trainer: Any) -> dict[str, Any]
         "metadata": {"name": name},
         "spec": {
             "nodes": 2,
-            "accelerator": {"type": "cpu", "cpu": "500m", "memory": "2Gi"},
+            # More than half a real node's CPUs: the two ranks land on different nodes, so
+            # rendezvous and gloo traffic cross nodes.
+            "accelerator": {"type": "cpu", "cpu": "1200m", "memory": "2Gi"},
             "trainer": {
                 "preset": "nano",
                 "steps": steps,
@@ -102,3 +104,46 @@ def claim_name(kubectl: Kubectl, namespace: str, name: str) -> str:
     claims = kubectl.json("get", "pvc", "-n", namespace, "-l", f"phalanx.dev/job={name}")["items"]
     assert len(claims) == 1, claims
     return str(claims[0]["metadata"]["name"])
+
+
+# Values that move on their own (entropy, PID counters, open ptys), not settings.
+VOLATILE_SYSCTLS = ("kernel/random/", "kernel/ns_last_pid", "kernel/pty/nr", "fs/")
+
+
+def machine_snapshot() -> dict[str, str]:
+    """What real nodes must leave as they found it: kernel settings, the machine's network
+    namespace (links, routes, firewall), the mount table, network namespaces, cgroups."""
+    snapshot: dict[str, str] = {}
+    for root in (Path("/proc/sys/kernel"), Path("/proc/sys/vm")):
+        for path in sorted(root.rglob("*")):
+            key = str(path.relative_to("/proc/sys"))
+            if any(key.startswith(v) for v in VOLATILE_SYSCTLS) or not path.is_file():
+                continue
+            try:
+                snapshot[f"sysctl {key}"] = path.read_text().strip()
+            except OSError:
+                continue
+    for name, argv in {
+        "links": ["ip", "-o", "link", "show"],
+        "addresses": ["ip", "-o", "addr", "show"],
+        "routes": ["ip", "route", "show", "table", "all"],
+        "netns": ["ip", "netns", "list"],
+        "iptables": ["iptables-save"],
+    }.items():
+        result = subprocess.run(argv, capture_output=True, text=True, check=False)
+        lines = [line for line in result.stdout.splitlines() if not line.startswith("#")]
+        snapshot[name] = "\n".join(lines)
+    snapshot["ip_forward"] = Path("/proc/sys/net/ipv4/ip_forward").read_text().strip()
+    mounts = Path("/proc/self/mounts").read_text().splitlines()
+    snapshot["mounts"] = "\n".join(sorted(mounts))
+    cgroups = sorted(str(p) for p in Path("/sys/fs/cgroup").glob("*/phalanx-*"))
+    snapshot["cgroups"] = "\n".join(cgroups)
+    return snapshot
+
+
+def snapshot_difference(before: dict[str, str], after: dict[str, str]) -> list[str]:
+    return [
+        f"{key}: {before.get(key)!r} -> {after.get(key)!r}"
+        for key in sorted(set(before) | set(after))
+        if before.get(key) != after.get(key)
+    ]

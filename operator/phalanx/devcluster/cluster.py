@@ -136,13 +136,16 @@ class DevCluster:
                 )
             self._start(plan[:2], namespace)
             if namespace is not None:
+                # The API server and every health port, on the machine's loopback as without
+                # real nodes (kubectl, the tests and `dev status` reach them unchanged).
+                published = (ports.apiserver, ports.controller_manager, ports.scheduler, ports.kwok)
                 self._start_addon(
                     "relay",
                     (
                         "-m",
                         "phalanx.devcluster.relay",
                         str(netns.namespace_path(namespace)),
-                        f"127.0.0.1:{ports.apiserver}",
+                        *(f"127.0.0.1:{port}" for port in published),
                     ),
                 )
             client = self.client(ports)
@@ -186,6 +189,7 @@ class DevCluster:
         phalanx = Path(sys.executable).with_name("phalanx")
         start_process(
             (
+                sys.executable,  # the PID record names the interpreter, which is what runs
                 str(phalanx),
                 "operator",
                 "run",

@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from phalanx.constants import SERVER_IMAGE, TRAINER_IMAGE
 from phalanx.devcluster import paths
@@ -164,26 +165,30 @@ class Buildah:
             raise DevClusterError(f"{what} failed (exit {result.returncode}); log: {self.log}")
         return result.stdout or ""
 
-    def image_labels(self, reference: str) -> dict[str, str] | None:
-        """The labels of a stored image, or None when it is not stored."""
-        try:
-            out = self.script(
-                f"buildah inspect --type image --format '{{{{json .OCIv1.Config.Labels}}}}' "
-                f"{reference} 2>/dev/null || echo MISSING",
-                what=f"inspect {reference}",
-            ).strip()
-        except DevClusterError:
-            return None
-        if out.endswith("MISSING"):
-            return None
-        loaded = json.loads(out or "null")
-        return loaded if isinstance(loaded, dict) else {}
-
-    def image_id(self, reference: str) -> str:
-        return self.script(
-            f"buildah inspect --type image --format '{{{{.FromImageID}}}}' {reference}",
+    def inspect(self, reference: str) -> dict[str, Any] | None:
+        """buildah's description of a stored image, or None when it is not stored."""
+        out = self.script(
+            f"buildah inspect --type image {reference} 2>/dev/null || echo MISSING",
             what=f"inspect {reference}",
         ).strip()
+        if out.endswith("MISSING"):
+            return None
+        loaded = json.loads(out)
+        return loaded if isinstance(loaded, dict) else None
+
+    def image_labels(self, reference: str) -> dict[str, str] | None:
+        """The labels of a stored image, or None when it is not stored."""
+        found = self.inspect(reference)
+        if found is None:
+            return None
+        labels = (found.get("OCIv1", {}).get("config") or {}).get("Labels")
+        return dict(labels) if isinstance(labels, dict) else {}
+
+    def image_id(self, reference: str) -> str:
+        found = self.inspect(reference)
+        if found is None:
+            raise DevClusterError(f"image {reference} is not built: run `phalanx dev images`")
+        return str(found["FromImageID"])
 
 
 STAMP_LABEL = "dev.phalanx.source-hash"
@@ -368,7 +373,12 @@ class ImageBuilder:
     # -- loading into a node's containerd -------------------------------------------------
 
     def load(self, references: Iterable[str], ctr: Path, socket: Path) -> list[str]:
-        """Stream each image into one containerd unless it already holds this build."""
+        """Bring each image into one containerd unless it already holds this build.
+
+        Images are exported once into an OCI layout under the cache (uncompressed, so the
+        big torch layer is written once and shared by every image on it); a node then receives
+        only the blobs its content store lacks, so a rebuilt trainer costs its top layer.
+        """
         loaded = []
         present = _containerd_images(ctr, socket)
         for reference in references:
@@ -376,12 +386,9 @@ class ImageBuilder:
             if present.get(_normalise(reference)) == image_id:
                 continue
             started = time.monotonic()
-            ctr_cmd = f"{ctr} -a {socket} -n k8s.io images import -"
-            self.buildah.script(
-                f"buildah push -q $SIG {reference} docker-archive:/dev/stdout:{reference} | "
-                f"{ctr_cmd} >/dev/null",
-                what=f"load {reference}",
-            )
+            manifest = self._export(reference, image_id)
+            have = _containerd_blobs(ctr, socket)
+            sent = _import_blobs(self.layout, reference, manifest, have, ctr, socket)
             # Record which build this is, so the next load of the same build is skipped.
             subprocess.run(
                 [
@@ -398,8 +405,122 @@ class ImageBuilder:
                 check=True,
                 capture_output=True,
             )
-            loaded.append(f"{reference} ({time.monotonic() - started:.0f}s)")
+            loaded.append(
+                f"{reference} ({sent / 2**20:.0f} MiB sent, {time.monotonic() - started:.0f}s)"
+            )
         return loaded
+
+    @property
+    def layout(self) -> Path:
+        return self.root / "oci"
+
+    def _export(self, reference: str, image_id: str) -> dict[str, Any]:
+        """The image's manifest descriptor in the OCI layout, exporting it when stale."""
+        exported_file = self.layout / "exported.json"
+        try:
+            exported = json.loads(exported_file.read_text())
+        except (OSError, ValueError):
+            exported = {}
+        if exported.get(reference) != image_id:
+            self.buildah.script(
+                f"buildah push -q -D $SIG {reference} oci:{self.layout}:{reference} >/dev/null",
+                what=f"export {reference}",
+            )
+            exported[reference] = image_id
+            exported_file.write_text(json.dumps(exported, indent=2))
+            _prune_layout(self.layout)
+        for descriptor in _layout_index(self.layout)["manifests"]:
+            if descriptor.get("annotations", {}).get(REF_NAME) == reference:
+                return dict(descriptor)
+        raise DevClusterError(f"{reference} is missing from {self.layout} after export")
+
+
+REF_NAME = "org.opencontainers.image.ref.name"
+
+
+def _layout_index(layout: Path) -> dict[str, Any]:
+    loaded: dict[str, Any] = json.loads((layout / "index.json").read_text())
+    return loaded
+
+
+def _blob(layout: Path, digest: str) -> Path:
+    algorithm, _, value = digest.partition(":")
+    return layout / "blobs" / algorithm / value
+
+
+def _manifest_blobs(layout: Path, descriptor: dict[str, Any]) -> list[str]:
+    manifest = json.loads(_blob(layout, descriptor["digest"]).read_text())
+    return [
+        descriptor["digest"],
+        manifest["config"]["digest"],
+        *(layer["digest"] for layer in manifest["layers"]),
+    ]
+
+
+def _prune_layout(layout: Path) -> None:
+    """Drop blobs no tagged image uses any more (old top layers of rebuilt images)."""
+    index = _layout_index(layout)
+    names: dict[str, dict[str, Any]] = {}
+    for descriptor in index["manifests"]:  # a re-export appends: the last one of a name wins
+        names[descriptor.get("annotations", {}).get(REF_NAME, descriptor["digest"])] = descriptor
+    index["manifests"] = list(names.values())
+    (layout / "index.json").write_text(json.dumps(index))
+    used = {d for descriptor in index["manifests"] for d in _manifest_blobs(layout, descriptor)}
+    for path in (layout / "blobs" / "sha256").iterdir():
+        if f"sha256:{path.name}" not in used:
+            path.unlink()
+
+
+def _import_blobs(
+    layout: Path,
+    reference: str,
+    descriptor: dict[str, Any],
+    have: set[str],
+    ctr: Path,
+    socket: Path,
+) -> int:
+    """Stream an OCI archive of one image, holding only the blobs the node lacks, into ctr."""
+    import io
+    import tarfile
+
+    index = json.dumps({"schemaVersion": 2, "manifests": [descriptor]}).encode()
+    process = subprocess.Popen(
+        [str(ctr), "-a", str(socket), "-n", "k8s.io", "images", "import", "-"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    assert process.stdin is not None
+    sent = 0
+    with tarfile.open(fileobj=process.stdin, mode="w|") as archive:
+        for name, data in (
+            ("oci-layout", b'{"imageLayoutVersion": "1.0.0"}'),
+            ("index.json", index),
+        ):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+        for digest in _manifest_blobs(layout, descriptor):
+            if digest in have:
+                continue
+            path = _blob(layout, digest)
+            archive.add(path, arcname=str(path.relative_to(layout)))
+            sent += path.stat().st_size
+    process.stdin.close()
+    _, errors = process.communicate()
+    if process.returncode != 0:
+        raise DevClusterError(f"importing {reference}: {errors.decode(errors='replace')[-400:]}")
+    return sent
+
+
+def _containerd_blobs(ctr: Path, socket: Path) -> set[str]:
+    result = subprocess.run(
+        [str(ctr), "-a", str(socket), "-n", "k8s.io", "content", "ls", "-q"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return set(result.stdout.split())
 
 
 def _containerd_images(ctr: Path, socket: Path) -> dict[str, str]:

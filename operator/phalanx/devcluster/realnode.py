@@ -208,13 +208,17 @@ def cgroup_mounts() -> list[str]:
     return [line for line in lines if line.split()[2:3] in (["cgroup"], ["cgroup2"])]
 
 
-def cgroup_dirs(node: RealNode) -> list[Path]:
-    """The node's cgroup root in every hierarchy (v1: one per controller; v2: one)."""
+def cgroup_dirs(node: RealNode, *, every: bool = False) -> list[Path]:
+    """The node's cgroup root in every hierarchy the kubelet uses (v1: one per controller;
+    v2: the one). `every` adds the v2 hierarchy of a hybrid machine, where runc also makes
+    directories, for cleaning up."""
+    mounts = cgroup_mounts()
+    hybrid = any(m.split()[2] == "cgroup" for m in mounts)
     dirs = []
-    for line in cgroup_mounts():
+    for line in mounts:
         target, kind = line.split()[1:3]
-        if kind == "cgroup2" and any(m.split()[2] == "cgroup" for m in cgroup_mounts()):
-            continue  # hybrid v1 machine: the kubelet uses the v1 hierarchies
+        if kind == "cgroup2" and hybrid and not every:
+            continue
         dirs.append(Path(target + node.cgroup_path))
     return dirs
 
@@ -351,13 +355,13 @@ class NodeProcess:
         kubelet = _read_pid(d / "kubelet.pid")
         if kubelet is not None and _alive(kubelet) and _mount_namespace(kubelet) == mount_ns:
             _terminate([kubelet], timeout)
-        for directory in cgroup_dirs(self.node):
+        for directory in cgroup_dirs(self.node, every=True):
             _kill_cgroup_tree(directory)
         if mount_ns is not None:
             _terminate(_processes_in_mount_namespace(mount_ns), timeout)
-        for directory in cgroup_dirs(self.node):
+        for directory in cgroup_dirs(self.node, every=True):
             _remove_cgroup_tree(directory)
-        _remove_empty_parent(cgroup_dirs(self.node))
+        _remove_empty_parent(cgroup_dirs(self.node, every=True))
         for leftover in ("node-run.pid", "kubelet.pid", "containerd.pid", "start-kubelet"):
             (d / leftover).unlink(missing_ok=True)
         return ran
