@@ -6,7 +6,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Mapping, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, Generic, TypedDict, TypeVar, cast
 
 Condition = dict[str, Any]
 
@@ -76,8 +76,18 @@ def set_condition(
 Event = tuple[str, str, str]  # (type, reason, message)
 
 
-class StatusDraft:
+class _Conditioned(TypedDict, total=False):
+    conditions: list[Condition]
+
+
+S = TypeVar("S", bound=_Conditioned)
+
+
+class StatusDraft(Generic[S]):
     """The status being built in one reconcile, with the events its condition changes announce.
+
+    `S` is the kind's status TypedDict (`LLMTrainJobStatusFields`,
+    `InferenceServiceStatusFields`), so planners fill typed fields.
 
     A change of a condition's (status, reason) is announced when the condition turns True,
     when it is a warning, or when its kind is in `announce` (kinds whose every move is news).
@@ -90,8 +100,9 @@ class StatusDraft:
         generation: int | None,
         announce: frozenset[str] = frozenset(),
     ) -> None:
-        self.data: dict[str, Any] = copy.deepcopy(dict(current))
-        self.data.setdefault("conditions", [])
+        data = copy.deepcopy(dict(current))
+        data.setdefault("conditions", [])
+        self.data: S = cast(S, data)
         self.now = now
         self.generation = generation
         self.announce = announce
@@ -99,20 +110,25 @@ class StatusDraft:
 
     @property
     def conditions(self) -> list[Condition]:
-        return list(self.data["conditions"])
+        return list(self._raw().get("conditions") or [])
 
     def is_true(self, kind: str) -> bool:
-        return is_true(self.data["conditions"], kind)
+        return is_true(self.conditions, kind)
 
     def set(self, kind: str, status: bool, reason: str, message: str, warn: bool = False) -> None:
-        before = find(self.data["conditions"], kind)
-        self.data["conditions"], changed = set_condition(
-            self.data["conditions"], kind, status, reason, message, self.now, self.generation
+        current = self.conditions
+        before = find(current, kind)
+        self._raw()["conditions"], changed = set_condition(
+            current, kind, status, reason, message, self.now, self.generation
         )
         value = "True" if status else "False"
         moved = before is None or (before.get("status"), before.get("reason")) != (value, reason)
         if changed and moved and (status or warn or kind in self.announce):
             self.events.append(("Warning" if warn else "Normal", reason, message))
+
+    def _raw(self) -> dict[str, Any]:
+        # Every kind's status has conditions; the TypedDict bound cannot say so to mypy.
+        return cast(dict[str, Any], self.data)
 
     def clear(self, kind: str, reason: str, message: str) -> None:
         """Turn a True condition False (a condition that is not True stays as it is)."""

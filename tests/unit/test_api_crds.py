@@ -8,8 +8,11 @@ from typing import Any
 
 import pytest
 import yaml
+from pydantic import BaseModel
 
 from phalanx.api.crd import all_crds, to_yaml
+from phalanx.api.inference import InferenceServiceStatus, InferenceServiceStatusFields
+from phalanx.api.trainjob import LLMTrainJobStatus, LLMTrainJobStatusFields
 
 CRDS = Path(__file__).resolve().parents[2] / "crds"
 
@@ -89,3 +92,17 @@ def test_cel_rules_carry_messages_and_field_paths() -> None:
     crd = yaml.safe_load(to_yaml(all_crds()["phalanx.dev_llmtrainjobs.yaml"]))
     root = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["x-kubernetes-validations"]
     assert any("oldSelf" in r["rule"] for r in root), "the gang-shape transition rule is missing"
+
+
+@pytest.mark.parametrize(
+    ("model", "fields"),
+    [
+        (LLMTrainJobStatus, LLMTrainJobStatusFields),
+        (InferenceServiceStatus, InferenceServiceStatusFields),
+    ],
+    ids=["llmtrainjob", "inferenceservice"],
+)
+def test_the_planners_status_dicts_have_exactly_the_models_fields(
+    model: type[BaseModel], fields: type
+) -> None:
+    assert set(fields.__annotations__) == {f.alias for f in model.model_fields.values()}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypedDict
 
 from pydantic import Field, StringConstraints
 
@@ -220,6 +220,23 @@ class InferenceServiceStatus(ApiModel):
     desired_replicas: int | None = Field(
         default=None, description="The built-in autoscaler's latest recommendation."
     )
+
+
+class InferenceServiceStatusFields(TypedDict, total=False):
+    """`InferenceServiceStatus` as the wire dict the planner fills (keys kept equal to the
+    model's aliases by a unit test)."""
+
+    conditions: list[dict[str, Any]]
+    observedGeneration: int | None
+    replicas: int
+    readyReplicas: int
+    updatedReplicas: int
+    selector: str
+    url: str
+    modelRevision: str
+    revision: str
+    stalledRevision: str
+    desiredReplicas: int
 
 
 class InferenceService(ApiModel):

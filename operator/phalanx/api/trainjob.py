@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypedDict
 
 from pydantic import Field, StringConstraints
 
@@ -418,6 +418,33 @@ class LLMTrainJobStatus(ApiModel):
             "ascending; an InferenceService serves one with model.fromTrainJob.step."
         ),
     )
+
+
+class PlacementFields(TypedDict, total=False):
+    level: str
+    domain: str
+    nodes: list[str]
+    generation: int | None
+
+
+class LLMTrainJobStatusFields(TypedDict, total=False):
+    """`LLMTrainJobStatus` as the wire dict the planner fills (a unit test keeps the keys equal
+    to the model's aliases), so a misspelt status field is a type error, not a silent no-op."""
+
+    phase: str
+    conditions: list[dict[str, Any]]
+    observedGeneration: int | None
+    placement: PlacementFields
+    accelerators: int
+    restarts: int
+    gangGeneration: int
+    queuedAt: str
+    admittedAt: str
+    startTime: str
+    completionTime: str
+    progress: dict[str, Any]
+    exportPath: str
+    exportSteps: list[int]
 
 
 class LLMTrainJob(ApiModel):

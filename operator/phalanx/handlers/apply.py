@@ -14,7 +14,7 @@ import asyncio
 import hashlib
 import json
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from datetime import datetime
 from typing import Any
 
@@ -169,8 +169,8 @@ async def write_status(
     plural: str,
     store: Store,
     owner: Obj,
-    old: dict[str, Any],
-    new: dict[str, Any],
+    old: Mapping[str, Any],
+    new: Mapping[str, Any],
     events: Iterable[Event],
 ) -> bool:
     """Patch what changed in status; send the events only once that write succeeded.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
@@ -107,7 +108,7 @@ async def _apply(
         op.wake_admission()  # freed capacity may admit a waiting gang
 
 
-def _count_transitions(old: dict[str, Any], new: dict[str, Any]) -> None:
+def _count_transitions(old: Mapping[str, Any], new: Mapping[str, Any]) -> None:
     if int(new.get("restarts") or 0) > int(old.get("restarts") or 0):
         metrics.RESTARTS.inc(int(new.get("restarts") or 0) - int(old.get("restarts") or 0))
 

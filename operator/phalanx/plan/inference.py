@@ -14,7 +14,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from phalanx import observe
-from phalanx.api.inference import InferenceServiceSpec
+from phalanx.api.inference import InferenceServiceSpec, InferenceServiceStatusFields
 from phalanx.constants import Reason
 from phalanx.observe import CreateRejection
 from phalanx.render.inference import (
@@ -60,7 +60,7 @@ class ServiceWorld:
 class ServicePlan:
     """What the shell should do, in this order: deletes, creates, scale, status, events."""
 
-    status: dict[str, Any]
+    status: InferenceServiceStatusFields
     create: list[dict[str, Any]] = field(default_factory=list)
     delete: list[str] = field(default_factory=list)
     scale_to: int | None = None
@@ -97,7 +97,7 @@ def plan_service(
     now: datetime,
 ) -> ServicePlan:
     """Decide the next step of a service from its spec, its status and the observed world."""
-    cond = StatusDraft(current_status, now, metadata_generation)
+    cond = StatusDraft[InferenceServiceStatusFields](current_status, now, metadata_generation)
     data = cond.data
     data["observedGeneration"] = metadata_generation
     data["selector"] = selector_string(ref.name)
@@ -231,7 +231,7 @@ def plan_service(
 
 
 def _model_condition(
-    cond: StatusDraft,
+    cond: StatusDraft[InferenceServiceStatusFields],
     model: ModelMount | ModelProblem,
     ready: Sequence[Group],
     revision: str,
@@ -253,7 +253,7 @@ def _model_condition(
 
 
 def _progress_condition(
-    cond: StatusDraft,
+    cond: StatusDraft[InferenceServiceStatusFields],
     spec: InferenceServiceSpec,
     model: ModelMount | ModelProblem,
     remaining: Sequence[Group],
@@ -288,7 +288,7 @@ def _progress_condition(
 
 
 def _ready_condition(
-    cond: StatusDraft,
+    cond: StatusDraft[InferenceServiceStatusFields],
     spec: InferenceServiceSpec,
     model: ModelMount | ModelProblem,
     world: ServiceWorld,
@@ -342,7 +342,10 @@ def _ready_condition(
 
 
 def _scaling(
-    cond: StatusDraft, plan: ServicePlan, spec: InferenceServiceSpec, decision: Decision | None
+    cond: StatusDraft[InferenceServiceStatusFields],
+    plan: ServicePlan,
+    spec: InferenceServiceSpec,
+    decision: Decision | None,
 ) -> None:
     if spec.autoscaling is None:
         plan.status.pop("desiredReplicas", None)

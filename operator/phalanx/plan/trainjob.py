@@ -16,7 +16,7 @@ from datetime import datetime
 from typing import Any
 
 from phalanx import observe
-from phalanx.api.trainjob import FailureRule, LLMTrainJobSpec
+from phalanx.api.trainjob import FailureRule, LLMTrainJobSpec, LLMTrainJobStatusFields
 from phalanx.constants import Reason
 from phalanx.observe import CreateRejection
 from phalanx.render.trainjob import CONTAINER, JobRef, render_children, render_pod
@@ -58,7 +58,7 @@ class World:
 class Plan:
     """What the shell should do for one job, in this order: deletes, creates, status, events."""
 
-    status: dict[str, Any]
+    status: LLMTrainJobStatusFields
     create: list[dict[str, Any]] = field(default_factory=list)
     delete: list[str] = field(default_factory=list)
     force_delete: list[str] = field(default_factory=list)
@@ -101,7 +101,9 @@ def _decide(
     world: World,
     now: datetime,
 ) -> Plan:
-    st = StatusDraft(current_status, now, metadata_generation, announce=frozenset({ADMITTED}))
+    st = StatusDraft[LLMTrainJobStatusFields](
+        current_status, now, metadata_generation, announce=frozenset({ADMITTED})
+    )
     plan = Plan(status=st.data)
     st.data["observedGeneration"] = metadata_generation
     st.data.setdefault("restarts", 0)
@@ -212,7 +214,9 @@ def _decide(
     return _finish(plan, st, pods)
 
 
-def _copy_exports(status: dict[str, Any], path: str | None, steps: tuple[int, ...] | None) -> None:
+def _copy_exports(
+    status: LLMTrainJobStatusFields, path: str | None, steps: tuple[int, ...] | None
+) -> None:
     """status.exportPath / exportSteps from what the trainer reported (absent: left as is)."""
     if path is not None:
         status["exportPath"] = path
@@ -221,7 +225,7 @@ def _copy_exports(status: dict[str, Any], path: str | None, steps: tuple[int, ..
 
 
 def _fail_permanently(
-    st: StatusDraft,
+    st: StatusDraft[LLMTrainJobStatusFields],
     plan: Plan,
     pods: list[Mapping[str, Any]],
     failure: RankFailure,
@@ -235,7 +239,7 @@ def _fail_permanently(
 
 def _admission(
     spec: LLMTrainJobSpec,
-    st: StatusDraft,
+    st: StatusDraft[LLMTrainJobStatusFields],
     plan: Plan,
     pods: list[Mapping[str, Any]],
     world: World,
@@ -317,17 +321,18 @@ def _pending_reason(pod: Mapping[str, Any]) -> str:
     return observe.unschedulable_message(pod) or observe.phase(pod)
 
 
-def _next_generation(st: StatusDraft, generation: int) -> int:
+def _next_generation(st: StatusDraft[LLMTrainJobStatusFields], generation: int) -> int:
     st.data["gangGeneration"] = generation + 1
-    for key in ("placement", "admittedAt", "queuedAt"):
-        st.data.pop(key, None)
+    st.data.pop("placement", None)
+    st.data.pop("admittedAt", None)
+    st.data.pop("queuedAt", None)
     st.data["accelerators"] = 0
     return generation + 1
 
 
 def _restart(
     spec: LLMTrainJobSpec,
-    st: StatusDraft,
+    st: StatusDraft[LLMTrainJobStatusFields],
     plan: Plan,
     pods: list[Mapping[str, Any]],
     failure: RankFailure,
@@ -359,7 +364,11 @@ def _restart(
 
 
 def _fail(
-    st: StatusDraft, plan: Plan, pods: list[Mapping[str, Any]], reason: str, message: str
+    st: StatusDraft[LLMTrainJobStatusFields],
+    plan: Plan,
+    pods: list[Mapping[str, Any]],
+    reason: str,
+    message: str,
 ) -> None:
     st.set(FAILED, True, reason, message, warn=True)
     st.clear(RUNNING, reason, message)
@@ -373,7 +382,10 @@ def _fail(
 
 
 def _finished(
-    spec: LLMTrainJobSpec, pods: list[Mapping[str, Any]], st: StatusDraft, plan: Plan
+    spec: LLMTrainJobSpec,
+    pods: list[Mapping[str, Any]],
+    st: StatusDraft[LLMTrainJobStatusFields],
+    plan: Plan,
 ) -> None:
     """After the end: stop stragglers (logs of finished pods stay), then honour the TTL."""
     plan.delete += [
@@ -398,7 +410,9 @@ def _force_stuck(
         plan.later(wait)
 
 
-def _finish(plan: Plan, st: StatusDraft, pods: Sequence[Mapping[str, Any]]) -> Plan:
+def _finish(
+    plan: Plan, st: StatusDraft[LLMTrainJobStatusFields], pods: Sequence[Mapping[str, Any]]
+) -> Plan:
     plan.status = st.data
     st.data["phase"] = trainjob_phase(st.conditions, bool(pods) or bool(plan.create))
     plan.events = st.events
