@@ -3,8 +3,8 @@
 One forward and backward of the loss over the output projection, ``hidden [T, dim]`` x
 ``weight [vocab, dim]``, each in a fresh process so that its peak resident memory (the
 kernel's ``ru_maxrss``) above the inputs is the loss's own. Variants: ``plain`` (fp32 logits
-``[T, vocab]`` and their gradient, as ``F.cross_entropy`` needs them) and ``chunked`` with
-1024 and 4096 tokens per chunk. Repeated; min and median of each, with the ratio to
+``[T, vocab]`` and their gradient, as ``F.cross_entropy`` needs them) and the chunked loss
+with 512 tokens per chunk and with the trainer's automatic chunk (2^26 logits). Repeated; min and median of each, with the ratio to
 ``plain`` measured in the same round. Writes ``bench/results/train_loss_memory.json``::
 
     python bench/train_loss_memory.py      # 8192 tokens, vocab 32768, dim 512
@@ -19,6 +19,8 @@ import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+
+from phalanx_trainer.loss import auto_chunk_tokens
 
 RESULTS = Path(__file__).parent / "results" / "train_loss_memory.json"
 
@@ -64,7 +66,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
 
-    variants = {"plain": 0, "chunked1024": 1024, "chunked4096": 4096}
+    auto = auto_chunk_tokens(args.vocab)
+    variants = {"plain": 0, "chunked512": 512, f"chunkedAuto{auto}": auto}
     rounds: list[dict[str, dict[str, float]]] = []
     for r in range(args.rounds):
         got = {name: measure(args.tokens, args.vocab, args.dim, c) for name, c in variants.items()}

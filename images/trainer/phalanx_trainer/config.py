@@ -58,8 +58,9 @@ class TrainConfig:
         ("auto", "cuda", "npu", "cpu"),
     )
     pg_timeout: float = _opt("process-group timeout in seconds (must exceed a save)", 900.0)
-    loss_chunk: int = _opt(
-        "tokens per chunk of the cross-entropy (full logits never exist; 0 = plain loss)", 4096
+    loss_chunk: int | None = _opt(
+        "tokens per chunk of the cross-entropy, so full logits never exist (0 = plain loss; "
+        "default: 2^26 logits per chunk, i.e. 2^26 / vocab tokens)"
     )
     # data
     data: str | None = _opt("prepared data directory (default: the built-in corpus)")
@@ -190,5 +191,5 @@ def validate(cfg: TrainConfig) -> None:
         if getattr(cfg, name) < 1:
             raise InvalidConfig(f"--{name.replace('_', '-')} must be at least 1")
     for name in ("eval_every", "checkpoint_every", "export_every", "loss_chunk"):
-        if (getattr(cfg, name) or 0) < 0:
+        if (getattr(cfg, name) or 0) < 0:  # None: the automatic default
             raise InvalidConfig(f"--{name.replace('_', '-')} must be 0 or more")

@@ -24,6 +24,8 @@ class DistEnv:
     world_size: int
     device: torch.device
     backend: str
+    # Processes on this host (torchrun's LOCAL_WORLD_SIZE); None when the launcher is unknown.
+    local_world_size: int | None = None
 
     @property
     def is_main(self) -> bool:
@@ -184,7 +186,10 @@ def init_distributed(
         else:
             store = dist.HashStore()  # type: ignore[attr-defined]  # not re-exported in stubs
             dist.init_process_group(backend, store=store, rank=0, world_size=1, timeout=timeout)
-    return DistEnv(rank, local_rank, world_size, dev, backend)
+    local_world = int(env["LOCAL_WORLD_SIZE"]) if env.get("LOCAL_WORLD_SIZE") else None
+    if local_world is None and "MASTER_ADDR" not in env:
+        local_world = 1  # a single process
+    return DistEnv(rank, local_rank, world_size, dev, backend, local_world)
 
 
 def new_gloo_group() -> dist.ProcessGroup:

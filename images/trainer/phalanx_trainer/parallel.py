@@ -30,14 +30,22 @@ from phalanx_trainer.termination import InvalidConfig
 Parallelism = Literal["ddp", "fsdp"]
 
 
-def check_tensor_parallel(cfg: ModelConfig, tp: int, world: int, parallelism: str) -> None:
-    """Refuse a tensor-parallel degree the model or the job cannot split evenly."""
+def check_tensor_parallel(
+    cfg: ModelConfig, tp: int, world: int, parallelism: str, local_world: int | None = None
+) -> None:
+    """Refuse a tensor-parallel degree the model or the job cannot split evenly, or whose
+    groups would span hosts (TP's all-reduces run every block and need the fast links)."""
     if tp == 1:
         return
     if parallelism != "fsdp":
         raise InvalidConfig("--tensor-parallel > 1 composes with FSDP2: use --parallelism fsdp")
     if world % tp:
         raise InvalidConfig(f"--tensor-parallel {tp} does not divide the {world} processes")
+    if local_world is not None and local_world % tp:
+        raise InvalidConfig(
+            f"--tensor-parallel {tp} does not divide the {local_world} processes per host: "
+            "a TP group must stay on one host"
+        )
     for name, value in (
         ("n_heads", cfg.n_heads),
         ("n_kv_heads", cfg.n_kv_heads),

@@ -33,10 +33,12 @@ from phalanx_trainer.config import TrainConfig
 from phalanx_trainer.data import DistributedTokenLoader, PreparedData, ensure_builtin_data
 from phalanx_trainer.distributed import DistEnv, init_distributed, new_gloo_group, shutdown
 from phalanx_trainer.evaluation import ValidationSet, resolve_eval_every
+from phalanx_trainer.loss import auto_chunk_tokens
 from phalanx_trainer.metrics import TrainMetrics, mfu, resolve_peak_flops
 from phalanx_trainer.model import ModelConfig, Transformer
 from phalanx_trainer.optim import build_optimizer, build_scheduler
 from phalanx_trainer.parallel import (
+    check_tensor_parallel,
     clip_grad_norm,
     data_parallel_position,
     no_grad_sync,
@@ -207,8 +209,16 @@ class Trainer:
         # FSDP casts parameters itself (MixedPrecisionPolicy); DDP and one process autocast.
         fsdp_mixed = self.bf16 and cfg.parallelism == "fsdp"
         self.autocast_dtype = torch.bfloat16 if self.bf16 and not fsdp_mixed else None
+        check_tensor_parallel(
+            self.model_cfg, cfg.tensor_parallel, env.world_size, cfg.parallelism,
+            env.local_world_size,
+        )  # fmt: skip
         self.model = build_model(self.model_cfg, cfg, env, bf16=self.bf16)
-        unwrap(self.model).loss_chunk = cfg.loss_chunk
+        unwrap(self.model).loss_chunk = (
+            auto_chunk_tokens(self.model_cfg.vocab_size)
+            if cfg.loss_chunk is None
+            else cfg.loss_chunk
+        )
         lr = cfg.lr if cfg.lr is not None else DEFAULT_LR.get(cfg.preset, 3e-4)
         self.optimizer = build_optimizer(
             self.model,
