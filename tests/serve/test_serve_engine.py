@@ -224,3 +224,14 @@ def test_evicted_blocks_are_forgotten() -> None:
     assert reused == table
     blocks.release(reused)
     assert blocks.lookup_prefix([1, 2, 3, 4, 5]) == []
+
+
+def test_the_prefix_index_never_outgrows_the_cache() -> None:
+    blocks = BlockManager(4, 2)
+    for i in range(100):
+        table = [blocks.allocate()]
+        blocks.register(table, [i, i + 1], 2)
+        blocks.release(table)
+        assert blocks.num_cached <= 4
+    assert blocks.lookup_prefix([99, 100, 0]) != []  # the most recent ones are still there
+    assert blocks.lookup_prefix([0, 1, 0]) == []  # the oldest were evicted and forgotten

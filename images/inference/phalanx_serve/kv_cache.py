@@ -7,11 +7,12 @@ a *block table*, the list of blocks holding its tokens in order: token ``p`` liv
 the blocks they fill, not a whole ``max_model_len`` reservation.
 
 Automatic prefix caching (as vLLM's): a block whose ``block_size`` tokens are all computed is
-registered under a key made of its parent block's key and its own token ids, so two prompts that
-start with the same tokens share those blocks instead of recomputing them. The key is compared
-exactly (not a digest), so a hash collision can never hand one prompt another's keys/values.
-Blocks nobody references stay cached until memory is needed; the least recently freed is
-reused first.
+registered under a key chained from its parent block's key and its own token ids (128-bit
+BLAKE2b, so a key stands for the whole prefix up to the block's end and an accidental match is
+out of reach in practice), so two prompts that start with the same tokens share those blocks
+instead of recomputing them. Keys live only as long as their block holds that content, so the
+index never outgrows the cache. Blocks nobody references stay cached until memory is needed;
+the least recently freed is reused first.
 
 The per-step ``*View`` objects implement the model's KV-cache protocol
 (``k, v, mask = view.update(layer, k, v)``).
@@ -19,13 +20,21 @@ The per-step ``*View`` objects implement the model's KV-cache protocol
 
 from __future__ import annotations
 
+import hashlib
+import struct
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 
 import torch
 
-BlockKey = tuple[int, tuple[int, ...]]  # (parent block's key id, the block's token ids)
-NO_PARENT = -1
+BlockKey = bytes
+NO_PARENT = b""
+
+
+def block_key(parent: BlockKey, tokens: list[int]) -> BlockKey:
+    """Key of a full block: a digest of its parent's key and its token ids."""
+    data = struct.pack(f"<{len(tokens)}q", *tokens)
+    return hashlib.blake2b(parent + data, digest_size=16).digest()
 
 
 class OutOfBlocksError(Exception):
@@ -47,7 +56,6 @@ class BlockManager:
         self._evictable: OrderedDict[int, None] = OrderedDict()
         self._by_key: dict[BlockKey, int] = {}
         self._key_of: dict[int, BlockKey] = {}
-        self._key_ids: dict[BlockKey, int] = {}
         self.hits = 0  # prompt tokens served from the cache (for metrics and tests)
 
     @property
@@ -57,6 +65,11 @@ class BlockManager:
     @property
     def num_available(self) -> int:
         return len(self._free) + len(self._evictable)
+
+    @property
+    def num_cached(self) -> int:
+        """Blocks findable by content (in use or evictable)."""
+        return len(self._key_of)
 
     @property
     def usage(self) -> float:
@@ -95,9 +108,9 @@ class BlockManager:
             return []
         table: list[int] = []
         parent = NO_PARENT
-        full = (len(tokens) - 1) // self.block_size
-        for i in range(full):
-            key = (parent, tuple(tokens[i * self.block_size : (i + 1) * self.block_size]))
+        bs = self.block_size
+        for i in range((len(tokens) - 1) // bs):
+            key = block_key(parent, tokens[i * bs : (i + 1) * bs])
             block = self._by_key.get(key)
             if block is None:
                 break
@@ -105,8 +118,8 @@ class BlockManager:
                 del self._evictable[block]
             self._refs[block] += 1
             table.append(block)
-            parent = self._key_ids[key]
-        self.hits += len(table) * self.block_size
+            parent = key
+        self.hits += len(table) * bs
         return table
 
     def register(self, table: list[int], tokens: list[int], computed: int) -> None:
@@ -114,14 +127,16 @@ class BlockManager:
         if not self.prefix_caching:
             return
         parent = NO_PARENT
-        for i in range(min(computed // self.block_size, len(table))):
-            key = (parent, tuple(tokens[i * self.block_size : (i + 1) * self.block_size]))
+        bs = self.block_size
+        for i in range(min(computed // bs, len(table))):
             block = table[i]
-            known = self._by_key.get(key)
-            if known is None and block not in self._key_of:
-                self._by_key[key] = block
-                self._key_of[block] = key
-            parent = self._key_ids.setdefault(key, len(self._key_ids))
+            key = self._key_of.get(block)
+            if key is None:  # not registered yet (or a duplicate of another cached block)
+                key = block_key(parent, tokens[i * bs : (i + 1) * bs])
+                if key not in self._by_key:
+                    self._by_key[key] = block
+                    self._key_of[block] = key
+            parent = key
 
     def _forget(self, block: int) -> None:
         key = self._key_of.pop(block)
