@@ -26,6 +26,7 @@ from phalanx.placement import (
     Placement,
     Topology,
     Unplaceable,
+    admission_window,
     admit,
     describe_placement,
     hold_for_preferred,
@@ -738,3 +739,13 @@ def test_hold_for_preferred(
     if isinstance(result, Unplaceable):
         assert "spec.topology.preferredWaitSeconds" in result.message
         assert not result.permanent
+
+
+def test_admission_window_takes_the_head_and_queues_the_rest_with_their_position() -> None:
+    requests = [gang(1, key=f"ns/j{i}", priority=i % 2, created=float(i)) for i in range(5)]
+    head, behind = admission_window(requests, 2)
+    assert [r.key for r in head] == ["ns/j1", "ns/j3"]
+    assert [(r.key, v.reason, v.message, v.permanent) for r, v in behind] == [
+        (f"ns/j{i}", "Queued", f"Waiting in the admission queue ({n} gangs ahead at the last look).", False)
+        for n, i in enumerate((0, 2, 4), start=2)
+    ]  # fmt: skip

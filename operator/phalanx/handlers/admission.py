@@ -29,7 +29,6 @@ from phalanx.constants import (
     LABEL_RANK,
     LABEL_WORKER_INDEX,
     TRAINJOB_PLURAL,
-    Reason,
 )
 from phalanx.placement import (
     CapacitySnapshot,
@@ -37,10 +36,10 @@ from phalanx.placement import (
     Placement,
     Topology,
     Unplaceable,
+    admission_window,
     admit,
     hold_for_preferred,
     pod_requests,
-    queue_order,
 )
 from phalanx.plan.groups import groups_of
 from phalanx.render.inference import ANNOTATION_PLACEMENT
@@ -138,7 +137,7 @@ def _trainjob_gangs(op: Operator) -> list[Gang]:
             continue
         generation = int(status.get("gangGeneration") or 1)
         pods = [p for p in op.cache.pods_of_job(key) if observe.generation(p) == generation]
-        if len(pods) != spec.nodes or any(p["metadata"].get("deletionTimestamp") for p in pods):
+        if len(pods) != spec.nodes or any(observe.terminating(p) for p in pods):
             continue
         gangs.append(Gang(key, job, spec, generation, pods))
     return gangs
@@ -148,7 +147,7 @@ def _service_gangs(op: Operator) -> list[Gang]:
     """Complete groups of services with more than one pod per replica."""
     gangs: list[Gang] = []
     for key, obj in list(op.cache.services.items.items()):
-        if obj["metadata"].get("deletionTimestamp"):
+        if observe.terminating(obj):
             continue
         parsed = op.parsed(obj, InferenceService)
         if isinstance(parsed, SpecError):
@@ -158,9 +157,7 @@ def _service_gangs(op: Operator) -> list[Gang]:
             continue
         for index, group in groups_of(op.cache.pods_of_service(key)).items():
             pods = list(group.pods)
-            if len(pods) != spec.nodes_per_replica or any(
-                p["metadata"].get("deletionTimestamp") for p in pods
-            ):
+            if len(pods) != spec.nodes_per_replica or any(observe.terminating(p) for p in pods):
                 continue
             gangs.append(Gang(key, obj, spec, 0, [dict(p) for p in pods], group=index))
     return gangs
@@ -226,20 +223,10 @@ async def admission_pass(op: Operator, topology: Topology, window: int = 32) -> 
         return
     total = await asyncio.to_thread(CapacitySnapshot.from_objects, nodes)
     by_key = {g.request_key: g for g in waiting}
-    ordered = queue_order(request_for(g) for g in waiting)
-    # Each placement attempt scans every node; the head of the queue is where admissions
-    # happen, so a pass looks at a bounded window and the rest wait their turn.
-    head, tail = ordered[:window], ordered[window:]
-    for position, request in enumerate(tail, start=window + 1):
-        _remember_verdict(
-            op,
-            by_key[request.key],
-            Unplaceable(
-                Reason.QUEUED,
-                f"Waiting in the admission queue ({position - 1} gangs ahead at the last look).",
-                permanent=False,
-            ),
-        )
+    head, behind = admission_window((request_for(g) for g in waiting), window)
+    for request, verdict in behind:
+        assert isinstance(verdict, Unplaceable)
+        _remember_verdict(op, by_key[request.key], verdict)
     decisions = await asyncio.to_thread(admit, snapshot, head, topology, total)
     decisions, recheck = await asyncio.to_thread(
         hold_for_preferred, decisions, topology, total, op.clock().timestamp()

@@ -12,6 +12,7 @@ from typing import Any
 
 import aiohttp
 
+from phalanx import observe
 from phalanx.api.trainjob import LLMTrainJob
 from phalanx.api.validate import SpecError
 from phalanx.constants import LABEL_RANK
@@ -37,11 +38,7 @@ def _targets(op: Operator) -> list[tuple[Key, str]]:
         for pod in op.cache.pods_of_job(key):
             labels = pod["metadata"].get("labels") or {}
             ip = (pod.get("status") or {}).get("podIP")
-            if (
-                labels.get(LABEL_RANK) == "0"
-                and ip
-                and not pod["metadata"].get("deletionTimestamp")
-            ):
+            if labels.get(LABEL_RANK) == "0" and ip and not observe.terminating(pod):
                 targets.append((key, f"http://{ip}:{port}/progress"))
     return targets
 

@@ -20,6 +20,7 @@ from datetime import UTC, datetime
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
+from phalanx import observe
 from phalanx.api.inference import InferenceService
 from phalanx.api.validate import SpecError, parse
 from phalanx.constants import LABEL_WORKER_INDEX
@@ -62,7 +63,7 @@ def targets(op: Operator, loopback_only: bool) -> dict[Key, list[str]]:
     """Metrics URLs of the ready leaders of every autoscaled service."""
     found: dict[Key, list[str]] = {}
     for key, obj in list(op.cache.services.items.items()):
-        if obj["metadata"].get("deletionTimestamp"):
+        if observe.terminating(obj):
             continue
         parsed = op.parsed(obj, InferenceService)
         if isinstance(parsed, SpecError) or parsed.spec.autoscaling is None:

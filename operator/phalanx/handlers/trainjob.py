@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
-from phalanx import kube, metrics
+from phalanx import kube, metrics, observe
 from phalanx.api.trainjob import LLMTrainJob
 from phalanx.api.validate import SpecError
 from phalanx.constants import TRAINJOB_PLURAL
@@ -42,7 +42,7 @@ async def reconcile(op: Operator, key: Key) -> None:
 
 async def _reconcile(op: Operator, key: Key) -> None:
     obj = op.cache.trainjobs.get(key)
-    if obj is None or obj["metadata"].get("deletionTimestamp"):
+    if obj is None or observe.terminating(obj):
         op.forget_trainjob(key, str((obj or {}).get("metadata", {}).get("uid") or ""))
         return
     now = op.clock()

@@ -18,7 +18,13 @@ from phalanx.placement.gang import (
 )
 from phalanx.placement.place import describe_placement, domains, place_gang
 from phalanx.placement.preferred import WAITING_FOR_PREFERRED, hold_for_preferred
-from phalanx.placement.queue import Decision, admit, queue_order, waiting_domain
+from phalanx.placement.queue import (
+    Decision,
+    admission_window,
+    admit,
+    queue_order,
+    waiting_domain,
+)
 from phalanx.placement.snapshot import CapacitySnapshot, NodeInfo, pod_demand, pod_requests
 from phalanx.placement.topology import (
     CLUSTER,
@@ -50,6 +56,7 @@ __all__ = [
     "Topology",
     "TopologyLevel",
     "Unplaceable",
+    "admission_window",
     "admit",
     "describe_placement",
     "domains",

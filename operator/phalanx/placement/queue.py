@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from phalanx.constants import Reason
 from phalanx.placement.gang import QUEUED_BEHIND, GangRequest, Placement, Unplaceable
 from phalanx.placement.place import domains, dominant_resource, eligible_nodes, place_gang
 from phalanx.placement.snapshot import CapacitySnapshot, pod_demand, slots_on
@@ -27,6 +28,28 @@ Decision = tuple[GangRequest, Placement | Unplaceable]
 def queue_order(requests: Iterable[GangRequest]) -> list[GangRequest]:
     """Priority (highest first), then creation time (oldest first), then key."""
     return sorted(requests, key=lambda request: (-request.priority, request.created, request.key))
+
+
+def admission_window(
+    requests: Iterable[GangRequest], size: int
+) -> tuple[list[GangRequest], list[Decision]]:
+    """The head of the queue that one admission pass considers, and a `Queued` verdict for
+    each gang behind it. Every placement attempt scans every node and admissions happen at
+    the head, so a pass looks at a bounded window and the rest wait their turn."""
+    ordered = queue_order(requests)
+    head, tail = ordered[:size], ordered[size:]
+    waiting: list[Decision] = [
+        (
+            request,
+            Unplaceable(
+                Reason.QUEUED,
+                f"Waiting in the admission queue ({position - 1} gangs ahead at the last look).",
+                permanent=False,
+            ),
+        )
+        for position, request in enumerate(tail, start=size + 1)
+    ]
+    return head, waiting
 
 
 def admit(
