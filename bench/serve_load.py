@@ -266,6 +266,49 @@ class HFBaseline:
         return wall, cpu, texts
 
 
+class EngineAlone:
+    """The engine in this process, without HTTP: how much of the server's time is the engine."""
+
+    def __init__(self, model_dir: Path, max_batch: int) -> None:
+        from phalanx_serve.engine import Engine, EngineConfig
+        from phalanx_serve.loader import load_model
+        from phalanx_serve.metrics import ServeMetrics
+
+        loaded = load_model(str(model_dir), device="cpu", dtype="float32")
+        cfg = loaded.config
+        self.tokenizer = loaded.tokenizer
+        self.engine = Engine(
+            loaded.model, loaded.tokenizer,
+            EngineConfig(max_batch_size=max_batch, max_model_len=cfg.max_seq_len),
+            ServeMetrics("bench"), n_layers=cfg.n_layers, n_kv_heads=cfg.n_kv_heads,
+            head_dim=cfg.head_dim, eos_token_ids=loaded.eos_token_ids,
+        )  # fmt: skip
+        self.engine.start()
+
+    def generate(self, prompts: list[list[int]], output_len: int) -> tuple[float, list[str]]:
+        from phalanx_serve.engine import RequestOutput
+        from phalanx_serve.sampling import SamplingParams
+
+        params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
+        left = [len(prompts)]
+        done = threading.Event()
+
+        def sink(out: RequestOutput) -> None:
+            if out.finished:
+                left[0] -= 1
+                if left[0] == 0:
+                    done.set()
+
+        start = time.perf_counter()
+        seqs = [self.engine.submit(f"b{i}", p, params, sink) for i, p in enumerate(prompts)]
+        done.wait()
+        wall = time.perf_counter() - start
+        return wall, [self.tokenizer.decode(s.output_ids) for s in seqs]
+
+    def stop(self) -> None:
+        self.engine.shutdown()
+
+
 def cpu_vs_hf(args: argparse.Namespace) -> dict[str, Any]:
     from phalanx_serve.builtin import ensure_builtin_model, is_builtin
 
@@ -273,6 +316,7 @@ def cpu_vs_hf(args: argparse.Namespace) -> dict[str, Any]:
     rng = random.Random(args.seed)
     extra = ["--device", "cpu", "--dtype", "float32", "--threads", str(args.threads)]
     hf = HFBaseline(model_dir, args.threads)
+    alone = EngineAlone(model_dir, args.max_batch_size)
     vocab = 256  # ids below 256 exist in every byte-level vocabulary
     levels: list[dict[str, Any]] = []
     server = ServerProcess(str(model_dir), args.max_batch_size, extra)
@@ -283,9 +327,14 @@ def cpu_vs_hf(args: argparse.Namespace) -> dict[str, Any]:
             prompts = [[rng.randrange(vocab) for _ in range(args.input_len)] for _ in range(c)]
             hf.generate(prompts[:1], 4)  # warm-up
             hf_runs, srv_runs, mismatches = [], [], 0
+            engine_tps: list[float] = []
+            alone.generate(prompts[:1], 4)  # warm-up
             for _ in range(args.repeats):
                 wall, cpu, hf_texts = hf.generate(prompts, args.output_len)
                 hf_runs.append({"wall_s": wall, "cpu_s": cpu})
+                e_wall, e_texts = alone.generate(prompts, args.output_len)
+                engine_tps.append(c * args.output_len / e_wall)
+                mismatches += sum(a != b for a, b in zip(e_texts, hf_texts, strict=True))
                 before = proc_cpu_seconds(server.proc.pid)
                 run = asyncio.run(
                     run_load(server.url, prompts, args.output_len, c, math.inf, args.seed)
@@ -309,6 +358,10 @@ def cpu_vs_hf(args: argparse.Namespace) -> dict[str, Any]:
                 "hf_output_tokens_per_s": summary(hf_tps),
                 "server_output_tokens_per_s": summary(srv_tps),
                 "speedup_vs_hf": summary(ratios),
+                "engine_alone_output_tokens_per_s": summary(engine_tps),
+                "engine_alone_speedup_vs_hf": summary(
+                    [a / b for a, b in zip(engine_tps, hf_tps, strict=True)]
+                ),
                 "cpu_efficiency_vs_hf": summary(cpu_ratios),
                 "hf_cpu_s": summary([r["cpu_s"] for r in hf_runs]),
                 "server_cpu_s": summary([r["server_cpu_s"] for r in srv_runs]),
@@ -323,12 +376,14 @@ def cpu_vs_hf(args: argparse.Namespace) -> dict[str, Any]:
                 f"clients={c:<3} HF {level['hf_output_tokens_per_s']['median']:8.1f} tok/s  "
                 f"server {level['server_output_tokens_per_s']['median']:8.1f} tok/s  "
                 f"ratio min/median {level['speedup_vs_hf']['min']:.2f}/"
-                f"{level['speedup_vs_hf']['median']:.2f}  CPU-time ratio median "
+                f"{level['speedup_vs_hf']['median']:.2f}  engine alone median "
+                f"{level['engine_alone_speedup_vs_hf']['median']:.2f}  CPU-time ratio median "
                 f"{level['cpu_efficiency_vs_hf']['median']:.2f}  outputs equal: {mismatches == 0}",
                 flush=True,
             )
     finally:
         server.stop()
+        alone.stop()
     prefix = prefix_workload(args, model_dir, rng)
     return {
         "suite": "cpu-vs-hf",
