@@ -178,14 +178,15 @@ def apply(manifest: dict[str, Any]) -> dict[str, Any] | None:
     """Server-side apply as field manager `phalanx` (taking over fields others set by hand).
 
     Returns the object as stored; None when its namespace is being deleted. Raises `Rejected`
-    when the API server refuses the object (4xx other than a conflict).
+    when the API server refuses the object (4xx other than a conflict), including 404 for a
+    kind it does not serve (a PodGroup without Volcano or the coscheduling plugin installed).
     """
     resource, path = _object_path(manifest)
     query = f"?fieldManager={FIELD_MANAGER}&force=true"
     try:
         return _rest("apply", resource, "PATCH", path + query, manifest, APPLY_PATCH)
     except ApiException as error:
-        if _namespace_terminating(error) or error.status == 404:
+        if _namespace_terminating(error):
             return None
         if error.status is not None and 400 <= error.status < 500 and error.status != 429:
             raise Rejected(
