@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import torch
+from prometheus_client import generate_latest
 from trainer_testkit import free_port, launch, records, wait_for
 
 from phalanx_trainer.metrics import TrainMetrics, mfu, peak_flops_for, resolve_peak_flops
@@ -26,7 +27,7 @@ BEFORE_THE_FIRST_STEP = {
     "etaSeconds": None,
     "exportSteps": [],
     "exportPath": None,
-    "rank": 1,
+    "rank": 0,
     "gradNorm": None,
     "stepSeconds": None,
     "valLoss": None,
@@ -37,7 +38,7 @@ BEFORE_THE_FIRST_STEP = {
 
 @pytest.fixture
 def served() -> Iterator[tuple[TrainMetrics, str]]:
-    metrics = TrainMetrics(total_steps=100, rank=1)
+    metrics = TrainMetrics(total_steps=100, rank=0)
     port = metrics.serve(0, host="127.0.0.1")
     yield metrics, f"http://127.0.0.1:{port}"
     metrics.close()
@@ -101,19 +102,40 @@ def test_progress_and_metrics_after_steps(served: tuple[TrainMetrics, str]) -> N
         "valStep": 10,
     }
     expected = {
-        'phalanx_train_loss{rank="1"} 2.5',
-        'phalanx_train_grad_norm{rank="1"} 0.75',
-        'phalanx_train_tokens_per_second{rank="1"} 1000.0',
-        'phalanx_train_mfu{rank="1"} 0.4',
-        'phalanx_train_step_seconds{rank="1"} 0.125',
-        'phalanx_train_step{rank="1"} 10.0',
-        'phalanx_train_total_steps{rank="1"} 100.0',
-        'phalanx_train_learning_rate{rank="1"} 0.001',
-        'phalanx_train_val_loss{rank="1"} 3.0',
-        'phalanx_train_val_perplexity{rank="1"} 20.0',
-        'phalanx_checkpoint_save_seconds_count{rank="1"} 1.0',
+        'phalanx_train_loss{rank="0"} 2.5',
+        'phalanx_train_grad_norm{rank="0"} 0.75',
+        'phalanx_train_tokens_per_second{rank="0"} 1000.0',
+        'phalanx_train_mfu{rank="0"} 0.4',
+        'phalanx_train_step_seconds{rank="0"} 0.125',
+        'phalanx_train_step{rank="0"} 10.0',
+        'phalanx_train_total_steps{rank="0"} 100.0',
+        'phalanx_train_learning_rate{rank="0"} 0.001',
+        'phalanx_train_val_loss{rank="0"} 3.0',
+        'phalanx_train_val_perplexity{rank="0"} 20.0',
+        'phalanx_checkpoint_save_seconds_count{rank="0"} 1.0',
     }
     assert expected <= samples(get(base + "/metrics")[1].decode())
+
+
+def test_other_ranks_export_only_their_own_series() -> None:
+    """Job-wide values come from rank 0 alone: a sum over a job's series counts them once."""
+    metrics = TrainMetrics(total_steps=100, rank=3)
+    metrics.record_step(
+        step=10, loss=2.5, lr=1e-3, tokens_per_second=1000.0, mfu=0.4, eta_seconds=90.0,
+        grad_norm=0.75, step_seconds=0.125,
+    )  # fmt: skip
+    metrics.record_eval(step=10, loss=3.0, perplexity=20.0)
+    metrics.record_checkpoint(10, 1.5)
+    text = generate_latest(metrics.registry).decode()
+    assert {
+        'phalanx_train_step{rank="3"} 10.0',
+        'phalanx_train_step_seconds{rank="3"} 0.125',
+        'phalanx_checkpoint_save_seconds_count{rank="3"} 1.0',
+    } <= samples(text)
+    for job_wide in ("loss", "tokens_per_second", "mfu", "grad_norm", "val_loss", "total_steps"):
+        assert f"phalanx_train_{job_wide}{{" not in text, job_wide
+    assert metrics.progress_json()["loss"] == 2.5  # /progress still has everything
+    assert metrics.progress_json()["rank"] == 3
 
 
 def test_non_finite_loss_is_reported_as_null(served: tuple[TrainMetrics, str]) -> None:
@@ -190,6 +212,7 @@ def test_every_rank_serves_its_progress_and_explicit_peak_gives_fp32_mfu(
         )
         ranks = [progress_of(base + r) for r in (0, 1)]
         text = get(f"http://127.0.0.1:{base + 1}/metrics")[1].decode()
+        text0 = get(f"http://127.0.0.1:{base}/metrics")[1].decode()
         for proc in gang.procs:
             proc.send_signal(signal.SIGTERM)
         codes = gang.wait(timeout=120)
@@ -203,6 +226,7 @@ def test_every_rank_serves_its_progress_and_explicit_peak_gives_fp32_mfu(
         assert p["gradNorm"] is not None
         assert p["loss"] is not None
     assert 'phalanx_train_step_seconds{rank="1"}' in text
-    assert 'phalanx_train_mfu{rank="1"}' in text
+    assert "phalanx_train_mfu{" not in text  # job-wide: rank 0's endpoint has it
+    assert 'phalanx_train_mfu{rank="0"}' in text0
     logged = records(tmp_path / "ckpt")
     assert all("mfu" in r for r in logged if "tokensPerSecond" in r)

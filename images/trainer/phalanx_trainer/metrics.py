@@ -119,9 +119,12 @@ class TrainMetrics:
     """One rank's metrics and progress, optionally served over HTTP.
 
     Every series carries a ``rank`` label (the global rank), so the ranks of a job, each
-    serving its own endpoint, can be told apart. A series whose value is not known yet (MFU
+    serving its own endpoint, can be told apart. Job-wide values (loss, throughput, MFU,
+    gradient norm, learning rate, validation, planned steps) are exported by rank 0 only, so
+    that summing a job's series never counts them once per rank; every rank exports its own
+    step, step time and checkpoint save times. A series whose value is not known yet (MFU
     on a device without a known peak, the loss before the first interval) is absent rather
-    than 0.
+    than 0. ``/progress`` carries everything on every rank.
     """
 
     def __init__(self, total_steps: int, rank: int = 0) -> None:
@@ -159,8 +162,10 @@ class TrainMetrics:
             registry=self.registry,
         )
         self._rank = str(rank)
+        self._job_wide = rank == 0
         self.progress = Progress(total_steps=total_steps, rank=rank)
-        self.total_steps.labels(self._rank).set(total_steps)
+        if self._job_wide:
+            self.total_steps.labels(self._rank).set(total_steps)
         self.step.labels(self._rank).set(0)
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
@@ -187,13 +192,16 @@ class TrainMetrics:
             self.progress.step_seconds = step_seconds
         rank = self._rank
         self.step.labels(rank).set(step)
+        if step_seconds is not None:
+            self.step_seconds.labels(rank).set(step_seconds)
+        if not self._job_wide:
+            return
         self.loss.labels(rank).set(loss)
         self.learning_rate.labels(rank).set(lr)
         for series, value in (
             (self.tokens_per_second, tokens_per_second),
             (self.mfu, mfu),
             (self.grad_norm, grad_norm),
-            (self.step_seconds, step_seconds),
         ):
             if value is not None:
                 series.labels(rank).set(value)
@@ -203,8 +211,9 @@ class TrainMetrics:
             self.progress.val_loss = loss
             self.progress.val_perplexity = perplexity
             self.progress.val_step = step
-        self.val_loss.labels(self._rank).set(loss)
-        self.val_perplexity.labels(self._rank).set(perplexity)
+        if self._job_wide:
+            self.val_loss.labels(self._rank).set(loss)
+            self.val_perplexity.labels(self._rank).set(perplexity)
 
     def record_checkpoint(self, step: int, seconds: float) -> None:
         with self._lock:
