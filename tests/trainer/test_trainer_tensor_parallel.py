@@ -10,7 +10,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-from trainer_testkit import launch, losses, records, run_in_process, run_ok
+import torch
+from trainer_testkit import export_weights, launch, losses, records, run_in_process, run_ok
 
 from phalanx_trainer.checkpoint import list_complete
 
@@ -80,6 +81,11 @@ def test_2x2_mesh_matches_one_process(single_run: Path, tp_run: Path) -> None:
     single_norms = {r["step"]: r["gradNorm"] for r in records(single_run)}
     for r in records(tp_run):
         assert r["gradNorm"] == pytest.approx(single_norms[r["step"]], rel=1e-3), r["step"]
+    # The export gathers the TP x FSDP shards into the same full weights.
+    single, tp = export_weights(single_run), export_weights(tp_run)
+    assert sorted(tp) == sorted(single)
+    for name, weight in single.items():
+        torch.testing.assert_close(tp[name], weight, atol=1e-4, rtol=1e-3, msg=name)
 
 
 def test_tp_checkpoint_resumes_in_one_process(
