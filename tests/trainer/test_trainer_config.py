@@ -80,3 +80,30 @@ def test_module_entry_point_answers_help_without_torch() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "--parallelism" in out.stdout
     assert "PHALANX_TRAIN_BATCH_SIZE" in out.stdout
+
+
+@pytest.mark.parametrize(
+    "trainer",
+    [
+        {},
+        {"preset": "gpt2-small", "parallelism": "fsdp", "precision": "bf16", "compile": True},
+        {"exportEvery": 50, "data": "shards/v1", "extraArgs": ["--eval-every", "0"]},
+    ],
+    ids=["defaults", "fsdp-bf16-compile", "exports-data-extra"],
+)
+def test_every_flag_the_operator_renders_is_a_trainer_setting(trainer: dict[str, object]) -> None:
+    """The operator's rendered command line (spec.trainer) parses here, value for value."""
+    from phalanx.api.trainjob import LLMTrainJobSpec
+    from phalanx.render.trainjob import trainer_args
+
+    spec = LLMTrainJobSpec.model_validate({"trainer": trainer})
+    cfg = load_config(trainer_args(spec), environ={})
+    t = spec.trainer
+    assert (cfg.preset, cfg.steps, cfg.batch_size, cfg.seq_len) == (
+        t.preset, t.steps, t.batch_size, t.seq_len,
+    )  # fmt: skip
+    assert (cfg.parallelism, cfg.precision, cfg.compile) == (t.parallelism, t.precision, t.compile)
+    assert cfg.lr == t.learning_rate
+    assert cfg.export_every == t.export_every
+    assert cfg.metrics_port == t.metrics_port
+    assert cfg.checkpoint_dir == spec.checkpoint.mount_path
