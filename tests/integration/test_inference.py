@@ -292,3 +292,14 @@ def test_changing_the_server_port_updates_both_services_and_a_deleted_one_comes_
     wait_for(lambda: ports("ported-peers") == [(8001, 8001)], 60, "the peers Service too")
     kubectl("delete", "service", "ported", "-n", namespace)
     wait_for(lambda: ports("ported") == [(80, 8001)], 60, "the deleted client Service back")
+
+
+def test_a_pod_template_the_api_server_rejects_is_reported_on_ready(
+    services: Services, operator: Any
+) -> None:
+    services.apply("refused", accelerator=GPU_1, podTemplate={"spec": {"dnsPolicy": "Bogus"}})
+    ready = services.wait_condition("refused", "Ready", "False", "PodCreateRejected")
+    assert "dnsPolicy" in ready["message"]
+    progressing = services.wait_condition("refused", "Progressing", "False", "PodCreateRejected")
+    assert "HTTP 422" in progressing["message"]
+    assert services.pods("refused") == []
