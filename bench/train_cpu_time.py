@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -156,7 +157,7 @@ def main() -> None:
     report = {
         "benchmark": "train_cpu_time",
         "what": "process CPU seconds per optimizer step, one thread",
-        "command": "python bench/train_cpu_time.py",
+        "command": " ".join(["python", "bench/train_cpu_time.py", *sys.argv[1:]]),
         "torch": torch.__version__,
         "preset": args.preset,
         "params": cfg.num_params(),

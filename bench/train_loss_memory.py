@@ -90,7 +90,7 @@ def main() -> None:
     logits_mib = args.tokens * args.vocab * 4 / 2**20
     report = {
         "benchmark": "train_loss_memory",
-        "command": "python bench/train_loss_memory.py",
+        "command": " ".join(["python", "bench/train_loss_memory.py", *sys.argv[1:]]),
         "tokens": args.tokens,
         "vocab": args.vocab,
         "dim": args.dim,
