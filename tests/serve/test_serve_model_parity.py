@@ -162,3 +162,22 @@ def test_serving_forward_computes_only_the_requested_logit_rows(tmp_path: Path, 
         full = model(torch.tensor([tokens]))[0]
     assert got.shape[0] == 2
     torch.testing.assert_close(got, full[[2, 6]], atol=1e-9, rtol=0)
+
+
+def test_serving_forward_in_float32_matches_hf_llama(tmp_path: Path) -> None:
+    from transformers import LlamaForCausalLM
+
+    path = _tiny_llama(tmp_path, tie=False)
+    hf = LlamaForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
+    model, _ = load_pretrained(path, dtype=torch.float32)
+    serving = ServingModel(model)
+    cache = PagedKVCache(
+        n_layers=2, num_blocks=8, block_size=4, n_kv_heads=2, head_dim=16,
+        dtype=torch.float32, device=torch.device("cpu"),
+    )  # fmt: skip
+    tokens = torch.randint(0, 97, (1, 21), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        view = PackedPrefillView(cache, [Chunk(tuple(range(6)), 0, 21)])
+        got = serving(tokens, positions=view.positions(), kv_cache=view)
+        expected = hf(tokens).logits
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
