@@ -1,4 +1,5 @@
-"""Helpers for LLMTrainJob scenarios on the dev cluster: apply a job, read it, read its pods."""
+"""Helpers for scenarios on the dev cluster: apply an LLMTrainJob or InferenceService, read it,
+wait for its conditions, read its pods. `Objects` holds what both kinds share."""
 
 from __future__ import annotations
 
@@ -41,18 +42,27 @@ def outcome(
     return {"metadata": {"annotations": annotations}}
 
 
-class Jobs:
-    """LLMTrainJobs and their pods in one namespace."""
+class Objects:
+    """Custom objects of one kind in one namespace: create, read, patch, wait for conditions."""
+
+    resource = ""
+    kind = ""
 
     def __init__(self, kubectl: Kubectl, namespace: str) -> None:
         self.kubectl = kubectl
         self.namespace = namespace
 
-    def apply(self, name: str, **spec: Any) -> None:
-        self.kubectl.create(self.namespace, job_manifest(name, **spec))
+    def create(self, name: str, spec: dict[str, Any]) -> None:
+        manifest = {
+            "apiVersion": "phalanx.dev/v1alpha1",
+            "kind": self.kind,
+            "metadata": {"name": name},
+            "spec": spec,
+        }
+        self.kubectl.create(self.namespace, manifest)
 
     def get(self, name: str) -> dict[str, Any]:
-        result: dict[str, Any] = self.kubectl.json("get", "llmtrainjob", name, "-n", self.namespace)
+        result: dict[str, Any] = self.kubectl.json("get", self.resource, name, "-n", self.namespace)
         return result
 
     def status(self, name: str) -> dict[str, Any]:
@@ -64,24 +74,47 @@ class Jobs:
                 return dict(condition)
         return None
 
+    def patch(self, name: str, patch: dict[str, Any]) -> None:
+        self.kubectl(
+            "patch", self.resource, name, "-n", self.namespace,
+            "--type=merge", "-p", json.dumps(patch),
+        )  # fmt: skip
+
+    def wait_condition(
+        self, name: str, kind: str, status: str, reason: str | None = None, timeout: float = 60
+    ) -> dict[str, Any]:
+        def matches() -> dict[str, Any] | None:
+            found = self.condition(name, kind)
+            if (
+                found
+                and found["status"] == status
+                and (reason is None or found["reason"] == reason)
+            ):
+                return found
+            return None
+
+        return wait_for(
+            matches,
+            timeout,
+            f"{name} condition {kind}={status} {reason or ''} (now {self.condition(name, kind)})",
+        )
+
+
+class Jobs(Objects):
+    """LLMTrainJobs and their pods in one namespace."""
+
+    resource = "llmtrainjob"
+    kind = "LLMTrainJob"
+
+    def apply(self, name: str, **spec: Any) -> None:
+        self.kubectl.create(self.namespace, job_manifest(name, **spec))
+
     def pods(self, name: str) -> list[dict[str, Any]]:
         listing = self.kubectl.json(
             "get", "pods", "-n", self.namespace, "-l", f"phalanx.dev/job={name}"
         )
         return sorted(
             listing["items"], key=lambda p: int(p["metadata"]["labels"]["phalanx.dev/rank"])
-        )
-
-    def patch(self, name: str, patch: dict[str, Any]) -> None:
-        self.kubectl(
-            "patch",
-            "llmtrainjob",
-            name,
-            "-n",
-            self.namespace,
-            "--type=merge",
-            "-p",
-            json.dumps(patch),
         )
 
     def annotate_pod(self, pod: str, **annotations: str) -> None:
@@ -110,25 +143,6 @@ class Jobs:
         )  # fmt: skip
         return [str(e["message"]) for e in listing["items"]]
 
-    def wait_condition(
-        self, name: str, kind: str, status: str, reason: str | None = None, timeout: float = 60
-    ) -> dict[str, Any]:
-        def matches() -> dict[str, Any] | None:
-            found = self.condition(name, kind)
-            if (
-                found
-                and found["status"] == status
-                and (reason is None or found["reason"] == reason)
-            ):
-                return found
-            return None
-
-        return wait_for(
-            matches,
-            timeout,
-            f"{name} condition {kind}={status} {reason or ''} (now {self.condition(name, kind)})",
-        )
-
     def wait_pods(
         self,
         name: str,
@@ -140,6 +154,34 @@ class Jobs:
             lambda: (pods := self.pods(name)) and predicate(pods) and pods,
             timeout,
             f"{name}: {what}",
+        )
+
+
+class Services(Objects):
+    """InferenceServices and their pods in one namespace."""
+
+    resource = "inferenceservice"
+    kind = "InferenceService"
+
+    def apply(self, name: str, **spec: Any) -> None:
+        spec.setdefault("model", {"builtin": "tiny"})
+        self.create(name, spec)
+
+    def pods(self, name: str) -> list[dict[str, Any]]:
+        listing = self.kubectl.json(
+            "get", "pods", "-n", self.namespace, "-l", f"phalanx.dev/inference-service={name}"
+        )
+        return [p for p in listing["items"] if not p["metadata"].get("deletionTimestamp")]
+
+    def wait_ready_groups(self, name: str, count: int, timeout: float = 60) -> dict[str, Any]:
+        return wait_for(
+            lambda: (
+                (s := self.status(name)).get("readyReplicas") == count
+                and s.get("replicas") == count
+                and s
+            ),
+            timeout,
+            f"{name} to have {count} ready groups (now {self.status(name).get('readyReplicas')})",
         )
 
 

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from jobkit import Jobs, node_labels, outcome
+from jobkit import Jobs, Services, node_labels, outcome
 
 from phalanx.devcluster.testing import Kubectl, wait_for
 
@@ -30,65 +30,6 @@ def _quiet_operator(monkeypatch: pytest.MonkeyPatch) -> None:
 def operator(run_operator: Callable[..., Any]) -> Iterator[Any]:
     with run_operator() as runner:
         yield runner
-
-
-class Services:
-    """InferenceServices and their pods in one namespace."""
-
-    def __init__(self, kubectl: Kubectl, namespace: str) -> None:
-        self.kubectl = kubectl
-        self.namespace = namespace
-
-    def apply(self, name: str, **spec: Any) -> None:
-        spec.setdefault("model", {"builtin": "tiny"})
-        manifest = {
-            "apiVersion": "phalanx.dev/v1alpha1",
-            "kind": "InferenceService",
-            "metadata": {"name": name},
-            "spec": spec,
-        }
-        self.kubectl.create(self.namespace, manifest)
-
-    def status(self, name: str) -> dict[str, Any]:
-        obj = self.kubectl.json("get", "inferenceservice", name, "-n", self.namespace)
-        return dict(obj.get("status") or {})
-
-    def condition(self, name: str, kind: str) -> dict[str, Any] | None:
-        found = [c for c in self.status(name).get("conditions") or [] if c["type"] == kind]
-        return found[0] if found else None
-
-    def wait_condition(
-        self, name: str, kind: str, status: str, reason: str | None = None, timeout: float = 60
-    ) -> dict[str, Any]:
-        def matches() -> dict[str, Any] | None:
-            found = self.condition(name, kind)
-            ok = found and found["status"] == status and reason in (None, found["reason"])
-            return found if ok else None
-
-        return wait_for(matches, timeout, f"{name} condition {kind}={status} {reason or ''}")
-
-    def pods(self, name: str) -> list[dict[str, Any]]:
-        listing = self.kubectl.json(
-            "get", "pods", "-n", self.namespace, "-l", f"{SERVICE_LABEL}={name}"
-        )
-        return [p for p in listing["items"] if not p["metadata"].get("deletionTimestamp")]
-
-    def patch(self, name: str, patch: dict[str, Any]) -> None:
-        self.kubectl(
-            "patch", "inferenceservice", name, "-n", self.namespace,
-            "--type=merge", "-p", json.dumps(patch),
-        )  # fmt: skip
-
-    def wait_ready_groups(self, name: str, count: int, timeout: float = 60) -> dict[str, Any]:
-        return wait_for(
-            lambda: (
-                (s := self.status(name)).get("readyReplicas") == count
-                and s.get("replicas") == count
-                and s
-            ),
-            timeout,
-            f"{name} to have {count} ready groups (now {self.status(name).get('readyReplicas')})",
-        )
 
 
 def ready(pod: dict[str, Any]) -> bool:
