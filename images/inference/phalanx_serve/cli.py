@@ -144,6 +144,42 @@ def settings_from_args(argv: Sequence[str] | None = None) -> ServerSettings:
     )
 
 
+# The exit code of a server whose model cannot load: retrying the same files cannot help, and a
+# process that stays up answering 503 would look like a slow load forever. Exiting lets the
+# kubelet restart it with back-off (CrashLoopBackOff), which the operator reports.
+LOAD_FAILED_EXIT = 3
+
+
+def _exit_when_loading_fails(runtime: Any) -> None:
+    """End the process when the model fails to load, with the reason in the termination log."""
+    import json
+    import threading
+    import time
+
+    def watch() -> None:
+        while runtime.status == "loading":
+            time.sleep(0.2)
+        if runtime.status != "failed":
+            return
+        path = os.environ.get("PHALANX_TERMINATION_LOG")
+        if path:
+            message = {
+                "exitCode": LOAD_FAILED_EXIT,
+                "reason": "ModelLoadFailed",
+                "message": str(runtime.error)[:3500],
+            }
+            try:
+                with open(path, "w") as log:
+                    log.write(json.dumps(message))
+            except OSError:
+                pass
+        logging.getLogger("phalanx_serve").error("model load failed: %s; exiting", runtime.error)
+        logging.shutdown()
+        os._exit(LOAD_FAILED_EXIT)
+
+    threading.Thread(target=watch, name="phalanx-load-watch", daemon=True).start()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     settings = settings_from_args(argv)
     logging.basicConfig(
@@ -156,8 +192,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     import uvicorn
 
     from phalanx_serve.api import create_app
+    from phalanx_serve.metrics import ServeMetrics
+    from phalanx_serve.runtime import ServerRuntime
 
-    app = create_app(settings)
+    runtime = ServerRuntime(settings, ServeMetrics(settings.model_name))
+    app = create_app(settings, runtime=runtime)
+    _exit_when_loading_fails(runtime)
     uvicorn.run(
         app, host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False
     )

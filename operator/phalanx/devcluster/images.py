@@ -460,10 +460,8 @@ def _manifest_blobs(layout: Path, descriptor: dict[str, Any]) -> list[str]:
 def _prune_layout(layout: Path) -> None:
     """Drop blobs no tagged image uses any more (old top layers of rebuilt images)."""
     index = _layout_index(layout)
-    names: dict[str, dict[str, Any]] = {}
-    for descriptor in index["manifests"]:  # a re-export appends: the last one of a name wins
-        names[descriptor.get("annotations", {}).get(REF_NAME, descriptor["digest"])] = descriptor
-    index["manifests"] = list(names.values())
+    # A re-export of a name moves the name to the new manifest and leaves the old one unnamed.
+    index["manifests"] = [d for d in index["manifests"] if d.get("annotations", {}).get(REF_NAME)]
     (layout / "index.json").write_text(json.dumps(index))
     used = {d for descriptor in index["manifests"] for d in _manifest_blobs(layout, descriptor)}
     for path in (layout / "blobs" / "sha256").iterdir():
@@ -507,9 +505,10 @@ def _import_blobs(
             archive.add(path, arcname=str(path.relative_to(layout)))
             sent += path.stat().st_size
     process.stdin.close()
-    _, errors = process.communicate()
-    if process.returncode != 0:
-        raise DevClusterError(f"importing {reference}: {errors.decode(errors='replace')[-400:]}")
+    assert process.stderr is not None
+    errors = process.stderr.read().decode(errors="replace")
+    if process.wait() != 0:
+        raise DevClusterError(f"importing {reference}: {errors[-400:]}")
     return sent
 
 

@@ -20,6 +20,8 @@ from phalanx.constants import (
     LABEL_GROUP_INDEX,
     LABEL_SERVICE,
     LABEL_WORKER_INDEX,
+    TERMINATION_LOG,
+    TERMINATION_LOG_ENV,
 )
 
 from .owner import OwnerRef
@@ -138,6 +140,8 @@ def group_env(
         "PHALANX_GROUP_SIZE": spec.nodes_per_replica,
         "PHALANX_WORKER_INDEX": worker,
         "PHALANX_CACHE_DIR": CACHE_DIR,
+        # The server writes why it ended here (a model that cannot load), for the condition.
+        TERMINATION_LOG_ENV: TERMINATION_LOG,
     }
     return [
         *({"name": name, "value": str(value)} for name, value in ours.items()),
@@ -223,6 +227,8 @@ def render_group_pod(
         "volumeMounts": mounts,
         **_probes(port),
         "securityContext": container_security(),
+        "terminationMessagePath": TERMINATION_LOG,
+        "terminationMessagePolicy": "File",
     }
     name = pod_name(ref.name, group, worker)
     pod = pod_skeleton(
