@@ -226,3 +226,23 @@ def test_sigterm_saves_and_exits_nonzero(prepared_data: Path, tmp_path: Path) ->
     record = json.loads(termination_log.read_text())
     assert (record["exitCode"], record["reason"]) == (128 + signal.SIGTERM, "Stopped")
     assert f"step-{saved[0].step}" in record["message"]
+
+
+def test_fsdp2_mixed_precision_tracks_ddp_autocast(prepared_data: Path, tmp_path: Path) -> None:
+    """bf16 on CPU: FSDP2's MixedPrecisionPolicy (bf16 params in compute, fp32 reduce) against
+    DDP autocasting over fp32 weights; both are bf16 matmuls, so the curves agree to bf16's
+    precision, and both export bf16 weights."""
+    curves = {}
+    for name in ("ddp", "fsdp"):
+        ckpt = tmp_path / name / "ckpt"
+        args = run_args(
+            prepared_data, ckpt, GLOBAL_BATCH // 2, "--parallelism", name, "--precision", "bf16"
+        )
+        gang = run_ok(2, args, tmp_path / name / "logs")
+        curves[name] = losses(ckpt)
+        weights = export_weights(ckpt)
+        assert {w.dtype for w in weights.values()} == {torch.bfloat16}
+    assert "precision bf16 (FSDP mixed precision)" in gang.log()
+    assert sorted(curves["fsdp"]) == list(range(1, STEPS + 1))
+    for step, loss in curves["ddp"].items():
+        assert curves["fsdp"][step] == pytest.approx(loss, rel=2e-2), step

@@ -601,7 +601,7 @@ class Trainer:
 
     def _export(self, name: str = EXPORT_DIR) -> None:
         if self.cfg.export_dtype == "auto":
-            dtype = torch.bfloat16 if self.autocast_dtype is not None else torch.float32
+            dtype = torch.bfloat16 if self.bf16 else torch.float32
         else:
             dtype = getattr(torch, self.cfg.export_dtype)
         export_for_serving(
