@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import httpx
 
 RESULTS = Path(__file__).resolve().parent / "results" / "serve_load.json"
@@ -60,7 +61,7 @@ class RequestResult:
 
 
 async def timed_request(
-    client: httpx.AsyncClient, prompt: list[int], output_len: int
+    session: aiohttp.ClientSession, url: str, prompt: list[int], output_len: int
 ) -> RequestResult:
     body: dict[str, Any] = {
         "prompt": prompt,
@@ -74,12 +75,13 @@ async def timed_request(
     last = start
     result = RequestResult(ok=False)
     try:
-        async with client.stream("POST", "/v1/completions", json=body) as r:
-            if r.status_code != 200:
-                result.error = f"HTTP {r.status_code}"
+        async with session.post(url + "/v1/completions", json=body) as r:
+            if r.status != 200:
+                result.error = f"HTTP {r.status}"
                 return result
-            async for line in r.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
+            async for raw in r.content:
+                line = raw.strip()
+                if not line.startswith(b"data: ") or line == b"data: [DONE]":
                     continue
                 chunk = json.loads(line[6:])
                 now = time.perf_counter()
@@ -96,7 +98,7 @@ async def timed_request(
                 last = now
         result.latency = time.perf_counter() - start
         result.ok = result.output_tokens > 0
-    except httpx.HTTPError as exc:
+    except aiohttp.ClientError as exc:
         result.error = repr(exc)
     return result
 
@@ -126,15 +128,15 @@ async def run_load(
 ) -> dict[str, Any]:
     rng = random.Random(seed)
     gate = asyncio.Semaphore(concurrency)
-    limits = httpx.Limits(
-        max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4
-    )
-
-    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+    # aiohttp, as vLLM's benchmark client: the load generator shares this machine's CPUs with
+    # the server, so it should cost as little as possible.
+    connector = aiohttp.TCPConnector(limit=concurrency + 4)
+    timeout = aiohttp.ClientTimeout(total=600)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
 
         async def one(prompt: list[int]) -> RequestResult:
             async with gate:
-                return await timed_request(client, prompt, output_len)
+                return await timed_request(session, url, prompt, output_len)
 
         start = time.perf_counter()
         tasks = []
