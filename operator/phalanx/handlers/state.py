@@ -14,7 +14,7 @@ from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from pydantic import BaseModel
 
@@ -263,6 +263,11 @@ class Operator:
         the same object are dropped when a new one is parsed."""
         meta = obj["metadata"]
         uid, generation = str(meta.get("uid") or ""), int(meta.get("generation") or 0)
+        if not uid:  # not from the API server (every stored object has a uid): no memo
+            try:
+                return cast(M, parse(obj, model))
+            except SpecError as error:
+                return error
         key = (uid, generation)
         if key not in self.specs:
             for stale in [k for k in self.specs if k[0] == uid]:
