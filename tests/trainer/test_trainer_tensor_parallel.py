@@ -6,12 +6,25 @@ between meshes (DCP reshards DTensor shards on load).
 
 from __future__ import annotations
 
+import json
+import math
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
 import torch
-from trainer_testkit import export_weights, launch, losses, records, run_in_process, run_ok
+from trainer_testkit import (
+    TORCHRUN,
+    base_env,
+    export_weights,
+    free_port,
+    launch,
+    losses,
+    records,
+    run_in_process,
+    run_ok,
+)
 
 from phalanx_trainer.checkpoint import list_complete
 
@@ -115,3 +128,46 @@ def test_one_process_checkpoint_resumes_on_a_2x2_mesh(
     assert gang.wait(600) == [0, 0, 0, 0], gang.log()
     assert f"resuming from {ckpt / f'step-{CHECKPOINT_EVERY}'}" in gang.log()
     assert_close_curves(losses(single_run), losses(ckpt))
+
+
+META_INIT_ON_A_TP_MESH = """
+import json, sys
+import torch, torch.distributed as dist
+from phalanx_trainer.model import ModelConfig, Transformer
+from phalanx_trainer.parallel import parallelize
+dist.init_process_group("gloo")
+cfg = ModelConfig(vocab_size=97, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48,
+                  max_seq_len=32, tie_embeddings=True)
+with torch.device("meta"):
+    model = Transformer(cfg)
+wrapped = parallelize(model, parallelism="fsdp", device=torch.device("cpu"), tensor_parallel=2)
+model.to_empty(device="cpu")
+model.init_weights()
+tokens = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(1))
+loss = wrapped(tokens[:, :-1], targets=tokens[:, 1:])
+loss.backward()
+wq = model.layers[0].attention.wq.weight.full_tensor()
+norm = model.norm.weight.full_tensor()
+if dist.get_rank() == 0:
+    json.dump({"wqStd": wq.std().item(), "norm": norm.tolist(), "loss": loss.item()},
+              open(sys.argv[1], "w"))
+dist.destroy_process_group()
+"""
+
+
+def test_large_model_path_meta_init_after_tp_and_fsdp(tmp_path: Path) -> None:
+    """Models over 500M parameters are built on the meta device, split and sharded, then
+    initialised shard by shard; on a TP mesh the shards get the same distribution."""
+    script = tmp_path / "meta_init.py"
+    script.write_text(META_INIT_ON_A_TP_MESH)
+    out = tmp_path / "out.json"
+    agent = subprocess.run(
+        [TORCHRUN, "--nproc-per-node=2", "--rdzv-backend=c10d",
+         f"--rdzv-endpoint=127.0.0.1:{free_port()}", str(script), str(out)],
+        env=base_env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert agent.returncode == 0, agent.stderr[-3000:]
+    got = json.loads(out.read_text())
+    assert got["wqStd"] == pytest.approx(0.02, rel=0.25)  # N(0, 0.02), 1024 samples
+    assert got["norm"] == [1.0] * 32
+    assert got["loss"] == pytest.approx(math.log(97), rel=0.05)  # near-uniform at init
