@@ -126,6 +126,8 @@ class TrainerReport:
     message: str = ""
     export_path: str | None = None
     export_steps: tuple[int, ...] | None = None
+    # Rank 0's last /progress, in its final message: the poller may last have seen an earlier step.
+    progress: Mapping[str, Any] | None = None
 
 
 def export_path(value: Any) -> str | None:
@@ -169,6 +171,7 @@ def trainer_report(message: Any) -> TrainerReport | None:
         message=text if isinstance(text, str) else "",
         export_path=export_path(body.get("exportPath")),
         export_steps=export_steps(body.get("exportSteps")),
+        progress=body["progress"] if isinstance(body.get("progress"), dict) else None,
     )
 
 

@@ -159,6 +159,7 @@ def test_torchrun_success_writes_completed_with_exports(
     agent = torchrun(2, args, tmp_path / "torchrun.log", {"PHALANX_TERMINATION_LOG": str(log)})
     assert agent.wait(timeout=240) == 0, (tmp_path / "torchrun.log").read_text()
     record = read_log(log)
+    progress = record.pop("progress")
     assert record == {
         "exitCode": 0,
         "reason": "Completed",
@@ -166,6 +167,9 @@ def test_torchrun_success_writes_completed_with_exports(
         "exportPath": "export",
         "exportSteps": [2, 4],
     }
+    # The final /progress travels with it: the operator's last poll may be steps behind.
+    assert (progress["step"], progress["totalSteps"]) == (4, 4)
+    assert progress["exportSteps"] == [2, 4]
     assert (tmp_path / "ckpt" / str(record["exportPath"]) / "COMPLETE").is_file()
 
 

@@ -349,6 +349,20 @@ def test_success_takes_the_export_from_rank_zeros_message() -> None:
     assert (p.status["exportPath"], p.status["exportSteps"]) == ("export", [100, 200])
 
 
+def test_success_takes_the_final_progress_from_rank_zeros_message() -> None:
+    final = {"step": 200, "totalSteps": 200, "loss": 3.25, "lastCheckpointStep": 200}
+    message = report(0, "Completed", "done", progress=final)
+    stale = {"step": 190, "totalSteps": 200, "percent": "190/200 95%", "loss": 3.3}
+    p = plan(succeeded(message), status={"gangGeneration": 1, "progress": stale})
+    assert p.status["progress"] == {
+        "step": 200,
+        "totalSteps": 200,
+        "percent": "200/200 100%",
+        "loss": 3.25,
+        "lastCheckpointStep": 200,
+    }
+
+
 @pytest.mark.parametrize(
     "message",
     [None, "all good", report(0, "Completed", exportPath="../../etc")],

@@ -102,6 +102,7 @@ class Termination:
     message: str
     export_path: str | None = None
     export_steps: tuple[int, ...] | None = None
+    progress: dict[str, Any] | None = None  # rank 0's final /progress, on success
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -113,6 +114,8 @@ class Termination:
             out["exportPath"] = self.export_path
         if self.export_steps is not None:
             out["exportSteps"] = list(self.export_steps)
+        if self.progress is not None:
+            out["progress"] = self.progress
         return out
 
     def line(self) -> str:
@@ -137,10 +140,13 @@ class Termination:
 
 
 def completed(
-    message: str, export_path: str | None = None, export_steps: Sequence[int] | None = None
+    message: str,
+    export_path: str | None = None,
+    export_steps: Sequence[int] | None = None,
+    progress: dict[str, Any] | None = None,
 ) -> Termination:
     steps = tuple(export_steps) if export_steps is not None else None
-    return Termination(EXIT_COMPLETED, REASON_COMPLETED, message, export_path, steps)
+    return Termination(EXIT_COMPLETED, REASON_COMPLETED, message, export_path, steps, progress)
 
 
 def stopped(signum: int, message: str) -> Termination:

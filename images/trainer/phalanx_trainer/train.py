@@ -429,6 +429,7 @@ class Trainer:
                 + (f"; exported to {EXPORT_DIR}" if final else ""),
                 export_path=EXPORT_DIR if final else None,
                 export_steps=list_step_exports(self.root),
+                progress=self.metrics.progress_json(),
             )
         finally:
             self.metrics.close()

@@ -182,6 +182,8 @@ def _decide(
             report = observe.termination(current[0], CONTAINER).report
             if report is not None:
                 _copy_exports(st.data, report.export_path, report.export_steps)
+                if report.progress is not None:
+                    st.data["progress"] = progress_status(report.progress)
         _finished(spec, pods, st, plan)
         return _finish(plan, st, pods)
 
