@@ -161,3 +161,10 @@ def test_admission_queues_whole_gated_gangs_and_finishes_recorded_ones_first() -
     request = admission.request_for(queued[0])
     assert (request.key, request.pods, request.preferred_wait) == ("ml/wait", 2, 30.0)
     assert request.created == datetime(2026, 1, 1, 11, 59, tzinfo=UTC).timestamp()
+
+
+def test_the_store_remembers_only_the_newest_deletions() -> None:
+    store = Store(remember=2)
+    for n in range(3):
+        store.drop(obj(f"o{n}", 1, uid=f"u{n}"))
+    assert list(store.gone) == ["u1", "u2"]

@@ -43,6 +43,7 @@ def _version(obj: Obj) -> int:
 
 
 NODE_LOST_GRACE_SECONDS = 30.0
+GONE_REMEMBERED = 100_000
 
 
 @dataclass
@@ -51,8 +52,10 @@ class Store:
 
     items: dict[Key, Obj] = field(default_factory=dict)
     # UIDs seen deleted: a write's answer that arrives after the watch's DELETED event must
-    # not bring the object back as a ghost.
-    gone: set[str] = field(default_factory=set)
+    # not bring the object back as a ghost. Such answers come within seconds, so only the
+    # newest GONE_REMEMBERED deletions are kept (oldest forgotten first).
+    gone: dict[str, None] = field(default_factory=dict)
+    remember: int = GONE_REMEMBERED
 
     def put(self, obj: Obj) -> bool:
         key = key_of(obj)
@@ -68,7 +71,9 @@ class Store:
         """Forget an object; False when a newer object of the same name replaced it already."""
         uid = obj.get("metadata", {}).get("uid")
         if uid:
-            self.gone.add(uid)
+            self.gone[uid] = None
+            if len(self.gone) > self.remember:
+                del self.gone[next(iter(self.gone))]
         known = self.items.get(key_of(obj))
         if known is not None and uid and known.get("metadata", {}).get("uid") not in (uid, None):
             return False
