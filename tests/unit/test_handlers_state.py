@@ -168,3 +168,16 @@ def test_the_store_remembers_only_the_newest_deletions() -> None:
     for n in range(3):
         store.drop(obj(f"o{n}", 1, uid=f"u{n}"))
     assert list(store.gone) == ["u1", "u2"]
+
+
+def test_the_pod_index_forgets_a_job_whose_last_pod_is_gone() -> None:
+    op = Operator()
+    first, second = pod("j", 0), pod("j", 1)
+    for p in (first, second):
+        p["metadata"]["uid"] = p["metadata"]["name"]
+        op.cache.put_pod(p)
+    assert [x["metadata"]["name"] for x in op.cache.pods_of_job(("ml", "j"))] == ["j-0", "j-1"]
+    op.cache.drop_pod(first)
+    op.cache.drop_pod(second)
+    assert op.cache.pods_of_job(("ml", "j")) == []
+    assert ("ml", "j") not in op.cache._by_job

@@ -124,6 +124,8 @@ class Cache:
             if owner:
                 members = index[(namespace, owner)]
                 (members.add if add else members.discard)((namespace, name))
+                if not members:
+                    del index[(namespace, owner)]  # the owner's last pod is gone
                 return namespace, owner
         return None
 
