@@ -16,6 +16,7 @@ import pytest
 import torch
 from trainer_testkit import child_pids, run_in_process, torchrun, wait_for
 
+from phalanx_trainer.checkpoint import volume_relative
 from phalanx_trainer.data import prepare
 from phalanx_trainer.termination import (
     MAX_MESSAGE_BYTES,
@@ -221,3 +222,29 @@ def test_validation_without_a_val_split(tmp_path: Path) -> None:
     record = read_log(log)
     assert record["reason"] == "DataError"
     assert "no 'val' split" in str(record["message"])
+
+
+@pytest.mark.parametrize(
+    ("checkpoint_dir", "volume", "expected"),
+    [("vol", None, "export"), ("vol", "vol", "export"), ("vol/run1", "vol", "run1/export"),
+     ("elsewhere", "vol", None)],
+    ids=["no-volume", "volume-root", "subdirectory", "outside"],
+)  # fmt: skip
+def test_export_path_is_relative_to_the_volume(
+    tmp_path: Path, checkpoint_dir: str, volume: str | None, expected: str | None
+) -> None:
+    root = tmp_path / checkpoint_dir
+    assert volume_relative(root / "export", str(tmp_path / volume) if volume else None) == expected
+
+
+def test_success_reports_the_export_under_a_volume_subdirectory(
+    prepared_data: Path, tmp_path: Path
+) -> None:
+    log = tmp_path / "termination-log"
+    volume = tmp_path / "volume"
+    args = train_args(prepared_data, volume / "run1", "--steps", "2", "--checkpoint-every", "0")
+    environ = {"PHALANX_TERMINATION_LOG": str(log), "PHALANX_CHECKPOINT_DIR": str(volume)}
+    assert run_in_process(args, environ) == 0
+    record = read_log(log)
+    assert record["exportPath"] == "run1/export"
+    assert (volume / str(record["exportPath"]) / "COMPLETE").is_file()

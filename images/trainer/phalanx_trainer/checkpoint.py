@@ -109,6 +109,18 @@ def export_step(root: Path, name: str = EXPORT_DIR) -> int | None:
         return None
 
 
+def volume_relative(path: Path, volume: str | None) -> str | None:
+    """``path`` relative to the checkpoint volume (``$PHALANX_CHECKPOINT_DIR``), as the
+    operator reads it; without a volume, relative to nothing but itself (its last part).
+    None when the path lies outside the volume: the operator could not find it there."""
+    if not volume:
+        return path.name
+    try:
+        return str(path.resolve().relative_to(Path(volume).resolve()))
+    except ValueError:
+        return None
+
+
 def retained(checkpoints: list[CheckpointInfo], keep: int) -> set[int]:
     """Steps to keep: the newest ``keep`` plus every final one."""
     newest = {c.step for c in checkpoints[-keep:]} if keep > 0 else set()

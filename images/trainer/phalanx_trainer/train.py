@@ -28,8 +28,9 @@ from phalanx_trainer.checkpoint import (
     export_for_serving,
     export_step,
     list_step_exports,
+    volume_relative,
 )
-from phalanx_trainer.config import TrainConfig
+from phalanx_trainer.config import PLATFORM_ENV, TrainConfig
 from phalanx_trainer.data import DistributedTokenLoader, PreparedData, ensure_builtin_data
 from phalanx_trainer.distributed import DistEnv, init_distributed, new_gloo_group, shutdown
 from phalanx_trainer.evaluation import ValidationSet, resolve_eval_every
@@ -58,6 +59,7 @@ log = logging.getLogger("phalanx_trainer")
 
 DEFAULT_LR = {"nano": 3e-3, "gpt2-small": 6e-4, "1b": 3e-4}
 TRAIN_LOG_FILE = steplog.TRAIN_LOG_FILE
+VOLUME_ENV = PLATFORM_ENV["checkpoint_dir"]
 # Above this many parameters FSDP builds the model on the meta device and initialises
 # it shard by shard instead of materialising a full copy on every rank.
 META_INIT_PARAMS = 500_000_000
@@ -167,7 +169,7 @@ def run(cfg: TrainConfig, environ: Mapping[str, str] | None = None) -> Terminati
     try:
         env = init_distributed(cfg.device, cfg.pg_timeout, env_vars)
         setup_logging(env.rank)
-        termination = Trainer(cfg, env, stop).train()
+        termination = Trainer(cfg, env, stop, env_vars).train()
         report(termination, env_vars)
         return termination
     except BaseException as exc:
@@ -191,8 +193,15 @@ class PendingStep:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, env: DistEnv, stop: StopRequest) -> None:
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        env: DistEnv,
+        stop: StopRequest,
+        environ: Mapping[str, str] | None = None,
+    ) -> None:
         self.cfg, self.env, self.stop = cfg, env, stop
+        env_vars = os.environ if environ is None else environ
         # Control-flow agreement (stop or not) on the CPU so it never syncs the GPU stream.
         self.control_group = new_gloo_group()
         self.model_cfg = resolve_model_config(cfg)
@@ -256,6 +265,8 @@ class Trainer:
         self.metrics = TrainMetrics(cfg.steps, rank=env.rank)
         self.root = Path(cfg.checkpoint_dir)
         self.log_path = self.root / TRAIN_LOG_FILE
+        # The volume the operator mounts; exports are reported relative to it.
+        self.volume = env_vars.get(VOLUME_ENV) or None
         self.ckpt = CheckpointManager(
             self.root,
             keep=cfg.keep,
@@ -302,6 +313,14 @@ class Trainer:
                 else "fp32",
                 os.environ.get("PHALANX_RESTART", "0"),
             )
+            if self.volume and volume_relative(self.root, self.volume) is None:
+                log.warning(
+                    "--checkpoint-dir %s is outside the checkpoint volume %s ($%s): exports "
+                    "written there are not reported to the operator",
+                    self.root,
+                    self.volume,
+                    VOLUME_ENV,
+                )
             if self.val_set is not None:
                 log.info(
                     "validation every %d steps on %d fixed val sequences of %d tokens",
@@ -427,7 +446,7 @@ class Trainer:
             return completed(
                 f"training complete at step {self.step}"
                 + (f"; exported to {EXPORT_DIR}" if final else ""),
-                export_path=EXPORT_DIR if final else None,
+                export_path=self._export_path() if final else None,
                 export_steps=list_step_exports(self.root),
                 progress=self.metrics.progress_json(),
             )
@@ -598,7 +617,12 @@ class Trainer:
     def _report_exports(self, *, final: bool) -> None:
         # Only this run's own final export counts: one left from a shorter earlier run in
         # the same directory is not the model this job promises.
-        self.metrics.record_exports(list_step_exports(self.root), EXPORT_DIR if final else None)
+        self.metrics.record_exports(
+            list_step_exports(self.root), self._export_path() if final else None
+        )
+
+    def _export_path(self) -> str | None:
+        return volume_relative(self.root / EXPORT_DIR, self.volume)
 
     def _export(self, name: str = EXPORT_DIR) -> None:
         if self.cfg.export_dtype == "auto":
