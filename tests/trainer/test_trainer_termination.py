@@ -248,3 +248,24 @@ def test_success_reports_the_export_under_a_volume_subdirectory(
     record = read_log(log)
     assert record["exportPath"] == "run1/export"
     assert (volume / str(record["exportPath"]) / "COMPLETE").is_file()
+
+
+def test_an_oversized_success_line_sheds_the_copies_first() -> None:
+    steps = list(range(100, 300_100, 100))  # 3000 snapshots: far over 4096 bytes
+    progress = {"step": 300_000, "totalSteps": 300_000, "exportSteps": steps}
+    line = completed("done", "export", steps, progress=progress).line()
+    assert len(line.encode()) <= MAX_MESSAGE_BYTES
+    record = json.loads(line)
+    assert (record["reason"], record["exportPath"], record["message"]) == (
+        "Completed", "export", "done",
+    )  # fmt: skip
+    kept = record["exportSteps"]
+    assert kept == steps[-len(kept) :]  # the newest ones, ascending
+    assert len(kept) > 300
+    # Small enough without exportSteps inside progress: progress stays.
+    few = list(range(100, 30_100, 100))
+    record = json.loads(
+        completed("done", "export", few, progress={"step": 1, "exportSteps": few}).line()
+    )
+    assert record["progress"] == {"step": 1}
+    assert record["exportSteps"] == few

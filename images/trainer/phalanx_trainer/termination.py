@@ -119,24 +119,58 @@ class Termination:
         return out
 
     def line(self) -> str:
-        """One JSON line within the kubelet's limit (the message is shortened, never the JSON)."""
+        """One JSON line within the kubelet's limit; what does not fit is shed, never cut.
+
+        In order, until it fits: the copy of ``exportSteps`` inside ``progress``, then
+        ``progress``, then the tail of the message, then the oldest ``exportSteps`` (the
+        newest snapshots are the ones still being asked for).
+        """
         payload = self.to_json()
+
+        def encoded(candidate: dict[str, Any]) -> bytes:
+            return (json.dumps(candidate, ensure_ascii=False) + "\n").encode()
+
+        def fits(candidate: dict[str, Any]) -> bool:
+            return len(encoded(candidate)) <= MAX_MESSAGE_BYTES
+
+        if fits(payload):
+            return encoded(payload).decode()
+        if isinstance(payload.get("progress"), dict):
+            payload["progress"] = {
+                k: v for k, v in payload["progress"].items() if k != "exportSteps"
+            }
+            if fits(payload):
+                return encoded(payload).decode()
+            del payload["progress"]
+            if fits(payload):
+                return encoded(payload).decode()
         message = self.message
-
-        def encoded(text: str) -> bytes:
-            return (json.dumps(payload | {"message": text}, ensure_ascii=False) + "\n").encode()
-
-        if len(encoded(message)) <= MAX_MESSAGE_BYTES:
-            return encoded(message).decode()
-        # The longest prefix that fits, found by bisection (characters differ in bytes).
+        short = message if len(message) <= 80 else message[:80] + "..."
+        shortest = payload | {"message": short}
+        steps = list(payload.get("exportSteps", []))
+        if not fits(shortest) and steps:
+            payload = shortest
+            message = str(payload["message"])
+            # The longest tail of the steps that fits, by bisection.
+            lo, hi = 0, len(steps)
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                if fits(payload | {"exportSteps": steps[len(steps) - mid :]}):
+                    lo = mid
+                else:
+                    hi = mid - 1
+            payload["exportSteps"] = steps[len(steps) - lo :]
+            if fits(payload):
+                return encoded(payload).decode()
+        # The longest prefix of the message that fits (characters differ in bytes).
         lo, hi = 0, len(message)
         while lo < hi:
             mid = (lo + hi + 1) // 2
-            if len(encoded(message[:mid] + "...")) <= MAX_MESSAGE_BYTES:
+            if fits(payload | {"message": message[:mid] + "..."}):
                 lo = mid
             else:
                 hi = mid - 1
-        return encoded(message[:lo] + "...").decode()
+        return encoded(payload | {"message": message[:lo] + "..."}).decode()
 
 
 def completed(
