@@ -1,9 +1,10 @@
 """``builtin:tiny``: a small model made on this machine, nothing downloaded.
 
-A byte-level BPE tokenizer trained on the help texts shipped with Python (``pydoc_data``) and a
-randomly initialised nano-preset transformer (untied output head) with a fixed seed. Its output is gibberish, but it
-exercises the whole serving path, deterministically, in seconds. The result is an ordinary HF
-Llama directory cached under ``$PHALANX_CACHE_DIR/models`` (default ``~/.cache/phalanx``).
+The trainer's byte-level BPE tokenizer recipe (``phalanx_trainer.data.train_tokenizer``) trained
+on the help texts shipped with Python (``pydoc_data``) and a randomly initialised nano-preset
+transformer (untied output head) with a fixed seed. Its output is gibberish, but it exercises
+the whole serving path, deterministically, in seconds. The result is an ordinary HF Llama
+directory cached under ``$PHALANX_CACHE_DIR/models`` (default ``~/.cache/phalanx``).
 """
 
 from __future__ import annotations
@@ -16,9 +17,8 @@ from pathlib import Path
 
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_MODELS = {"tiny": "nano"}  # builtin name -> trainer preset
-BUILTIN_VERSION = "v1"  # bump when the recipe changes, so stale caches are not reused
+BUILTIN_VERSION = "v2"  # bump when the recipe changes, so stale caches are not reused
 SEED = 1234
-EOS_TOKEN = "<|endoftext|>"
 
 
 def cache_root() -> Path:
@@ -54,36 +54,19 @@ def ensure_builtin_model(model: str) -> Path:
     return target
 
 
-def _corpus() -> list[str]:
-    from pydoc_data.topics import topics
-
-    return [topics[k] for k in sorted(topics)]
-
-
-def train_tokenizer(vocab_size: int):  # type: ignore[no-untyped-def]
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=[EOS_TOKEN],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(_corpus(), trainer=trainer)
-    return tok
-
-
 def _build(preset: str, out: Path) -> None:
     import torch
 
+    from phalanx_trainer.corpus import pydoc_topics
+    from phalanx_trainer.data import train_tokenizer
     from phalanx_trainer.hf import save_pretrained
     from phalanx_trainer.model import ModelConfig, Transformer
 
     base = ModelConfig.preset(preset)
-    tokenizer = train_tokenizer(base.vocab_size)
+    # The trainer's own tokenizer recipe, so a served builtin model tokenizes exactly like a
+    # model the trainer made; only the corpus is smaller (help topics, no stdlib docstrings),
+    # which keeps the first build to seconds.
+    tokenizer = train_tokenizer(pydoc_topics(), base.vocab_size)
     # Untied output head: with tied random embeddings the logits are dominated by the input
     # token's own embedding and greedy decoding just repeats the last token, which would hide
     # any bug in how context reaches the next token.
