@@ -1,4 +1,8 @@
-"""Pure helpers that turn engine results into OpenAI response pieces (choices, logprobs)."""
+"""Pure helpers that turn engine results into OpenAI response bodies and stream chunks.
+
+Every body the API answers with is built here from the ``protocol`` models, so the wire shape of
+a completion, a chat completion and their stream chunks is written in one place.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,24 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from phalanx_serve.protocol import (
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionResponse,
+    ChatDelta,
+    ChatLogprobs,
+    ChatResponseMessage,
+    ChatTokenLogprob,
+    CompletionChoice,
+    CompletionChunk,
+    CompletionLogprobs,
+    CompletionResponse,
+    ErrorBody,
+    ErrorResponse,
+    TopLogprob,
+    Usage,
+)
 from phalanx_serve.sampling import TokenLogprob
 
 
@@ -51,7 +73,7 @@ class LogprobFormatter:
     def __init__(self, token_text: Callable[[int], str]) -> None:
         self.token_text = token_text
 
-    def completion(self, entries: list[Entry], offset: int) -> dict[str, Any]:
+    def completion(self, entries: list[Entry], offset: int) -> CompletionLogprobs:
         """The legacy completions ``logprobs`` object; offsets count characters of the
         returned text from ``offset``."""
         tokens: list[str] = []
@@ -74,21 +96,141 @@ class LogprobFormatter:
             top = {self.token_text(t): v for t, v in lp.top}
             top.setdefault(text, lp.logprob)
             top_logprobs.append(top)
-        return {
-            "tokens": tokens,
-            "token_logprobs": token_logprobs,
-            "top_logprobs": top_logprobs,
-            "text_offset": text_offset,
-        }
+        return CompletionLogprobs(
+            tokens=tokens,
+            token_logprobs=token_logprobs,
+            top_logprobs=top_logprobs,
+            text_offset=text_offset,
+        )
 
-    def chat(self, logprobs: list[TokenLogprob]) -> dict[str, Any]:
-        return {"content": [self._chat_entry(lp) for lp in logprobs]}
+    def chat(self, logprobs: list[TokenLogprob]) -> ChatLogprobs:
+        return ChatLogprobs(content=[self._chat_entry(lp) for lp in logprobs])
 
-    def _chat_entry(self, lp: TokenLogprob) -> dict[str, Any]:
-        entry = self._top(lp.token, lp.logprob)
-        entry["top_logprobs"] = [self._top(t, v) for t, v in lp.top]
-        return entry
+    def _chat_entry(self, lp: TokenLogprob) -> ChatTokenLogprob:
+        text = self.token_text(lp.token)
+        return ChatTokenLogprob(
+            token=text,
+            logprob=lp.logprob,
+            bytes=list(text.encode("utf-8")),
+            top_logprobs=[self._top(t, v) for t, v in lp.top],
+        )
 
-    def _top(self, token: int, logprob: float) -> dict[str, Any]:
+    def _top(self, token: int, logprob: float) -> TopLogprob:
         text = self.token_text(token)
-        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+        return TopLogprob(token=text, logprob=logprob, bytes=list(text.encode("utf-8")))
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> Usage:
+    return Usage(
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        total_tokens=prompt_tokens + completion_tokens,
+    )
+
+
+def result_usage(prompt_tokens: int, results: list[SequenceResult]) -> Usage:
+    return usage(prompt_tokens, sum(r.completion_tokens for r in results))
+
+
+@dataclass(frozen=True)
+class ResponseHeader:
+    """What every body and chunk of one request repeats: its id, creation time and model."""
+
+    request_id: str
+    created: int
+    model: str
+
+
+def completion_choice(
+    index: int, text: str, logprobs: CompletionLogprobs | None, finish_reason: str | None
+) -> CompletionChoice:
+    return CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=finish_reason)
+
+
+def completion_response(
+    head: ResponseHeader, choices: list[CompletionChoice], used: Usage
+) -> CompletionResponse:
+    return CompletionResponse(
+        id=head.request_id, created=head.created, model=head.model, choices=choices, usage=used
+    )
+
+
+def chat_choice(index: int, result: SequenceResult, logprobs: ChatLogprobs | None) -> ChatChoice:
+    return ChatChoice(
+        index=index,
+        message=ChatResponseMessage(content=result.text),
+        logprobs=logprobs,
+        finish_reason=result.finish_reason,
+    )
+
+
+def chat_completion_response(
+    head: ResponseHeader, choices: list[ChatChoice], used: Usage
+) -> ChatCompletionResponse:
+    return ChatCompletionResponse(
+        id=head.request_id, created=head.created, model=head.model, choices=choices, usage=used
+    )
+
+
+@dataclass(frozen=True)
+class StreamChunks:
+    """Builds the server-sent chunks of one streamed request as plain JSON-ready dicts.
+
+    With ``stream_options.include_usage`` every chunk carries ``"usage": null`` and a last one
+    with no choices carries the totals; without it no chunk has a ``usage`` key at all."""
+
+    head: ResponseHeader
+    include_usage: bool
+
+    def completion(
+        self,
+        index: int,
+        text: str,
+        logprobs: CompletionLogprobs | None,
+        finish_reason: str | None,
+    ) -> dict[str, Any]:
+        return self._completion([completion_choice(index, text, logprobs, finish_reason)])
+
+    def completion_usage(self, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+        return self._completion([], usage(prompt_tokens, completion_tokens))
+
+    def chat(
+        self,
+        index: int,
+        delta: ChatDelta,
+        logprobs: ChatLogprobs | None,
+        finish_reason: str | None,
+    ) -> dict[str, Any]:
+        choice = ChatChunkChoice(
+            index=index, delta=delta, logprobs=logprobs, finish_reason=finish_reason
+        )
+        return self._chat([choice])
+
+    def chat_usage(self, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+        return self._chat([], usage(prompt_tokens, completion_tokens))
+
+    def _completion(
+        self, choices: list[CompletionChoice], used: Usage | None = None
+    ) -> dict[str, Any]:
+        head = self.head
+        chunk = CompletionChunk(
+            id=head.request_id, created=head.created, model=head.model, choices=choices, usage=used
+        )
+        return self._dump(chunk)
+
+    def _chat(self, choices: list[ChatChunkChoice], used: Usage | None = None) -> dict[str, Any]:
+        head = self.head
+        chunk = ChatCompletionChunk(
+            id=head.request_id, created=head.created, model=head.model, choices=choices, usage=used
+        )
+        return self._dump(chunk)
+
+    def _dump(self, chunk: CompletionChunk | ChatCompletionChunk) -> dict[str, Any]:
+        return chunk.model_dump(exclude=None if self.include_usage else {"usage"})
+
+
+def stream_error(message: str) -> dict[str, Any]:
+    """The event that ends a stream whose generation failed (the status line is long sent)."""
+    return ErrorResponse(error=ErrorBody(message=message, type="service_unavailable")).model_dump(
+        exclude_none=True
+    )
