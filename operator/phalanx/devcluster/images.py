@@ -215,6 +215,8 @@ class ImageBuilder:
         for image in wanted:
             assert image.base is not None
             built[image.tag] = self.dockerfile(image, built[image.base])
+        # Rebuilt images leave their predecessors untagged: the disk is shared, drop them.
+        self.buildah.script("buildah rmi --prune >/dev/null 2>&1 || true", what="prune images")
         return built
 
     # -- the steps ------------------------------------------------------------------------
