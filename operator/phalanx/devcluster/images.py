@@ -389,6 +389,9 @@ class ImageBuilder:
                 continue
             started = time.monotonic()
             manifest = self._export(reference, image_id)
+            # The build this one replaces goes, with the runtime's ID reference to it, so
+            # containerd collects its layers and snapshots (nodes keep images across clusters).
+            _remove_image(ctr, socket, _normalise(reference))
             have = _containerd_blobs(ctr, socket)
             sent = _import_blobs(self.layout, reference, manifest, have, ctr, socket)
             # Record which build this is, so the next load of the same build is skipped.
@@ -542,6 +545,26 @@ def _containerd_images(ctr: Path, socket: Path) -> dict[str, str]:
             if key == STAMP_LABEL:
                 images[fields[0]] = value
     return images
+
+
+def _remove_image(ctr: Path, socket: Path, name: str) -> None:
+    """Delete an image and every other name (the CRI's `sha256:` ID) for the same manifest."""
+    listing = subprocess.run(
+        [str(ctr), "-a", str(socket), "-n", "k8s.io", "images", "ls"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()[1:]
+    targets = {line.split()[0]: line.split()[2] for line in listing if len(line.split()) > 2}
+    digest = targets.get(name)
+    if digest is None:
+        return
+    names = [ref for ref, target in targets.items() if target == digest]
+    subprocess.run(
+        [str(ctr), "-a", str(socket), "-n", "k8s.io", "images", "rm", "--sync", *names],
+        capture_output=True,
+        check=False,
+    )
 
 
 def _normalise(reference: str) -> str:
