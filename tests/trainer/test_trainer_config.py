@@ -88,8 +88,9 @@ def test_module_entry_point_answers_help_without_torch() -> None:
         {},
         {"preset": "gpt2-small", "parallelism": "fsdp", "precision": "bf16", "compile": True},
         {"exportEvery": 50, "data": "shards/v1", "extraArgs": ["--eval-every", "0"]},
+        {"parallelism": "fsdp", "tensorParallel": 4},
     ],
-    ids=["defaults", "fsdp-bf16-compile", "exports-data-extra"],
+    ids=["defaults", "fsdp-bf16-compile", "exports-data-extra", "tensor-parallel"],
 )
 def test_every_flag_the_operator_renders_is_a_trainer_setting(trainer: dict[str, object]) -> None:
     """The operator's rendered command line (spec.trainer) parses here, value for value."""
@@ -107,3 +108,20 @@ def test_every_flag_the_operator_renders_is_a_trainer_setting(trainer: dict[str,
     assert cfg.export_every == t.export_every
     assert cfg.metrics_port == t.metrics_port
     assert cfg.checkpoint_dir == spec.checkpoint.mount_path
+    assert cfg.tensor_parallel == t.tensor_parallel
+
+
+def test_the_operator_refuses_tensor_parallel_without_fsdp() -> None:
+    """The API rule and the trainer agree: TP composes with FSDP2 only."""
+    from phalanx.api.base import rule_violations
+    from phalanx.api.trainjob import LLMTrainJobSpec
+
+    spec = LLMTrainJobSpec.model_validate({"trainer": {"tensorParallel": 2}})
+    assert rule_violations(spec, "spec") == [
+        (
+            "spec.trainer.tensorParallel",
+            "trainer.tensorParallel > 1 composes with FSDP2: set trainer.parallelism to fsdp.",
+        )
+    ]
+    fsdp = {"trainer": {"tensorParallel": 2, "parallelism": "fsdp"}}
+    assert rule_violations(LLMTrainJobSpec.model_validate(fsdp), "spec") == []

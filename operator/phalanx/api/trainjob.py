@@ -34,6 +34,15 @@ class TrainerSettings(ApiModel):
     Ignored when `command` or `args` are given.
     """
 
+    checks = (
+        Rule(
+            cel="!has(self.tensorParallel) || self.tensorParallel == 1 || (has(self.parallelism) && self.parallelism == 'fsdp')",
+            message="trainer.tensorParallel > 1 composes with FSDP2: set trainer.parallelism to fsdp.",
+            field=".tensorParallel",
+            check=lambda m: m.tensor_parallel == 1 or m.parallelism == "fsdp",
+        ),
+    )
+
     preset: Literal["nano", "gpt2-small", "1b"] = Field(
         default="nano", description="Model size preset of the built-in decoder-only transformer."
     )
@@ -48,6 +57,17 @@ class TrainerSettings(ApiModel):
     learning_rate: float = Field(default=3e-4, ge=0, le=1, description="Peak AdamW learning rate.")
     parallelism: Literal["ddp", "fsdp"] = Field(
         default="ddp", description="ddp replicates the model; fsdp shards it (FSDP2)."
+    )
+    tensor_parallel: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description=(
+            "Tensor-parallel degree (needs parallelism fsdp): the trainer splits every block "
+            "over this many consecutive ranks of one pod and shards over the rest, a mesh of "
+            "(nodes x processesPerNode / tensorParallel) x tensorParallel. It must divide "
+            "processesPerNode and the model's heads, kv heads and ffn size."
+        ),
     )
     precision: Literal["auto", "bf16", "fp32"] = Field(
         default="auto", description="auto uses bf16 on GPUs and fp32 on CPUs."

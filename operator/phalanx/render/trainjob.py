@@ -85,6 +85,8 @@ def trainer_args(spec: LLMTrainJobSpec) -> list[str]:
     ]  # fmt: skip
     if t.export_every:
         args += ["--export-every", str(t.export_every)]
+    if t.tensor_parallel > 1:
+        args += ["--tensor-parallel", str(t.tensor_parallel)]
     if t.data != "builtin":
         args += ["--data", t.data]
     if t.compile:
