@@ -166,10 +166,11 @@ def progress_status(report: Mapping[str, Any]) -> dict[str, Any]:
     total = int(number("totalSteps") or 0)
     progress: dict[str, Any] = {"step": step, "totalSteps": total}
     progress["percent"] = f"{step}/{total} {100 * step // total}%" if total > 0 else str(step)
-    for key in ("loss", "tokensPerSecond", "mfu", "etaSeconds"):
+    for key in ("loss", "tokensPerSecond", "mfu", "etaSeconds", "valLoss", "valPerplexity"):
         value = number(key)
         if value is not None:
-            progress[key] = round(value, 4) if key in ("loss", "mfu") else round(value, 1)
+            precise = key in ("loss", "mfu", "valLoss", "valPerplexity")
+            progress[key] = round(value, 4) if precise else round(value, 1)
     checkpoint = number("lastCheckpointStep")
     if checkpoint is not None:
         progress["lastCheckpointStep"] = int(checkpoint)

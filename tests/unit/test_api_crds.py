@@ -78,8 +78,13 @@ def test_inference_service_has_scale_subresource() -> None:
 
 def test_trainjob_printer_columns_and_names() -> None:
     crd = all_crds()["phalanx.dev_llmtrainjobs.yaml"]
-    columns = [c["name"] for c in crd["spec"]["versions"][0]["additionalPrinterColumns"]]
-    assert columns == ["State", "Nodes", "GPUs", "Domain", "Progress", "Loss", "Restarts", "Age"]
+    printed = crd["spec"]["versions"][0]["additionalPrinterColumns"]
+    columns = [c["name"] for c in printed]
+    assert columns == [
+        "State", "Nodes", "GPUs", "Domain", "Progress", "Loss", "ValLoss", "Restarts", "Age",
+    ]  # fmt: skip
+    # Validation loss is a `kubectl get -o wide` column: the default view stays narrow.
+    assert {c["name"]: c.get("priority", 0) for c in printed}["ValLoss"] == 1
     assert crd["spec"]["names"]["shortNames"] == ["ltj"]
     assert "phalanx" in crd["spec"]["names"]["categories"]
 

@@ -486,3 +486,12 @@ def test_backoff_doubles_up_to_five_minutes() -> None:
     assert [rejection(n).backoff().total_seconds() for n in (1, 2, 3, 4, 5, 6, 9)] == [
         10, 20, 40, 80, 160, 300, 300
     ]  # fmt: skip
+
+
+def test_validation_loss_reaches_the_status() -> None:
+    from phalanx.status import progress_status
+
+    progress = progress_status(
+        {"step": 20, "totalSteps": 40, "valLoss": 6.54321, "valPerplexity": 692.3456}
+    )
+    assert (progress["valLoss"], progress["valPerplexity"]) == (6.5432, 692.3456)

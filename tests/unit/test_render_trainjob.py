@@ -93,7 +93,8 @@ def test_pod_shape_gate_dns_resources_and_security() -> None:
     owner = pod["metadata"]["ownerReferences"][0]
     assert (owner["kind"], owner["uid"], owner["controller"]) == ("LLMTrainJob", "uid-1", True)
     assert container["command"] == ["torchrun", "-m", "phalanx_trainer"]
-    assert container["args"][:4] == ["--preset", "nano", "--steps", "1000"]
+    # The default accelerator is NVIDIA: the trainer must find CUDA or fail, never use the CPU.
+    assert container["args"][:6] == ["--device", "cuda", "--preset", "nano", "--steps", "1000"]
 
 
 @pytest.mark.parametrize(
@@ -304,3 +305,16 @@ def test_phalanx_render_and_the_operator_share_one_list_of_children() -> None:
         "server_count": "0",
         "server_list": [],
     }
+
+
+@pytest.mark.parametrize(
+    ("accelerator", "device"),
+    [("nvidia", "cuda"), ("ascend", "npu"), ("cpu", "cpu")],
+)
+def test_the_trainer_is_told_the_device_the_pod_was_given(accelerator: str, device: str) -> None:
+    from phalanx.api.trainjob import LLMTrainJobSpec
+    from phalanx.render.trainjob import trainer_args
+
+    spec = LLMTrainJobSpec.model_validate({"accelerator": {"type": accelerator}})
+    args = trainer_args(spec)
+    assert args[args.index("--device") + 1] == device

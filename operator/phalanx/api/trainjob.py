@@ -383,6 +383,12 @@ class Progress(ApiModel):
         default=None, description="Newest complete checkpoint."
     )
     eta_seconds: float | None = Field(default=None, description="Estimated seconds to completion.")
+    val_loss: float | None = Field(
+        default=None, description="Most recent loss on the held-out validation set."
+    )
+    val_perplexity: float | None = Field(
+        default=None, description="exp(valLoss): the validation perplexity."
+    )
 
 
 Phase = Literal[
@@ -503,6 +509,7 @@ PRINTER_COLUMNS: list[dict[str, Any]] = [
     {"name": "Domain", "type": "string", "jsonPath": ".status.placement.domain"},
     {"name": "Progress", "type": "string", "jsonPath": ".status.progress.percent"},
     {"name": "Loss", "type": "number", "jsonPath": ".status.progress.loss"},
+    {"name": "ValLoss", "type": "number", "jsonPath": ".status.progress.valLoss", "priority": 1},
     {"name": "Restarts", "type": "integer", "jsonPath": ".status.restarts"},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]

@@ -66,10 +66,16 @@ def _metadata(ref: JobRef, name: str, labels: dict[str, str] | None = None) -> d
     return ref.child_metadata(name, labels or job_labels(ref.name))
 
 
+# The device the accelerator type asks for: the trainer fails (InvalidConfig) when it is not
+# there, instead of quietly training on CPU in a pod that was given GPUs.
+TRAINER_DEVICE = {"nvidia": "cuda", "ascend": "npu", "cpu": "cpu"}
+
+
 def trainer_args(spec: LLMTrainJobSpec) -> list[str]:
     """Flags of the Phalanx trainer derived from spec.trainer."""
     t = spec.trainer
     args = [
+        "--device", TRAINER_DEVICE[spec.accelerator.type],
         "--preset", t.preset,
         "--steps", str(t.steps),
         "--batch-size", str(t.batch_size),
