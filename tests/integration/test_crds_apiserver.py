@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
-from phalanx.devcluster.testing import Kubectl
+from phalanx.devcluster.testing import Kubectl, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -57,7 +57,12 @@ def test_crds_are_established_structural_schemas(kubectl: Kubectl, crds: list[st
 def test_explain_prints_our_topology_descriptions(kubectl: Kubectl, crds: list[str]) -> None:
     topology = crd_schema("llmtrainjobs")["properties"]["spec"]["properties"]["topology"]
 
-    explained = squash(kubectl("explain", "llmtrainjob.spec.topology").stdout)
+    # The API server publishes a new CRD's OpenAPI schema a moment after it is Established.
+    def explain() -> str | None:
+        result = kubectl("explain", "llmtrainjob.spec.topology", check=False)
+        return result.stdout if result.returncode == 0 else None
+
+    explained = squash(wait_for(explain, 60, "kubectl explain to know llmtrainjobs"))
 
     assert squash(topology["description"]) in explained
     for field, schema in topology["properties"].items():
