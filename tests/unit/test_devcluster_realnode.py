@@ -190,3 +190,23 @@ def test_image_stamp_changes_with_sources_only(tmp_path: Path) -> None:
 )
 def test_containerd_names_images_fully(reference: str, stored: str) -> None:
     assert images._normalise(reference) == stored
+
+
+def test_containerd_listing_gives_names_manifests_and_build_stamps() -> None:
+    listing = (
+        "REF TYPE DIGEST SIZE PLATFORMS LABELS\n"
+        "ghcr.io/phalanx-dev/trainer:0.1.0 application/vnd.oci.image.manifest.v1+json "
+        f"sha256:aaa 5.9GiB linux/amd64 io.cri-containerd.image=managed,{images.STAMP_LABEL}=id-1\n"
+        "sha256:cfg application/vnd.oci.image.manifest.v1+json sha256:aaa 5.9GiB linux/amd64 "
+        "io.cri-containerd.image=managed\n"
+        "localhost/phalanx-pause:dev application/vnd.oci.image.manifest.v1+json sha256:bbb "
+        "653KiB linux/amd64 -\n"
+    )
+    stored = images.parse_image_listing(listing)
+    assert [(i.name, i.digest) for i in stored] == [
+        ("ghcr.io/phalanx-dev/trainer:0.1.0", "sha256:aaa"),
+        ("sha256:cfg", "sha256:aaa"),
+        ("localhost/phalanx-pause:dev", "sha256:bbb"),
+    ]
+    assert stored[0].labels[images.STAMP_LABEL] == "id-1"
+    assert stored[2].labels == {}

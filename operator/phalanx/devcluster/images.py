@@ -527,39 +527,51 @@ def _containerd_blobs(ctr: Path, socket: Path) -> set[str]:
     return set(result.stdout.split())
 
 
-def _containerd_images(ctr: Path, socket: Path) -> dict[str, str]:
+@dataclass(frozen=True)
+class _StoredImage:
+    name: str
+    digest: str  # the manifest: every name of one image (the CRI's `sha256:` ID too) shares it
+    labels: dict[str, str]
+
+
+def _stored_images(ctr: Path, socket: Path) -> list[_StoredImage]:
+    """`ctr images ls` of the CRI's namespace: name, manifest digest and labels of each."""
     result = subprocess.run(
         [str(ctr), "-a", str(socket), "-n", "k8s.io", "images", "ls"],
         capture_output=True,
         text=True,
         check=True,
     )
-    images = {}
-    for line in result.stdout.splitlines()[1:]:
+    return parse_image_listing(result.stdout)
+
+
+def parse_image_listing(text: str) -> list[_StoredImage]:
+    images = []
+    for line in text.splitlines()[1:]:
         fields = line.split()
-        if not fields:
+        if len(fields) < 3:
             continue
-        labels = fields[-1]
-        for label in labels.split(","):
-            key, _, value = label.partition("=")
-            if key == STAMP_LABEL:
-                images[fields[0]] = value
+        labels = dict(label.partition("=")[::2] for label in fields[-1].split(",") if "=" in label)
+        images.append(_StoredImage(fields[0], fields[2], labels))
     return images
+
+
+def _containerd_images(ctr: Path, socket: Path) -> dict[str, str]:
+    """Image name -> the build stamp it was loaded with."""
+    return {
+        image.name: image.labels[STAMP_LABEL]
+        for image in _stored_images(ctr, socket)
+        if STAMP_LABEL in image.labels
+    }
 
 
 def _remove_image(ctr: Path, socket: Path, name: str) -> None:
     """Delete an image and every other name (the CRI's `sha256:` ID) for the same manifest."""
-    listing = subprocess.run(
-        [str(ctr), "-a", str(socket), "-n", "k8s.io", "images", "ls"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.splitlines()[1:]
-    targets = {line.split()[0]: line.split()[2] for line in listing if len(line.split()) > 2}
-    digest = targets.get(name)
+    stored = _stored_images(ctr, socket)
+    digest = next((image.digest for image in stored if image.name == name), None)
     if digest is None:
         return
-    names = [ref for ref, target in targets.items() if target == digest]
+    names = [image.name for image in stored if image.digest == digest]
     subprocess.run(
         [str(ctr), "-a", str(socket), "-n", "k8s.io", "images", "rm", "--sync", *names],
         capture_output=True,
