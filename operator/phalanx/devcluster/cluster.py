@@ -41,7 +41,9 @@ Progress = Callable[[str], None]
 COMPONENT_NAMES = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok")
 # Processes beside the control plane: dynamic volumes always; the relay into the cluster's
 # network namespace and cluster DNS only with real nodes.
-ADDON_NAMES = ("provisioner", "relay", "coredns", "operator")
+ADDON_NAMES = ("provisioner", "relay", "coredns")
+# Started on request (`start_operator`), stopped first by `down`: a client, before its cluster.
+OPERATOR = "operator"
 OPERATOR_PORTS = {"PHALANX_METRICS_PORT": "18080"}
 REAL_NODE_PREFIX = "real"
 ACCELERATOR_RESOURCES = ("nvidia.com/gpu", "huawei.com/Ascend910")
@@ -168,14 +170,7 @@ class DevCluster:
             )
             if namespace is not None:
                 self._start_real_nodes(
-                    client,
-                    chosen_profile,
-                    len(node_objects),
-                    real,
-                    namespace,
-                    bin_dir,
-                    report,
-                    deadline=time.monotonic() + timeout,
+                    client, namespace, bin_dir, report, deadline=time.monotonic() + timeout
                 )
                 report(f"{real} real nodes Ready ({time.monotonic() - started:.1f}s)")
         except BaseException:
@@ -198,12 +193,12 @@ class DevCluster:
                 "--liveness",
                 "http://127.0.0.1:18081/healthz",
             ),
-            pid_file=self.layout.pid_file("operator"),
-            log_file=self.layout.log("operator"),
+            pid_file=self.layout.pid_file(OPERATOR),
+            log_file=self.layout.log(OPERATOR),
             env={**os.environ, "KUBECONFIG": str(self.kubeconfig), **(env or {})},
             preexec=netns.enter(self.namespace()),
         )
-        return self.layout.log("operator")
+        return self.layout.log(OPERATOR)
 
     def real_nodes(self) -> list[realnode.RealNode]:
         """The real nodes of this cluster, as recorded by `up`."""
@@ -228,9 +223,6 @@ class DevCluster:
     def _start_real_nodes(
         self,
         client: ApiClient,
-        profile: profiles.Profile,
-        fake_nodes: int,
-        count: int,
         namespace: str,
         bin_dir: Path,
         report: Progress,
@@ -314,7 +306,7 @@ class DevCluster:
             if names <= {n["metadata"]["name"] for n in items if node_is_ready(n)}:
                 return
             for process in processes:
-                process._raise_if_exited()
+                process.raise_if_exited()
             if time.monotonic() > deadline:
                 raise DevClusterError(
                     f"real nodes not Ready in time (logs in {self.root / 'nodes'})"
@@ -327,16 +319,15 @@ class DevCluster:
         Returns the names that were running.
         """
         stopped = []
-        if stop_process(self.layout.pid_file("operator")):
-            stopped.append("operator")
+        if stop_process(self.layout.pid_file(OPERATOR)):
+            stopped.append(OPERATOR)
+        namespace = self.namespace()
         for node in self.real_nodes():
-            bin_dir = paths.bin_dir()
-            if realnode.NodeProcess(node, self.namespace() or "", bin_dir).stop():
+            if realnode.NodeProcess(node, namespace or "", paths.bin_dir()).stop():
                 stopped.append(node.name)
         for name in reversed((*COMPONENT_NAMES, *ADDON_NAMES)):
             if stop_process(self.layout.pid_file(name)):
                 stopped.append(name)
-        namespace = self.namespace()
         if namespace is not None:
             netns.delete(namespace)
         return stopped

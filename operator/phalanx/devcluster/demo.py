@@ -38,8 +38,8 @@ def run_demo(report: Progress, cluster_dir: Path | None = None) -> None:
     kubectl = _Kubectl(bin_dir / "kubectl", kubeconfig)
     kubectl("apply", "--server-side", "--force-conflicts", "-f", str(repo / "crds"))
     kubectl("wait", "--for=condition=Established", "crd", "--all", "--timeout=60s")
-    cluster.start_operator({"PHALANX_PROGRESS_INTERVAL": "2"})
-    report(f"operator running (log: {cluster.layout.log('operator')})")
+    operator_log = cluster.start_operator({"PHALANX_PROGRESS_INTERVAL": "2"})
+    report(f"operator running (log: {operator_log})")
 
     kubectl("apply", "-f", str(repo / "jobs" / f"{JOB}.yaml"))
     report(f"training {JOB} on the real nodes (kubectl get ltj {JOB}):")

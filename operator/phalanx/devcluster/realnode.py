@@ -321,7 +321,7 @@ class NodeProcess:
 
     def wait_for_containerd(self, deadline: float) -> None:
         while not self.node.socket.exists():
-            self._raise_if_exited()
+            self.raise_if_exited()
             if time.monotonic() > deadline:
                 raise DevClusterError(
                     f"containerd of {self.node.name} did not start: {self._log()}"
@@ -331,7 +331,7 @@ class NodeProcess:
     def start_kubelet(self) -> None:
         (self.node.dir / "start-kubelet").touch()
 
-    def _raise_if_exited(self) -> None:
+    def raise_if_exited(self) -> None:
         pid = _read_pid(self.node.dir / "node-run.pid")
         if pid is None or not _alive(pid):
             raise DevClusterError(f"node {self.node.name} exited: {self._log()}")
