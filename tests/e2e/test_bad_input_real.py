@@ -68,7 +68,10 @@ def test_a_server_that_crash_loops_says_so(real_cluster: RealCluster, namespace:
         "a condition saying the server crash-loops",
         interval=1,
     )
-    assert condition["status"] in ("True", "False")
+    # The server exits with its reason (an empty claim has no model) and the condition says it.
+    assert (condition["type"], condition["status"]) == ("Ready", "False"), condition
+    assert "last exit code 3" in condition["message"], condition
+    assert "no config.json" in condition["message"], condition
 
 
 def test_a_pod_the_api_server_rejects_is_reported_without_a_hot_loop(
