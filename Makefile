@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PHALANX := $(VENV)/bin/phalanx
 
-.PHONY: help venv install test test-unit lint format crds dev-build demo demo-fake images operator demo-down bench clean
+.PHONY: help venv install test test-unit lint format crds dev-build demo demo-fake images operator demo-down bench bench-scale clean
 
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -37,7 +37,7 @@ format: $(PY)  ## Format the code
 
 crds: $(PY)  ## Regenerate crds/ (and the chart's copy) from the API models
 	$(PHALANX) crds
-	@if [ -d charts/phalanx/crds ]; then cp crds/*.yaml charts/phalanx/crds/; fi
+	cp crds/*.yaml charts/phalanx/files/crds/
 
 dev-build: $(PY)  ## Build the local control plane binaries (cached under ~/.cache/phalanx/bin)
 	$(PHALANX) dev build
@@ -57,13 +57,18 @@ images: $(PY)  ## Build the operator, trainer and inference images from images/*
 	$(PHALANX) dev images
 
 operator: $(PY)  ## Run the operator against the local control plane
-	eval "$$($(PHALANX) dev env)"; $(PHALANX) operator run
+	$(PHALANX) dev exec -- $(PHALANX) operator run
 
 demo-down:  ## Stop the local control plane
 	$(PHALANX) dev down
 
 bench: $(PY)  ## Run the benchmarks; results land in bench/results/
 	$(PY) bench/run_all.py
+
+bench-scale: $(PY)  ## Gang admission at 1,000 and 5,000 nodes: builtin, kube-scheduler, Kueue TAS, API ceiling
+	$(PHALANX) dev build --with kueue
+	$(PY) bench/scale.py --nodes 1000
+	$(PY) bench/scale.py --nodes 5000
 
 clean:  ## Remove caches (not the virtualenv)
 	rm -rf .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -30,6 +30,7 @@ from typing import Any
 
 from kubernetes import client, config
 
+from phalanx.devcluster import netns
 from phalanx.devcluster.build import require_binaries
 from phalanx.devcluster.cluster import DevCluster
 
@@ -191,9 +192,12 @@ def burst(cluster: Cluster, namespace: str, mode: str, count: int, seed: int) ->
     }
 
 
-def scrape(port: int) -> dict[str, float]:
-    """API requests the operator made: the total and per `verb resource`."""
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+def scrape(port: int, namespace: str | None) -> dict[str, float]:
+    """API requests the operator made: the total and per `verb resource`. The operator runs in
+    the cluster's network namespace, so its metrics port is reached from there."""
+    with netns.entered(namespace):
+        response = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5)
+        text = response.read().decode()
     totals: dict[str, float] = {}
     for line in text.splitlines():
         if line.startswith("phalanx_api_requests_total{"):
@@ -290,6 +294,8 @@ def main() -> None:
         env=operator_env,
         stdout=log,
         stderr=subprocess.STDOUT,
+        # Inside the cluster's network namespace, where the fake pods' addresses are.
+        preexec_fn=netns.enter(cluster_dir.namespace()),
     )
     results: dict[str, Any] = {
         "operator_path": args.operator_path or "installed",
@@ -302,12 +308,12 @@ def main() -> None:
         time.sleep(5)
         cluster = Cluster(kubeconfig)
         for mode in args.modes:
-            before_all = scrape(18080)
+            before_all = scrape(18080, cluster_dir.namespace())
             before = before_all.get("api_requests", 0)
             namespace = cluster.namespace(f"bench-{mode}")
             latencies = single_gang(cluster, namespace, mode, args.reps)
             outcome = burst(cluster, namespace, mode, args.jobs, args.seed)
-            after_all = scrape(18080)
+            after_all = scrape(18080, cluster_dir.namespace())
             after = after_all.get("api_requests", 0)
             jobs = args.jobs + args.reps
             outcome["api_requests_per_job"] = round((after - before) / jobs, 1)

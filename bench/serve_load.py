@@ -30,6 +30,7 @@ import math
 import os
 import platform
 import random
+import shlex
 import socket
 import subprocess
 import sys
@@ -173,7 +174,9 @@ async def run_load(
 
 
 class ServerProcess:
-    def __init__(self, model: str, max_batch_size: int, extra: list[str]) -> None:
+    def __init__(
+        self, model: str, max_batch_size: int, extra: list[str], source: Path | None = None
+    ) -> None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
@@ -183,7 +186,10 @@ class ServerProcess:
             "--port", str(self.port), "--max-batch-size", str(max_batch_size),
             "--max-queue", "256", "--log-level", "warning", *extra,
         ]  # fmt: skip
-        self.proc = subprocess.Popen(cmd)
+        env = None
+        if source is not None:  # another checkout's phalanx_serve (``--compare-source``)
+            env = {**os.environ, "PYTHONPATH": str(source)}
+        self.proc = subprocess.Popen(cmd, env=env)
 
     def wait_ready(self, timeout: float = 300.0) -> None:
         deadline = time.monotonic() + timeout
@@ -225,9 +231,22 @@ def long_context_copy(model_dir: Path, max_len: int, out: Path) -> Path:
 
 
 def proc_cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process (Linux), to compare runs when wall time is noisy."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User + system CPU time of a process and its descendants (Linux): the server's engine
+    process included, to compare runs when wall time is noisy."""
+    total = 0.0
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            for task in os.listdir(f"/proc/{p}/task"):
+                todo += [
+                    int(c) for c in Path(f"/proc/{p}/task/{task}/children").read_text().split()
+                ]
+        except (FileNotFoundError, ProcessLookupError):
+            pass  # exited meanwhile
+    return total
 
 
 def summary(values: list[float]) -> dict[str, float]:
@@ -321,14 +340,27 @@ def cpu_vs_hf(args: argparse.Namespace) -> dict[str, Any]:
     alone = EngineAlone(model_dir, args.max_batch_size)
     vocab = 256  # ids below 256 exist in every byte-level vocabulary
     levels: list[dict[str, Any]] = []
-    server = ServerProcess(str(model_dir), args.max_batch_size, extra)
+    server = ServerProcess(
+        str(model_dir), args.max_batch_size, [*extra, *shlex.split(args.server_flags)]
+    )
+    compare = None
+    if args.compare_source is not None or args.compare_flags:
+        compare = ServerProcess(
+            str(model_dir),
+            args.max_batch_size,
+            [*extra, *shlex.split(args.compare_flags)],
+            args.compare_source,
+        )
     try:
         server.wait_ready()
         asyncio.run(run_load(server.url, [[1, 2, 3]], 4, 1, math.inf, args.seed))  # warm-up
+        if compare is not None:
+            compare.wait_ready()
+            asyncio.run(run_load(compare.url, [[1, 2, 3]], 4, 1, math.inf, args.seed))
         for c in args.concurrency:
             prompts = [[rng.randrange(vocab) for _ in range(args.input_len)] for _ in range(c)]
             hf.generate(prompts[:1], 4)  # warm-up
-            hf_runs, srv_runs, mismatches = [], [], 0
+            hf_runs, srv_runs, cmp_runs, mismatches = [], [], [], 0
             engine_tps: list[float] = []
             alone.generate(prompts[:1], 4)  # warm-up
             for _ in range(args.repeats):
@@ -344,6 +376,15 @@ def cpu_vs_hf(args: argparse.Namespace) -> dict[str, Any]:
                 srv_cpu = proc_cpu_seconds(server.proc.pid) - before
                 mismatches += sum(a != b for a, b in zip(run.pop("texts"), hf_texts, strict=True))
                 srv_runs.append({**run, "server_cpu_s": srv_cpu})
+                if compare is not None:
+                    before = proc_cpu_seconds(compare.proc.pid)
+                    other = asyncio.run(
+                        run_load(compare.url, prompts, args.output_len, c, math.inf, args.seed)
+                    )
+                    other["server_cpu_s"] = proc_cpu_seconds(compare.proc.pid) - before
+                    texts = other.pop("texts")
+                    mismatches += sum(a != b for a, b in zip(texts, hf_texts, strict=True))
+                    cmp_runs.append(other)
             tokens = c * args.output_len
             hf_tps = [tokens / r["wall_s"] for r in hf_runs]
             srv_tps = [r["output_throughput"] for r in srv_runs]
@@ -373,6 +414,22 @@ def cpu_vs_hf(args: argparse.Namespace) -> dict[str, Any]:
                 "mismatched_outputs": mismatches,
                 "failed_requests": sum(r["failed"] for r in srv_runs),
             }
+            if cmp_runs:
+                # The same load on the other checkout's server, interleaved with this one's in
+                # every repeat: a before/after comparison that machine load cannot skew.
+                level["compare_source"] = str(args.compare_source or "this checkout")
+                level["compare_flags"] = args.compare_flags
+                level["server_flags"] = args.server_flags
+                level["compare_speedup_vs_hf"] = summary(
+                    [r["output_throughput"] / t for r, t in zip(cmp_runs, hf_tps, strict=True)]
+                )
+                level["compare_cpu_efficiency_vs_hf"] = summary(
+                    [
+                        h["cpu_s"] / max(r["server_cpu_s"], 1e-9)
+                        for h, r in zip(hf_runs, cmp_runs, strict=True)
+                    ]
+                )
+                level["compare_server_cpu_s"] = summary([r["server_cpu_s"] for r in cmp_runs])
             levels.append(level)
             print(
                 f"clients={c:<3} HF {level['hf_output_tokens_per_s']['median']:8.1f} tok/s  "
@@ -383,8 +440,19 @@ def cpu_vs_hf(args: argparse.Namespace) -> dict[str, Any]:
                 f"{level['cpu_efficiency_vs_hf']['median']:.2f}  outputs equal: {mismatches == 0}",
                 flush=True,
             )
+            if cmp_runs:
+                print(
+                    f"clients={c:<3} compared server ({level['compare_source']} "
+                    f"{args.compare_flags}): ratio min/median "
+                    f"{level['compare_speedup_vs_hf']['min']:.2f}/"
+                    f"{level['compare_speedup_vs_hf']['median']:.2f}  CPU-time ratio median "
+                    f"{level['compare_cpu_efficiency_vs_hf']['median']:.2f}",
+                    flush=True,
+                )
     finally:
         server.stop()
+        if compare is not None:
+            compare.stop()
         alone.stop()
     prefix = prefix_workload(args, model_dir, rng)
     return {
@@ -676,6 +744,22 @@ def main(argv: list[str] | None = None) -> int:
         "--skip-hf", action="store_true", help="roofline suite without the HF generate baseline"
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--compare-source",
+        type=Path,
+        help="directory holding another phalanx_serve package (e.g. `git archive <rev> "
+        "images/inference` unpacked, then its images/inference): its server runs the same load "
+        "in every repeat, interleaved, and is reported next to this one",
+    )
+    p.add_argument(
+        "--server-flags", default="", help="extra phalanx-serve flags of the measured server"
+    )
+    p.add_argument(
+        "--compare-flags",
+        default="",
+        help="extra flags of a second server (this checkout unless --compare-source), run in "
+        "every repeat next to the first, e.g. '--engine-process true'",
+    )
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
@@ -683,9 +767,13 @@ def main(argv: list[str] | None = None) -> int:
     if suite == "roofline" and args.device == "cuda":
         args.input_len, args.output_len = max(args.input_len, 128), max(args.output_len, 128)
 
+    load_at_start = os.getloadavg()[0]
     result = roofline(args) if suite == "roofline" else cpu_vs_hf(args)
-    result["command"] = " ".join(["python", "bench/serve_load.py", *(argv or sys.argv[1:])])
+    result["command"] = shlex.join(["python", "bench/serve_load.py", *(argv or sys.argv[1:])])
     result["host"] = {
+        # Runnable processes per core far above 1 make every wall-time figure here noise:
+        # the CPU-time ratios are the steadier comparison then.
+        "load_average_1m_at_start": load_at_start,
         "load_average_1m_at_end": os.getloadavg()[0],
         "platform": platform.platform(),
         "python": platform.python_version(),

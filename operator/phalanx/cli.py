@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 from pathlib import Path
 from typing import Annotated
 
@@ -19,7 +20,15 @@ app = typer.Typer(
     add_completion=False,
 )
 
-REPO_CRDS = Path(__file__).resolve().parents[2] / "crds"
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def source_crds_dir(root: Path = REPO_ROOT) -> Path | None:
+    """`crds/` of the source checkout this module runs from; None when installed as a package
+    (the folder above the package is then the interpreter's lib folder, never a target)."""
+    if (root / "pyproject.toml").is_file() and (root / "operator" / "phalanx").is_dir():
+        return root / "crds"
+    return None
 
 
 @app.command()
@@ -43,11 +52,27 @@ def crds(
     if stdout:
         typer.echo("---\n".join(to_yaml(crd) for crd in generated.values()), nl=False)
         return
-    target = output or REPO_CRDS
+    target = output or source_crds_dir()
+    if target is None:
+        # Installed from a wheel: the only default would be the interpreter's lib folder.
+        typer.echo("--output: give a directory to write the CRDs into, or use --stdout", err=True)
+        raise typer.Exit(2)
     target.mkdir(parents=True, exist_ok=True)
     for name, crd in generated.items():
         (target / name).write_text(to_yaml(crd), encoding="utf-8")
         typer.echo(f"wrote {target / name}")
+
+
+class PodSecurity(enum.StrEnum):
+    restricted = "restricted"
+    baseline = "baseline"
+    privileged = "privileged"
+
+
+POD_SECURITY_HELP = (
+    "The pod security level of the target namespace (its phalanx.dev/pod-security label): "
+    "pod-template fields beyond it are refused as the operator would refuse them."
+)
 
 
 @app.command()
@@ -55,6 +80,9 @@ def validate(
     files: Annotated[
         list[Path], typer.Argument(help="Manifest files (multi-document YAML allowed).")
     ],
+    pod_security: Annotated[
+        PodSecurity, typer.Option("--pod-security", help=POD_SECURITY_HELP)
+    ] = PodSecurity.restricted,
 ) -> None:
     """Validate LLMTrainJob and InferenceService manifests offline, printing each error with its field path."""
     failed = 0
@@ -69,7 +97,7 @@ def validate(
             where = f"{path}" + (f"[{index}]" if len(documents) > 1 else "")
             name = obj.get("metadata", {}).get("name", "?") if isinstance(obj, dict) else "?"
             kind = obj.get("kind", "?") if isinstance(obj, dict) else "?"
-            errors = validate_object(obj)
+            errors = validate_object(obj, pod_security.value)
             if not errors:
                 typer.echo(f"{where}: {kind}/{name} valid")
                 continue
@@ -84,6 +112,9 @@ def validate(
 def render(
     file: Annotated[Path, typer.Argument(help="An LLMTrainJob manifest.")],
     generation: Annotated[int, typer.Option(help="Gang generation to render.")] = 1,
+    pod_security: Annotated[
+        PodSecurity, typer.Option("--pod-security", help=POD_SECURITY_HELP)
+    ] = PodSecurity.restricted,
 ) -> None:
     """Print the objects an LLMTrainJob would create (pods, Service, claim, ...), as YAML."""
     from phalanx.render.trainjob import render_job_objects
@@ -95,7 +126,7 @@ def render(
         raise typer.Exit(1) from None
     rendered: list[dict[str, object]] = []
     for obj in documents:
-        errors = validate_object(obj)
+        errors = validate_object(obj, pod_security.value)
         if errors:
             for error in errors:
                 typer.echo(f"{file}: {error}", err=True)
@@ -103,8 +134,19 @@ def render(
         if obj.get("kind") != "LLMTrainJob":
             typer.echo(f"{file}: render supports LLMTrainJob manifests only", err=True)
             raise typer.Exit(1)
-        rendered += render_job_objects(obj, generation)
+        rendered += render_job_objects(obj, generation, pod_security.value)
     typer.echo(yaml.safe_dump_all(rendered, sort_keys=False, width=100), nl=False)
+
+
+class LogLevel(enum.StrEnum):
+    debug = "debug"
+    info = "info"
+    warning = "warning"
+
+
+def kopf_log_flags(level: LogLevel) -> list[str]:
+    """kopf sets the root logger's level from its flags (INFO without any)."""
+    return {LogLevel.debug: ["--verbose"], LogLevel.info: [], LogLevel.warning: ["--quiet"]}[level]
 
 
 operator_app = typer.Typer(help="Run the Phalanx operator.", no_args_is_help=True)
@@ -129,7 +171,12 @@ def operator_run(
     liveness: Annotated[
         str, typer.Option(help="kopf liveness endpoint URL.")
     ] = "http://0.0.0.0:8081/healthz",
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+    log_level: Annotated[
+        LogLevel, typer.Option(envvar="PHALANX_LOG_LEVEL", help="Log level.")
+    ] = LogLevel.info,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Debug logging (--log-level debug).")
+    ] = False,
 ) -> None:
     """Run the operator (wraps `kopf run --standalone -m phalanx.handlers`)."""
     import os
@@ -147,8 +194,7 @@ def operator_run(
     os.environ["PHALANX_METRICS_PORT"] = str(metrics_port)
     args = ["run", "--standalone", "-m", "phalanx.handlers", "--liveness", liveness]
     args += [f"--namespace={n}" for n in namespace] if namespace else ["--all-namespaces"]
-    if verbose:
-        args.append("--verbose")
+    args += kopf_log_flags(LogLevel.debug if verbose else log_level)
     kopf_main(args=args, prog_name="phalanx operator run")
 
 

@@ -18,6 +18,13 @@ TRAINER_IMAGE: Final = "ghcr.io/phalanx-dev/trainer:0.1.0"
 SERVER_IMAGE: Final = "ghcr.io/phalanx-dev/inference:0.1.0"
 
 # Labels and annotations on child objects.
+# Kueue's pod integration: a pod group admitted as one Workload, and its topology request.
+KUEUE_QUEUE_LABEL: Final = "kueue.x-k8s.io/queue-name"
+KUEUE_POD_GROUP_LABEL: Final = "kueue.x-k8s.io/pod-group-name"
+KUEUE_POD_GROUP_COUNT_ANNOTATION: Final = "kueue.x-k8s.io/pod-group-total-count"
+KUEUE_RETRIABLE_IN_GROUP_ANNOTATION: Final = "kueue.x-k8s.io/retriable-in-group"
+KUEUE_REQUIRED_TOPOLOGY_ANNOTATION: Final = "kueue.x-k8s.io/podset-required-topology"
+KUEUE_PREFERRED_TOPOLOGY_ANNOTATION: Final = "kueue.x-k8s.io/podset-preferred-topology"
 LABEL_JOB: Final = f"{GROUP}/job"
 LABEL_RANK: Final = f"{GROUP}/rank"
 LABEL_GENERATION: Final = f"{GROUP}/generation"
@@ -25,9 +32,16 @@ LABEL_SERVICE: Final = f"{GROUP}/inference-service"
 LABEL_GROUP_INDEX: Final = f"{GROUP}/group"
 LABEL_WORKER_INDEX: Final = f"{GROUP}/worker-index"
 LABEL_HOSTNAME: Final = "kubernetes.io/hostname"
+# A pod (ours or anyone's) that may run on spare nodes and be preempted from them ("true").
+LABEL_PREEMPTIBLE: Final = f"{GROUP}/preemptible"
 
 # Pods are created behind this gate and released only when their whole gang is placed.
 GANG_GATE: Final = f"{GROUP}/gang"
+
+# A namespace label, set by an admin, naming the Pod Security Standard level Phalanx renders
+# that namespace's workload pods for (restricted when absent); see docs/operator.md.
+POD_SECURITY_LABEL: Final = f"{GROUP}/pod-security"
+POD_SECURITY_LEVELS: Final = ("restricted", "baseline", "privileged")
 
 # Default accelerator resource names per accelerator type.
 ACCELERATOR_RESOURCES: Final = {
@@ -101,16 +115,24 @@ class Reason:
     GANG_EXCEEDS_DOMAIN_CAPACITY: Final = "GangExceedsDomainCapacity"
     POD_EXCEEDS_NODE_CAPACITY: Final = "PodExceedsNodeCapacity"
     UNKNOWN_TOPOLOGY_LEVEL: Final = "UnknownTopologyLevel"
+    NO_MATCHING_NODES: Final = "NoMatchingNodes"
     GANG_ADMITTED: Final = "GangAdmitted"
     SCHEDULER_MANAGED: Final = "SchedulerManaged"
     GANG_TIMEOUT: Final = "GangTimeout"
+    GANG_TIMEOUT_LIMIT_EXCEEDED: Final = "GangTimeoutLimitExceeded"
     GANG_RESTARTING: Final = "GangRestarting"
+    # Spares: a preemptible gang yielded spare nodes; a recovery was placed on spares.
+    PREEMPTED: Final = "Preempted"
+    RECOVERED_ON_SPARES: Final = "RecoveredOnSpares"
     POD_CREATE_REJECTED: Final = "PodCreateRejected"
     INVALID_SPEC: Final = "InvalidSpec"
+    # The pod template needs a higher pod security level than its namespace's label grants.
+    POD_SECURITY_LEVEL: Final = "PodSecurityLevel"
     # LLMTrainJob: running and the end
     ALL_RANKS_RUNNING: Final = "AllRanksRunning"
     IMAGE_PULL_FAILED: Final = "ImagePullFailed"
     CONTAINER_CONFIG_ERROR: Final = "ContainerConfigError"
+    CLAIM_NOT_BOUND: Final = "ClaimNotBound"  # a volume claim the pod needs is missing or unbound
     RANK_FAILED: Final = "RankFailed"
     GANG_RUNNING: Final = "GangRunning"
     SUSPENDED: Final = "Suspended"
@@ -124,6 +146,11 @@ class Reason:
     NODE_LOST: Final = "NodeLost"
     POD_DELETED: Final = "PodDeleted"
     POD_MISSING: Final = "PodMissing"
+    HANG: Final = "Hang"  # the step stopped moving (docs/goodput.md)
+    # LLMTrainJob: stragglers
+    STRAGGLER_DETECTED: Final = "StragglerDetected"
+    NO_STRAGGLERS: Final = "NoStragglers"
+    STRAGGLER_REPLACED: Final = "StragglerReplaced"
     # InferenceService: the model
     LOADED: Final = "Loaded"
     LOADING: Final = "Loading"

@@ -6,17 +6,29 @@ verb and resource for the operator's metrics and the benchmarks' requests-per-jo
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import json
 import os
+import socket
+import threading
+import urllib.parse
 from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
-from phalanx import metrics
-from phalanx.constants import GROUP, VERSION
+from phalanx import metrics, status
+from phalanx.constants import (
+    GROUP,
+    INFERENCE_KIND,
+    INFERENCE_PLURAL,
+    TRAINJOB_KIND,
+    TRAINJOB_PLURAL,
+    VERSION,
+)
 
 T = TypeVar("T")
 # (connect, read) seconds: a stuck connection must fail and be retried, never hang a worker.
@@ -36,6 +48,60 @@ def connect() -> client.ApiClient:
         configuration.connection_pool_maxsize = 64
         _api = client.ApiClient(configuration)
     return _api
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """What a client needs to talk to the API server as the operator, whichever way the
+    credentials came: a token or a client certificate in a kubeconfig, or the in-cluster
+    service account."""
+
+    server: str
+    ca_path: str | None = None
+    insecure: bool = False
+    certificate_path: str | None = None
+    private_key_path: str | None = None
+    scheme: str | None = None
+    token: str | None = None
+    username: str | None = None
+    password: str | None = None
+
+
+def credentials_of(configuration: client.Configuration) -> Credentials:
+    """The credentials a loaded client configuration carries.
+
+    kubernetes >= 36 keeps a bearer token under `BearerToken`, older releases under
+    `authorization`; reading the key through the configuration also runs its refresh hook, so a
+    rotated service-account token or an expired exec credential is renewed.
+    """
+    header = str(
+        configuration.get_api_key_with_prefix("BearerToken")
+        or configuration.get_api_key_with_prefix("authorization")
+        or ""
+    )
+    scheme, _, token = header.partition(" ") if " " in header else ("", "", header)
+    return Credentials(
+        server=str(configuration.host),
+        ca_path=configuration.ssl_ca_cert or None,
+        insecure=not configuration.verify_ssl,
+        certificate_path=configuration.cert_file or None,
+        private_key_path=configuration.key_file or None,
+        scheme=scheme or None,
+        token=token.strip() or None,
+        username=configuration.username or None,
+        password=configuration.password or None,
+    )
+
+
+def check_access() -> None:
+    """Raise unless the API server answers and lets the operator read what it must.
+
+    Listing one node needs the credentials to work and the cluster role the operator always
+    has (placement reads every node, with or without watched namespaces), so it fails exactly
+    when the operator is cut off, logged in anonymously or stripped of its role; the liveness
+    probe runs it.
+    """
+    _rest("list", "node", "GET", "/api/v1/nodes?limit=1")
 
 
 # Hot paths (pod create/patch/delete, status patches) speak JSON to the API server directly:
@@ -305,33 +371,70 @@ def get_custom(plural: str, namespace: str, name: str) -> dict[str, Any] | None:
         return None
 
 
+class EventRecorder:
+    """Events as client-go's recorder writes them: every timestamp set, and a repeat of an
+    event already recorded (same object, type, reason and message) patched onto it with its
+    count raised instead of a new object. Best effort: events never block reconciliation."""
+
+    # Keys remembered; the oldest is forgotten first (its next repeat starts a new event).
+    SIZE = 4096
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._seen: dict[tuple[str, ...], tuple[str, int]] = {}
+        self._instance = socket.gethostname()
+
+    def record(
+        self,
+        involved: dict[str, Any],
+        kind: str,
+        reason: str,
+        message: str,
+        now: datetime | None = None,
+    ) -> None:
+        now = now or datetime.now(UTC)
+        key = status.event_key(involved, kind, reason, message)
+        namespace = involved["metadata"]["namespace"]
+        with self._lock:
+            seen = self._seen.get(key)
+        if seen is not None:
+            name, count = seen
+            path = f"{_collection('v1', namespace, 'events')}/{name}"
+            try:
+                _rest(
+                    "patch",
+                    "event",
+                    "PATCH",
+                    path,
+                    status.event_repeat(count + 1, now),
+                    MERGE_PATCH,
+                )
+                self._remember(key, name, count + 1)
+                return
+            except ApiException as error:
+                if error.status != 404:  # expired (events live an hour): record it anew
+                    return
+        body = status.event_body(involved, kind, reason, message, now, self._instance)
+        try:
+            created = _rest("create", "event", "POST", _collection("v1", namespace, "events"), body)
+        except ApiException:
+            return
+        self._remember(key, str(created["metadata"]["name"]), 1)
+
+    def _remember(self, key: tuple[str, ...], name: str, count: int) -> None:
+        with self._lock:
+            self._seen.pop(key, None)
+            self._seen[key] = (name, count)
+            while len(self._seen) > self.SIZE:
+                del self._seen[next(iter(self._seen))]
+
+
+_recorder = EventRecorder()
+
+
 def event(involved: dict[str, Any], kind: str, reason: str, message: str) -> None:
-    """Record a Kubernetes Event on an object (best effort: events never block reconciliation)."""
-    meta = involved["metadata"]
-    body: Any = {
-        "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
-        "involvedObject": {
-            "apiVersion": involved.get("apiVersion"),
-            "kind": involved.get("kind"),
-            "name": meta["name"],
-            "namespace": meta["namespace"],
-            "uid": meta.get("uid"),
-        },
-        "type": kind,
-        "reason": reason,
-        "message": message[:1024],
-        "source": {"component": "phalanx-operator"},
-        "reportingComponent": "phalanx.dev/operator",
-        "count": 1,
-    }
-    with contextlib.suppress(ApiException):
-        _call(
-            "create",
-            "event",
-            lambda: core().create_namespaced_event(
-                meta["namespace"], body, _request_timeout=TIMEOUT
-            ),
-        )
+    """Record a Kubernetes Event on an object (aggregated with its repeats)."""
+    _recorder.record(involved, kind, reason, message)
 
 
 def is_conflict(error: Exception) -> bool:
@@ -339,17 +442,83 @@ def is_conflict(error: Exception) -> bool:
 
 
 def list_all(kind: str) -> list[dict[str, Any]]:
-    """Every Node, Pod or claim in the cluster, as plain dicts (the cache's first fill)."""
+    """Every Node, Namespace, Pod, claim, LLMTrainJob or InferenceService in the cluster, as
+    plain dicts (the cache's first fill)."""
     api = core()
+    custom_plurals = {TRAINJOB_KIND: TRAINJOB_PLURAL, INFERENCE_KIND: INFERENCE_PLURAL}
     listers: dict[str, Callable[[], Any]] = {
         "Node": lambda: api.list_node(_request_timeout=TIMEOUT),
+        # Namespaces carry the pod security level their workload pods are rendered for.
+        "Namespace": lambda: api.list_namespace(_request_timeout=TIMEOUT),
         "Pod": lambda: api.list_pod_for_all_namespaces(_request_timeout=TIMEOUT),
         "PersistentVolumeClaim": lambda: api.list_persistent_volume_claim_for_all_namespaces(
             _request_timeout=TIMEOUT
         ),
+        **{
+            kind_: functools.partial(
+                custom().list_cluster_custom_object,
+                GROUP,
+                VERSION,
+                plural,
+                _request_timeout=TIMEOUT,
+            )
+            for kind_, plural in custom_plurals.items()
+        },
     }
-    items = _sanitize(_call("list", kind.lower(), listers[kind])).get("items") or []
+    resource = custom_plurals.get(kind) or kind.lower()
+    items = _sanitize(_call("list", resource, listers[kind])).get("items") or []
+    api_version = f"{GROUP}/{VERSION}" if kind in custom_plurals else "v1"
     for item in items:
         item.setdefault("kind", kind)
-        item.setdefault("apiVersion", "v1")
+        item.setdefault("apiVersion", api_version)
     return list(items)
+
+
+_LEASES = "coordination.k8s.io/leases"
+
+
+def _lease_path(namespace: str, name: str = "") -> str:
+    base = _collection("coordination.k8s.io/v1", namespace, "leases")
+    return f"{base}/{name}" if name else base
+
+
+def get_lease(namespace: str, name: str) -> dict[str, Any] | None:
+    """The leader-election Lease, or None when there is none yet."""
+    try:
+        return _rest("get", _LEASES, "GET", _lease_path(namespace, name))
+    except ApiException as error:
+        _absent_ok(error)
+        return None
+
+
+def create_lease(namespace: str, body: dict[str, Any]) -> dict[str, Any] | None:
+    """Create the Lease; None when another replica created it first (409)."""
+    try:
+        return _rest("create", _LEASES, "POST", _lease_path(namespace), body)
+    except ApiException as error:
+        if error.status == 409:
+            return None
+        raise
+
+
+def replace_lease(namespace: str, name: str, body: dict[str, Any]) -> dict[str, Any] | None:
+    """Replace the Lease as read (its resourceVersion makes this conditional); None when another
+    replica wrote it in between (409) or it is gone."""
+    try:
+        return _rest("update", _LEASES, "PUT", _lease_path(namespace, name), body)
+    except ApiException as error:
+        if error.status in (404, 409):
+            return None
+        raise
+
+
+def list_pods(namespace: str, label_selector: str) -> list[dict[str, Any]]:
+    """The pods of one namespace matching a label selector, read from the API server itself
+    (to confirm what the watch-fed cache says is gone before acting on it)."""
+    query = urllib.parse.urlencode({"labelSelector": label_selector})
+    listing = _rest("list", "pod", "GET", f"{_collection('v1', namespace, 'pods')}?{query}")
+    items: list[dict[str, Any]] = listing.get("items") or []
+    for item in items:
+        item.setdefault("kind", "Pod")
+        item.setdefault("apiVersion", "v1")
+    return items

@@ -24,6 +24,9 @@ IMAGE_PULL_REASONS = frozenset(
 )
 CONFIG_REASONS = frozenset({"CreateContainerConfigError", "CreateContainerError"})
 CRASH_LOOP = "CrashLoopBackOff"
+# kube-scheduler's words for a pod whose volume claim cannot be used: missing, being deleted,
+# or unbound with immediate binding ("pod has unbound immediate PersistentVolumeClaims").
+CLAIM_MARKER = "persistentvolumeclaim"
 
 
 def parse_time(value: Any) -> datetime | None:
@@ -211,7 +214,10 @@ def termination(pod: Obj, container: str) -> Termination:
     pod_reason = str((pod.get("status") or {}).get("reason") or "")
     terminated = _terminated_state(pod, container)
     if terminated is None:
-        return Termination(None, (pod_reason or "Failed",))
+        # Refused by the kubelet before any container ran (OutOfcpu, NodeAffinity,
+        # UnexpectedAdmissionError), or evicted: the pod's own message says why.
+        said = str((pod.get("status") or {}).get("message") or "")
+        return Termination(None, (pod_reason or "Failed",), said)
     kubelet_reason = str(terminated.get("reason") or "Error")
     code = terminated.get("exitCode")
     report = trainer_report(terminated.get("message"))
@@ -236,14 +242,27 @@ class StartProblem:
 
     @property
     def condition_reason(self) -> str:
+        if self.reason == Reason.CLAIM_NOT_BOUND:
+            return Reason.CLAIM_NOT_BOUND
         return (
             Reason.IMAGE_PULL_FAILED
             if self.reason in IMAGE_PULL_REASONS
             else Reason.CONTAINER_CONFIG_ERROR
         )
 
+    @property
+    def remedy(self) -> str:
+        if self.reason == Reason.CLAIM_NOT_BOUND:
+            return (
+                "Create the claim (or fix spec.checkpoint.existingClaim / the volume in "
+                "spec.podTemplate), or make a volume available to bind it."
+            )
+        return "Fix spec.image, the pull secret or the referenced ConfigMap/Secret."
+
     def describe(self) -> str:
         detail = f": {self.message}" if self.message else ""
+        if self.reason == Reason.CLAIM_NOT_BOUND:
+            return f"pod {self.pod} cannot be scheduled, a volume claim is unusable{detail}"
         if self.reason in IMAGE_PULL_REASONS:
             return (
                 f"pod {self.pod} cannot pull image {self.image!r} for container "
@@ -261,8 +280,13 @@ def _container_images(pod: Obj) -> dict[str, str]:
 
 
 def start_problem(pod: Obj) -> StartProblem | None:
-    """The first container of `pod` stuck on a bad image or a bad configuration, if any."""
+    """Why an ungated `pod` cannot start until its spec or the cluster changes, if it cannot:
+    a volume claim the scheduler cannot use, or the first container stuck on a bad image or a
+    bad configuration."""
     status = pod.get("status") or {}
+    unscheduled = unschedulable_message(pod)
+    if not gated(pod) and unscheduled is not None and CLAIM_MARKER in unscheduled.lower():
+        return StartProblem(name(pod), "", "", Reason.CLAIM_NOT_BOUND, unscheduled)
     images = _container_images(pod)
     for container in [
         *(status.get("initContainerStatuses") or []),

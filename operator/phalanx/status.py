@@ -17,6 +17,7 @@ RESTARTING = "Restarting"
 SUSPENDED = "Suspended"
 SUCCEEDED = "Succeeded"
 FAILED = "Failed"
+STRAGGLING = "Straggling"  # a rank is slow next to its peers (plan/straggler.py)
 # InferenceService condition types.
 READY = "Ready"
 MODEL_LOADED = "ModelLoaded"
@@ -175,3 +176,64 @@ def progress_status(report: Mapping[str, Any]) -> dict[str, Any]:
     if checkpoint is not None:
         progress["lastCheckpointStep"] = int(checkpoint)
     return progress
+
+
+# Events: what the operator records on its objects, and how repeats aggregate.
+EVENT_COMPONENT = "phalanx-operator"
+EVENT_CONTROLLER = "phalanx.dev/operator"
+EVENT_MESSAGE_LIMIT = 1024
+
+
+def micro_time(now: datetime) -> str:
+    """An Event's eventTime (metav1.MicroTime): RFC 3339 with microseconds."""
+    return now.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def event_key(involved: Mapping[str, Any], kind: str, reason: str, message: str) -> tuple[str, ...]:
+    """Events equal in all of these are one event seen `count` times (client-go's correlator
+    aggregates by source, involved object, type, reason and message too)."""
+    meta = involved.get("metadata") or {}
+    return (
+        str(meta.get("namespace")),
+        str(meta.get("uid") or meta.get("name")),
+        kind,
+        reason,
+        message[:EVENT_MESSAGE_LIMIT],
+    )
+
+
+def event_body(
+    involved: Mapping[str, Any], kind: str, reason: str, message: str, now: datetime, instance: str
+) -> dict[str, Any]:
+    """A new core/v1 Event with every timestamp set, so `kubectl describe` and `kubectl get
+    events` order and age it."""
+    meta = involved["metadata"]
+    return {
+        "apiVersion": "v1",
+        "kind": "Event",
+        "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+        "involvedObject": {
+            "apiVersion": involved.get("apiVersion"),
+            "kind": involved.get("kind"),
+            "name": meta["name"],
+            "namespace": meta["namespace"],
+            "uid": meta.get("uid"),
+        },
+        "type": kind,
+        "reason": reason,
+        "message": message[:EVENT_MESSAGE_LIMIT],
+        "source": {"component": EVENT_COMPONENT},
+        "reportingComponent": EVENT_CONTROLLER,
+        "reportingInstance": instance,
+        # Required with eventTime: what the operator did or found, in one word.
+        "action": reason,
+        "firstTimestamp": timestamp(now),
+        "lastTimestamp": timestamp(now),
+        "eventTime": micro_time(now),
+        "count": 1,
+    }
+
+
+def event_repeat(count: int, now: datetime) -> dict[str, Any]:
+    """The merge patch of an event seen once more: its count and when it was last seen."""
+    return {"count": count, "lastTimestamp": timestamp(now)}

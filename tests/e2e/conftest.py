@@ -14,10 +14,13 @@ The tier is skipped, with the reason printed, only where the machine cannot run 
 from __future__ import annotations
 
 import os
+import re
+import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from realkit import RealCluster, kernel_blocker, machine_snapshot, snapshot_difference
@@ -95,3 +98,35 @@ def namespace(real_cluster: RealCluster, request: pytest.FixtureRequest) -> Iter
     )
     yield name
     kubectl("delete", "namespace", name, "--wait=false", "--ignore-not-found", check=False)
+
+
+@pytest.fixture
+def port_forward(real_cluster: RealCluster) -> Iterator[Any]:
+    started: list[subprocess.Popen[str]] = []
+
+    def forward(namespace: str, target: str, port: int) -> int:
+        process = subprocess.Popen(
+            [
+                str(real_cluster.handle.kubectl_path),
+                f"--kubeconfig={real_cluster.handle.kubeconfig}",
+                "port-forward",
+                "-n",
+                namespace,
+                target,
+                f"0:{port}",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        started.append(process)
+        assert process.stdout is not None
+        line = process.stdout.readline()
+        match = re.search(r"127\.0\.0\.1:(\d+)", line)
+        assert match, f"kubectl port-forward said: {line!r}"
+        return int(match.group(1))
+
+    yield forward
+    for process in started:
+        process.terminate()
+        process.wait(10)

@@ -71,6 +71,26 @@ def trainjob(name: str, *, steps: int = STEPS, **trainer: Any) -> dict[str, Any]
     }
 
 
+def inference_service(name: str, job: str, **model: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "phalanx.dev/v1alpha1",
+        "kind": "InferenceService",
+        "metadata": {"name": name},
+        "spec": {
+            "model": {"fromTrainJob": {"name": job, **model}},
+            "replicas": 1,
+            "accelerator": {"type": "cpu", "cpu": "500m", "memory": "2Gi"},
+            "server": {"maxBatchSize": 4, "maxModelLen": 256},
+        },
+    }
+
+
+def ready(kubectl: Kubectl, namespace: str, name: str) -> dict[str, Any] | None:
+    lis = kubectl.json("get", "inferenceservices.phalanx.dev", name, "-n", namespace)
+    conditions = {c["type"]: c for c in lis.get("status", {}).get("conditions", [])}
+    return lis if conditions.get("Ready", {}).get("status") == "True" else None
+
+
 def job(kubectl: Kubectl, namespace: str, name: str) -> dict[str, Any]:
     return kubectl.json("get", "llmtrainjob", name, "-n", namespace)  # type: ignore[no-any-return]
 
@@ -112,7 +132,8 @@ VOLATILE_SYSCTLS = ("kernel/random/", "kernel/ns_last_pid", "kernel/pty/nr", "fs
 
 def machine_snapshot() -> dict[str, str]:
     """What real nodes must leave as they found it: kernel settings, the machine's network
-    namespace (links, routes, firewall), the mount table, network namespaces, cgroups."""
+    namespace (links, routes, firewall), the mount table, network namespaces, cgroups, and no
+    process of the cluster left running."""
     snapshot: dict[str, str] = {}
     for root in (Path("/proc/sys/kernel"), Path("/proc/sys/vm")):
         for path in sorted(root.rglob("*")):
@@ -138,7 +159,27 @@ def machine_snapshot() -> dict[str, str]:
     snapshot["mounts"] = "\n".join(sorted(mounts))
     cgroups = sorted(str(p) for p in Path("/sys/fs/cgroup").glob("*/phalanx-*"))
     snapshot["cgroups"] = "\n".join(cgroups)
+    snapshot["processes"] = "\n".join(_cluster_processes())
     return snapshot
+
+
+def _cluster_processes() -> list[str]:
+    """Programs of the dev cluster still running: anything started from its binaries' cache
+    (control plane, kubelets, containerd, CoreDNS, Prometheus, Kueue) or a container's runc
+    shim. A clean `dev down` leaves none."""
+    from phalanx.devcluster import paths
+
+    cache = str(paths.cache_root())
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        program = argv[0].decode(errors="replace") if argv and argv[0] else ""
+        if program.startswith(cache) or program.endswith("containerd-shim-runc-v2"):
+            found.append(Path(program).name)
+    return sorted(found)
 
 
 def snapshot_difference(before: dict[str, str], after: dict[str, str]) -> list[str]:

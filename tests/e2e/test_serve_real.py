@@ -6,68 +6,12 @@ The official `openai` SDK talks to the server through `kubectl port-forward serv
 
 from __future__ import annotations
 
-import re
-import subprocess
-from collections.abc import Iterator
 from typing import Any
 
 import openai
-import pytest
-from realkit import RealCluster, trainjob, wait_phase
+from realkit import RealCluster, inference_service, ready, trainjob, wait_phase
 
-from phalanx.devcluster.testing import Kubectl, wait_for
-
-
-def inference_service(name: str, job: str, **model: Any) -> dict[str, Any]:
-    return {
-        "apiVersion": "phalanx.dev/v1alpha1",
-        "kind": "InferenceService",
-        "metadata": {"name": name},
-        "spec": {
-            "model": {"fromTrainJob": {"name": job, **model}},
-            "replicas": 1,
-            "accelerator": {"type": "cpu", "cpu": "500m", "memory": "2Gi"},
-            "server": {"maxBatchSize": 4, "maxModelLen": 256},
-        },
-    }
-
-
-def ready(kubectl: Kubectl, namespace: str, name: str) -> dict[str, Any] | None:
-    lis = kubectl.json("get", "inferenceservices.phalanx.dev", name, "-n", namespace)
-    conditions = {c["type"]: c for c in lis.get("status", {}).get("conditions", [])}
-    return lis if conditions.get("Ready", {}).get("status") == "True" else None
-
-
-@pytest.fixture
-def port_forward(real_cluster: RealCluster) -> Iterator[Any]:
-    started: list[subprocess.Popen[str]] = []
-
-    def forward(namespace: str, target: str, port: int) -> int:
-        process = subprocess.Popen(
-            [
-                str(real_cluster.handle.kubectl_path),
-                f"--kubeconfig={real_cluster.handle.kubeconfig}",
-                "port-forward",
-                "-n",
-                namespace,
-                target,
-                f"0:{port}",
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        started.append(process)
-        assert process.stdout is not None
-        line = process.stdout.readline()
-        match = re.search(r"127\.0\.0\.1:(\d+)", line)
-        assert match, f"kubectl port-forward said: {line!r}"
-        return int(match.group(1))
-
-    yield forward
-    for process in started:
-        process.terminate()
-        process.wait(10)
+from phalanx.devcluster.testing import wait_for
 
 
 def test_an_inference_service_serves_the_jobs_export_to_the_openai_sdk(

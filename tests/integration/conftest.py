@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from phalanx.devcluster import build
+from phalanx.devcluster import build, netns
 from phalanx.devcluster.cluster import DevCluster
 from phalanx.devcluster.errors import DevClusterError
 from phalanx.devcluster.testing import ClusterHandle, Kubectl, run_operator, wait_for
@@ -74,6 +74,20 @@ def dev_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterHan
 @pytest.fixture(scope="session")
 def kubectl(dev_cluster: ClusterHandle) -> Kubectl:
     return Kubectl(dev_cluster)
+
+
+@pytest.fixture(autouse=True)
+def inside_the_cluster_network(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A test that uses the cluster runs inside its network namespace, where fake pods'
+    addresses are served and dialled, as do the threads and processes it starts (the operator,
+    stand-ins for workloads, Prometheus); the rest of the session stays where it was."""
+    if "dev_cluster" not in request.fixturenames:
+        yield
+        return
+    handle: ClusterHandle = request.getfixturevalue("dev_cluster")
+    namespace = DevCluster(handle.state_dir).namespace() if handle.state_dir else None
+    with netns.entered(namespace):
+        yield
 
 
 @pytest.fixture(name="wait_for")

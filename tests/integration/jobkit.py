@@ -15,6 +15,18 @@ EXIT_CODE = "phalanx.dev/fake-exit-code"
 DURATION = "phalanx.dev/fake-duration"
 TERMINATION_MESSAGE = "phalanx.dev/fake-termination-message"
 
+# Accelerators: a whole 8-GPU node per pod, and one GPU.
+GPU_NODE = {"type": "nvidia", "perNode": 8}
+GPU_1 = {"type": "nvidia", "perNode": 1}
+# Admitted by the CRD (affinity is passed to the pod as written) but refused by the pod API.
+BAD_AFFINITY = {
+    "nodeAffinity": {
+        "requiredDuringSchedulingIgnoredDuringExecution": {
+            "nodeSelectorTerms": [{"matchExpressions": [{"key": "pool", "operator": "Bogus"}]}]
+        }
+    }
+}
+
 
 def job_manifest(name: str, **spec: Any) -> dict[str, Any]:
     spec.setdefault("checkpoint", {"enabled": False})

@@ -3,12 +3,16 @@ garbage collection, and `phalanx dev status`."""
 
 from __future__ import annotations
 
+import ipaddress
+import socket
 from typing import Any
 
 import pytest
 from typer.testing import CliRunner
 
+from phalanx.devcluster import netns
 from phalanx.devcluster.cli import app
+from phalanx.devcluster.cluster import DevCluster
 from phalanx.devcluster.kwok_stages import FAKE_DURATION, FAKE_EXIT_CODE, FAKE_OUTCOME
 from phalanx.devcluster.testing import ClusterHandle, Kubectl, wait_for
 
@@ -78,6 +82,46 @@ def test_pod_asking_for_a_whole_host_runs_on_a_fake_node(kubectl: Kubectl, names
     assert all(c["ready"] for c in running["status"]["containerStatuses"])
 
 
+def test_a_service_of_fake_pods_gets_endpoints_that_answer_in_the_cluster_network(
+    dev_cluster: ClusterHandle, kubectl: Kubectl, namespace: str
+) -> None:
+    if (reason := netns.available()) is not None:
+        pytest.skip(f"fake pods get loopback addresses here: {reason}")
+    if dev_cluster.state_dir is None:
+        pytest.skip("PHALANX_TEST_KUBECONFIG: a cluster started elsewhere")
+    assert DevCluster(dev_cluster.state_dir).namespace(), "the cluster has its own namespace"
+    fake = gpu_pod("served", 1)
+    fake["metadata"]["labels"] = {"app": "served"}
+    kubectl.create(namespace, fake)
+    kubectl.create(
+        namespace,
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": "served"},
+            "spec": {"selector": {"app": "served"}, "ports": [{"port": 80, "targetPort": 8080}]},
+        },
+    )
+
+    def endpoint() -> str | None:
+        slices = kubectl.json(
+            "get", "endpointslices", "-n", namespace, "-l", "kubernetes.io/service-name=served"
+        )["items"]
+        addresses = [a for s in slices for e in s.get("endpoints") or [] for a in e["addresses"]]
+        return addresses[0] if addresses else None
+
+    address = wait_for(endpoint, 60, "an EndpointSlice address for Service served")
+    assert address == pod(kubectl, namespace, "served")["status"]["podIP"]
+    assert not ipaddress.ip_address(address).is_loopback
+    # The address is served and dialled inside the cluster's namespace, as a pod's would be.
+    with (
+        socket.create_server((address, 0)) as server,
+        socket.create_connection(server.getsockname()[:2], timeout=5),
+    ):
+        accepted, _ = server.accept()
+        accepted.close()
+
+
 def test_pod_asking_for_more_gpus_than_a_host_has_stays_unschedulable(
     kubectl: Kubectl, namespace: str
 ) -> None:
@@ -137,6 +181,35 @@ def test_deleted_pod_is_finalized_by_the_fake_kubelet(kubectl: Kubectl, namespac
         lambda: not kubectl.exists("pod", "short-lived", "-n", namespace),
         30,
         "pod short-lived to disappear",
+    )
+
+
+def test_a_pod_held_by_a_finalizer_ends_before_it_is_removed(
+    kubectl: Kubectl, namespace: str
+) -> None:
+    # As a kubelet does: the containers are stopped and the pod reports Failed while another
+    # controller's finalizer (Kueue's, for one) holds it; it goes once the finalizer does.
+    manifest = gpu_pod("held", 1)
+    manifest["metadata"]["finalizers"] = ["example.com/hold"]
+    kubectl.create(namespace, manifest)
+    wait_for(
+        lambda: pod(kubectl, namespace, "held")["status"].get("phase") == "Running",
+        30,
+        "pod held to be Running",
+    )
+
+    kubectl("delete", "pod", "held", "-n", namespace, "--wait=false")
+
+    ended = wait_for(
+        lambda: (p := pod(kubectl, namespace, "held"))["status"].get("phase") == "Failed" and p,
+        30,
+        "pod held to report Failed",
+    )
+    assert ended["status"]["containerStatuses"][0]["state"]["terminated"]["exitCode"] == 143
+    kubectl("patch", "pod", "held", "-n", namespace, "--type=json",
+            "-p", '[{"op": "remove", "path": "/metadata/finalizers"}]')  # fmt: skip
+    wait_for(
+        lambda: not kubectl.exists("pod", "held", "-n", namespace), 30, "pod held to disappear"
     )
 
 

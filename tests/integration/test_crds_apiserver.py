@@ -3,6 +3,7 @@ examples that apply, invalid manifests that are rejected, and printer columns.""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,9 @@ from typing import Any
 import pytest
 import yaml
 
+from phalanx.api import InferenceServiceSpec, LLMTrainJobSpec
+from phalanx.api.crd import model_rules
+from phalanx.api.validate import validate_object
 from phalanx.devcluster.testing import Kubectl, wait_for
 
 pytestmark = pytest.mark.integration
@@ -17,6 +21,14 @@ pytestmark = pytest.mark.integration
 REPO_ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((REPO_ROOT / "jobs").glob("*.yaml"))
 INVALID = sorted((REPO_ROOT / "tests" / "manifests" / "invalid").glob("*.yaml"))
+BAD_TABLE = yaml.safe_load((REPO_ROOT / "tests" / "manifests" / "bad-table.yaml").read_text())
+RULE_TABLE = yaml.safe_load((REPO_ROOT / "tests" / "manifests" / "rule-table.yaml").read_text())
+RULES = [
+    rule
+    for spec in (LLMTrainJobSpec, InferenceServiceSpec)
+    for rule in model_rules(spec)
+    if rule.check is not None
+]
 PRINTER_COLUMNS = ("STATE", "NODES", "GPUS", "DOMAIN", "PROGRESS", "LOSS", "RESTARTS", "AGE")
 
 
@@ -98,3 +110,55 @@ def test_get_shows_the_printer_columns(kubectl: Kubectl, crds: list[str], namesp
     header = kubectl("get", "ltj", "-n", namespace).stdout.splitlines()[0].split()
 
     assert header == ["NAME", *PRINTER_COLUMNS]
+
+
+def table_manifest(case: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "apiVersion": "phalanx.dev/v1alpha1",
+        "kind": case.get("kind", "LLMTrainJob"),
+        "metadata": {"name": case.get("name", case["id"])},
+        "spec": case["spec"],
+    }
+
+
+def names_field(paths: list[str], field: str) -> bool:
+    """A path is the field, or a key of the map it is (the API server writes `map[key]`)."""
+    return any(p == field or p.startswith(field + ".") for p in paths)
+
+
+def server_dry_run(kubectl: Kubectl, namespace: str, manifest: dict[str, Any]) -> str:
+    """The API server's refusal of a manifest ('' when it accepts it), sent as JSON so that
+    a quoted integer stays a string."""
+    result = kubectl(
+        "apply", "--dry-run=server", "-n", namespace, "-f", "-",
+        stdin=json.dumps(manifest), check=False,
+    )  # fmt: skip
+    return "" if result.returncode == 0 else result.stderr
+
+
+@pytest.mark.parametrize("case", BAD_TABLE, ids=lambda c: c["id"])
+def test_bad_table_is_rejected_by_both_naming_the_same_field(
+    kubectl: Kubectl, crds: list[str], namespace: str, case: dict[str, Any]
+) -> None:
+    manifest = table_manifest(case)
+
+    refusal = server_dry_run(kubectl, namespace, manifest)
+    offline = [e.path for e in validate_object(manifest)]
+
+    assert refusal, f"the API server accepted {case['id']}"
+    assert case["field"] in refusal, refusal
+    assert names_field(offline, case["field"]), offline
+
+
+@pytest.mark.parametrize("case", RULE_TABLE, ids=lambda c: c["id"])
+def test_every_rule_gives_one_answer_on_both_sides(
+    kubectl: Kubectl, crds: list[str], namespace: str, case: dict[str, Any]
+) -> None:
+    manifest = table_manifest(case)
+
+    refusal = server_dry_run(kubectl, namespace, manifest)
+    by_server = {rule.message for rule in RULES if rule.message in refusal}
+    by_python = {e.message for e in validate_object(manifest)}
+
+    assert by_server == by_python, refusal
+    assert bool(refusal) == bool(by_python), refusal

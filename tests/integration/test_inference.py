@@ -11,12 +11,11 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from jobkit import Jobs, Services, node_labels, outcome
+from jobkit import BAD_AFFINITY, GPU_1, Jobs, Services, node_labels, outcome
 
 from phalanx.devcluster.testing import Kubectl, wait_for
 
 SERVICE_LABEL = "phalanx.dev/inference-service"
-GPU_1 = {"type": "nvidia", "perNode": 1}
 
 
 @pytest.fixture(autouse=True)
@@ -238,9 +237,9 @@ def test_changing_the_server_port_updates_both_services_and_a_deleted_one_comes_
 def test_a_pod_template_the_api_server_rejects_is_reported_on_ready(
     services: Services, operator: Any
 ) -> None:
-    services.apply("refused", accelerator=GPU_1, podTemplate={"spec": {"dnsPolicy": "Bogus"}})
+    services.apply("refused", accelerator=GPU_1, podTemplate={"spec": {"affinity": BAD_AFFINITY}})
     ready = services.wait_condition("refused", "Ready", "False", "PodCreateRejected")
-    assert "dnsPolicy" in ready["message"]
+    assert "nodeAffinity" in ready["message"]
     progressing = services.wait_condition("refused", "Progressing", "False", "PodCreateRejected")
     assert "HTTP 422" in progressing["message"]
     assert services.pods("refused") == []

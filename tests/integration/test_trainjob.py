@@ -14,12 +14,11 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-from jobkit import Jobs, env, gated, node_labels, outcome
+from jobkit import BAD_AFFINITY, GPU_NODE, Jobs, env, gated, node_labels, outcome
 
 from phalanx.devcluster.profiles import get_profile, render_nodes
 from phalanx.devcluster.testing import Kubectl, wait_for
 
-GPU_NODE = {"type": "nvidia", "perNode": 8}
 NOT_READY = "phalanx.dev/fake-node-ready"
 
 
@@ -234,10 +233,10 @@ def test_pod_template_the_api_server_rejects_is_reported_and_backed_off(
         "invalid",
         nodes=2,
         accelerator=GPU_NODE,
-        podTemplate={"spec": {"dnsPolicy": "Bogus"}},
+        podTemplate={"spec": {"affinity": BAD_AFFINITY}},
     )
     rejected = jobs.wait_condition("invalid", "Admitted", "False", "PodCreateRejected", timeout=60)
-    assert "dnsPolicy" in rejected["message"]
+    assert "nodeAffinity" in rejected["message"]
     assert "HTTP 422" in rejected["message"]
     assert "attempt 1," in rejected["message"]
     # Each report names the next attempt; between two reports exactly one attempt (two pod
@@ -292,6 +291,43 @@ def test_node_not_ready_reschedules_the_gang_on_healthy_nodes(
         jobs.wait_phase("resilient", "Running", timeout=60)
     finally:
         kubectl("annotate", "node", lost, f"{NOT_READY}-", check=False)
+
+
+def test_a_no_execute_taint_restarts_the_gang_off_the_node_at_once(
+    kubectl: Kubectl, jobs: Jobs, operator: Any
+) -> None:
+    """A health checker taints a node NoExecute (here: by hand): the gang is restarted in the
+    same pass, with no grace, and never placed there again."""
+    jobs.apply(
+        "tainted",
+        nodes=2,
+        accelerator=GPU_NODE,
+        podTemplate=outcome("Succeeded", "300s"),
+        failurePolicy={"nodeLostGraceSeconds": 300},
+    )
+    jobs.wait_phase("tainted", "Running", timeout=60)
+    sick = jobs.pods("tainted")[1]["spec"]["nodeName"]
+    taint = "phalanx.dev/test-health=bad:NoExecute"
+    kubectl("taint", "node", sick, taint)
+    try:
+        # Well within the 300 s grace a NotReady node would get.
+        status = jobs.wait_restarts("tainted", 1, timeout=30)
+        assert sick in status["avoidedNodes"], status
+        events = wait_for(lambda: jobs.events("tainted", "RankFailed"), 30, "a RankFailed event")
+        assert "NodeLost" in events[0], events
+        pods = jobs.wait_pods(
+            "tainted",
+            lambda pods: (
+                len(pods) == 2
+                and bound(pods)
+                and all(p["metadata"]["labels"]["phalanx.dev/generation"] == "2" for p in pods)
+            ),
+            120,
+            "the new gang bound",
+        )
+        assert sick not in {p["spec"]["nodeName"] for p in pods}
+    finally:
+        kubectl("taint", "node", sick, f"{taint}-", check=False)
 
 
 def test_suspend_and_resume(jobs: Jobs, operator: Any) -> None:
@@ -501,7 +537,6 @@ def test_progress_from_rank_zero_shows_in_status_and_kubectl_get(
         )
         jobs.wait_phase("watched", "Running", timeout=60)
         address = jobs.pods("watched")[0]["status"]["podIP"]
-        assert address.startswith("127."), "fake pods must live on loopback"
         server = http.server.ThreadingHTTPServer((address, port), Progress)
         threading.Thread(target=server.serve_forever, daemon=True).start()
         try:

@@ -9,6 +9,9 @@ import httpx
 import pytest
 from conftest import LiveServer
 
+from phalanx_serve.protocol import CompletionChoice, CompletionChunk
+from phalanx_serve.responses import ResponseHeader, StreamChunks
+
 
 def _events(url: str, path: str, body: dict[str, Any]) -> list[str]:
     with httpx.stream("POST", url + path, json={**body, "stream": True}, timeout=60) as r:
@@ -103,3 +106,26 @@ def test_every_stream_ends_with_done_even_when_the_stop_string_comes_first(
     chunks = [json.loads(e) for e in events[:-1]]
     assert "".join(c["choices"][0]["text"] for c in chunks) == ""
     assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+@pytest.mark.parametrize("include_usage", [True, False], ids=["with-usage", "without-usage"])
+@pytest.mark.parametrize(
+    ("index", "text", "finish_reason"),
+    [(0, "Hello", None), (3, ' "quoted" \u00e9\n', "length"), (1, "", "stop")],
+    ids=["first", "escapes-and-finish", "empty-stop"],
+)
+def test_text_chunks_are_what_the_protocol_models_dump(
+    include_usage: bool, index: int, text: str, finish_reason: str | None
+) -> None:
+    chunks = StreamChunks(ResponseHeader("cmpl-1", 1700000000, "tiny"), include_usage)
+    model = CompletionChunk(
+        id="cmpl-1",
+        created=1700000000,
+        model="tiny",
+        choices=[CompletionChoice(index=index, text=text, finish_reason=finish_reason)],
+    ).model_dump(exclude=None if include_usage else {"usage"})
+    assert chunks.completion(index, text, None, finish_reason) == model
+    # Chunks of one stream share no mutable state.
+    assert chunks.completion(index, text, None, finish_reason) is not model
+    assert chunks.completion(7, "x", None, None)["choices"][0]["index"] == 7
+    assert chunks.completion(index, text, None, finish_reason) == model

@@ -1,5 +1,6 @@
 """A two-process tensor-parallel group (gloo, as the operator wires a two-pod group) answers
-exactly what a single process answers."""
+exactly what a single process answers; the group's backend follows the model's device (NCCL on
+CUDA, gloo otherwise). No GPU group runs here: the NCCL path is checked as a choice only."""
 
 from __future__ import annotations
 
@@ -15,9 +16,16 @@ from typing import Any
 
 import httpx
 import pytest
+import torch
 from conftest import LiveServer
 
-from phalanx_serve.settings import GROUP_SIZE_ENV, LEADER_ADDRESS_ENV, WORKER_INDEX_ENV
+from phalanx_serve.group import GroupComm, group_backend
+from phalanx_serve.settings import (
+    GROUP_SIZE_ENV,
+    LEADER_ADDRESS_ENV,
+    WORKER_INDEX_ENV,
+    GroupSettings,
+)
 
 BODIES: list[dict[str, Any]] = [
     {"prompt": "The quick brown fox", "max_tokens": 20, "temperature": 0},
@@ -111,3 +119,37 @@ def test_two_process_group_equals_one_process(
     # uvicorn shuts down cleanly, then re-raises SIGTERM so the exit status tells of it.
     assert procs[0].wait(timeout=30) in (0, -15)
     assert procs[1].wait(timeout=30) == 0  # told to stop by the leader, not killed
+
+
+@pytest.mark.parametrize(
+    ("device", "nccl", "backend"),
+    [
+        pytest.param("cpu", True, "gloo", id="cpu-is-gloo"),
+        pytest.param("cpu", False, "gloo", id="cpu-needs-no-nccl"),
+        pytest.param("cuda:0", True, "nccl", id="cuda-is-nccl"),
+        pytest.param("cuda", True, "nccl", id="cuda-default-is-nccl"),
+    ],
+)
+def test_the_group_backend_follows_the_device(
+    device: str, nccl: bool, backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(torch.distributed, "is_nccl_available", lambda: nccl)
+    assert group_backend(torch.device(device)) == backend
+
+
+def test_a_cuda_group_without_nccl_is_refused_by_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.distributed, "is_nccl_available", lambda: False)
+    with pytest.raises(RuntimeError, match="no NCCL"):
+        group_backend(torch.device("cuda"))
+
+
+def test_a_cpu_group_joins_over_gloo() -> None:
+    comm = GroupComm(GroupSettings("127.0.0.1", 1, 0, _free_port()), torch.device("cpu"))
+    try:
+        assert comm.backend == "gloo"
+        assert torch.distributed.get_backend() == "gloo"
+        t = torch.ones(3)
+        comm.all_reduce(t)
+        assert t.tolist() == [1.0, 1.0, 1.0]
+    finally:
+        comm.close()

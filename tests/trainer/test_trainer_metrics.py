@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
 from prometheus_client import generate_latest
-from trainer_testkit import free_port, launch, records, wait_for
+from trainer_testkit import free_ports, launch, progress_of, records, wait_for
 
 from phalanx_trainer.metrics import TrainMetrics, mfu, peak_flops_for, resolve_peak_flops
 
@@ -30,6 +28,8 @@ BEFORE_THE_FIRST_STEP = {
     "rank": 0,
     "gradNorm": None,
     "stepSeconds": None,
+    "ownStepSeconds": None,
+    "checkpointStallSeconds": 0.0,
     "valLoss": None,
     "valPerplexity": None,
     "valStep": None,
@@ -82,9 +82,12 @@ def test_progress_and_metrics_after_steps(served: tuple[TrainMetrics, str]) -> N
         eta_seconds=90.0,
         grad_norm=0.75,
         step_seconds=0.125,
+        own_step_seconds=0.05,
     )
     metrics.record_eval(step=10, loss=3.0, perplexity=20.0)
     metrics.record_checkpoint(10, 1.5)
+    metrics.record_stall(0.25)
+    metrics.record_stall(0.5)
     metrics.record_exports([10, 5], "export")
     assert json.loads(get(base + "/progress")[1]) == BEFORE_THE_FIRST_STEP | {
         "step": 10,
@@ -97,6 +100,8 @@ def test_progress_and_metrics_after_steps(served: tuple[TrainMetrics, str]) -> N
         "exportPath": "export",
         "gradNorm": 0.75,
         "stepSeconds": 0.125,
+        "ownStepSeconds": 0.05,
+        "checkpointStallSeconds": 0.75,
         "valLoss": 3.0,
         "valPerplexity": 20.0,
         "valStep": 10,
@@ -163,34 +168,12 @@ def test_mfu_is_unknown_without_a_peak() -> None:
     assert mfu(1e5, 6e9, 989e12) == pytest.approx(1e5 * 6e9 / 989e12)
 
 
-def two_free_ports() -> int:
-    """A port P such that P and P + 1 are both free (ranks serve on P + local rank)."""
-    for _ in range(50):
-        base = free_port()
-        with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", base + 1))
-            except OSError:
-                continue
-        return base
-    raise AssertionError("no two consecutive free ports")
-
-
-def progress_of(port: int) -> dict[str, Any]:
-    try:
-        body = get(f"http://127.0.0.1:{port}/progress")[1]
-    except OSError:
-        return {}
-    result: dict[str, Any] = json.loads(body)
-    return result
-
-
 @pytest.mark.e2e
 @pytest.mark.slow
 def test_every_rank_serves_its_progress_and_explicit_peak_gives_fp32_mfu(
     prepared_data: Path, tmp_path: Path
 ) -> None:
-    base = two_free_ports()
+    base = free_ports(2)
     args = [
         "--data", str(prepared_data),
         "--checkpoint-dir", str(tmp_path / "ckpt"),

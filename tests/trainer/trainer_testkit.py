@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,34 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def free_ports(count: int) -> int:
+    """A port P with P .. P + count - 1 all free (ranks serve on P + local rank)."""
+    for _ in range(100):
+        base = free_port()
+        if all(_port_free(base + i) for i in range(1, count)):
+            return base
+    raise AssertionError(f"no {count} consecutive free ports")
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def progress_of(port: int) -> dict[str, Any]:
+    """A rank's /progress, or {} while it does not answer."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/progress", timeout=10) as resp:
+            result: dict[str, Any] = json.loads(resp.read())
+    except OSError:
+        return {}
+    return result
 
 
 @dataclass

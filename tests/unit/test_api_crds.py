@@ -49,11 +49,20 @@ def test_every_node_is_structural() -> None:
             assert option.get("type") != "null", f"{path} uses a null union instead of nullable"
 
 
-def test_unknown_fields_are_preserved_only_in_the_pod_template_overlay() -> None:
-    preserved = sorted(
+def test_unknown_fields_are_preserved_only_inside_allowed_pod_template_fields() -> None:
+    """The overlay's PodSpec is typed (an allow-list): hostNetwork, serviceAccountName or
+    schedulingGates are unknown fields; only free-form leaves such as affinity are kept."""
+    preserved = {
         p.split(":")[1] for p, n in _schemas() if n.get("x-kubernetes-preserve-unknown-fields")
-    )
-    assert preserved == [".spec.podTemplate.spec", ".spec.podTemplate.spec"]
+    }
+    leaves = {
+        f".spec.podTemplate.spec.{leaf}" for leaf in ("affinity", "topologySpreadConstraints[]")
+    }
+    leaves |= {
+        f".spec.podTemplate.spec.volumes[].{kind}"
+        for kind in ("configMap", "secret", "projected", "downwardAPI", "csi", "ephemeral")
+    }
+    assert preserved == leaves
 
 
 def test_every_spec_field_is_described() -> None:
@@ -81,10 +90,15 @@ def test_trainjob_printer_columns_and_names() -> None:
     printed = crd["spec"]["versions"][0]["additionalPrinterColumns"]
     columns = [c["name"] for c in printed]
     assert columns == [
-        "State", "Nodes", "GPUs", "Domain", "Progress", "Loss", "ValLoss", "Restarts", "Age",
+        "State", "Nodes", "GPUs", "Domain", "Progress", "Loss", "ValLoss", "Tokens/s",
+        "ETA(s)", "Restarts", "ETTR", "Queue", "Start(est)", "Age",
     ]  # fmt: skip
-    # Validation loss is a `kubectl get -o wide` column: the default view stays narrow.
-    assert {c["name"]: c.get("priority", 0) for c in printed}["ValLoss"] == 1
+    # Validation loss, throughput, ETA, ETTR and the queue are `kubectl get -o wide` columns:
+    # the default view stays narrow.
+    priorities = {c["name"]: c.get("priority", 0) for c in printed}
+    assert [name for name, priority in priorities.items() if priority == 1] == [
+        "ValLoss", "Tokens/s", "ETA(s)", "ETTR", "Queue", "Start(est)",
+    ]  # fmt: skip
     assert crd["spec"]["names"]["shortNames"] == ["ltj"]
     assert "phalanx" in crd["spec"]["names"]["categories"]
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 from typer.testing import CliRunner
 
-from phalanx.api import InferenceService, LLMTrainJob
+from phalanx.api import InferenceService, InferenceServiceSpec, LLMTrainJob, LLMTrainJobSpec
+from phalanx.api.crd import model_rules
 from phalanx.api.validate import SpecError, parse, validate_object
 from phalanx.cli import app
 
@@ -140,3 +142,61 @@ def test_every_command_has_help(command: list[str]) -> None:
     result = runner.invoke(app, [*command, "--help"])
     assert result.exit_code == 0
     assert "Usage" in result.output
+
+
+BAD_TABLE = yaml.safe_load((ROOT / "tests" / "manifests" / "bad-table.yaml").read_text())
+
+
+def bad_manifest(case: dict[str, Any]) -> dict[str, Any]:
+    """A case of tests/manifests/bad-table.yaml as the manifest it stands for."""
+    return {
+        "apiVersion": "phalanx.dev/v1alpha1",
+        "kind": case.get("kind", "LLMTrainJob"),
+        "metadata": {"name": case.get("name", case["id"])},
+        "spec": case["spec"],
+    }
+
+
+def test_the_bad_table_is_large_and_distinct() -> None:
+    ids = [case["id"] for case in BAD_TABLE]
+    assert len(ids) >= 50
+    assert len(set(ids)) == len(ids)
+
+
+@pytest.mark.parametrize("case", BAD_TABLE, ids=lambda c: c["id"])
+def test_bad_table_case_names_its_field(case: dict[str, Any]) -> None:
+    errors = validate_object(bad_manifest(case))
+    field = case["field"]
+    # A map's key is `.key` here and `[key]` from the API server: the map is the field then.
+    assert any(e.path == field or e.path.startswith(field + ".") for e in errors), errors
+
+
+RULE_TABLE = yaml.safe_load((ROOT / "tests" / "manifests" / "rule-table.yaml").read_text())
+SPECS = {"LLMTrainJob": LLMTrainJobSpec, "InferenceService": InferenceServiceSpec}
+
+
+def python_rule_verdicts(case: dict[str, Any]) -> set[str]:
+    """The messages of the Rules `phalanx validate` finds broken in a rule-table case."""
+    manifest = bad_manifest({**case, "field": ""})
+    errors = validate_object(manifest)
+    messages = {rule.message for spec in SPECS.values() for rule in model_rules(spec)}
+    assert all(e.message in messages for e in errors), f"not a rule verdict: {errors}"
+    return {e.message for e in errors}
+
+
+def test_every_rule_fails_on_some_case_of_the_rule_table() -> None:
+    failed = set().union(*(python_rule_verdicts(case) for case in RULE_TABLE))
+    for kind, spec in SPECS.items():
+        for rule in model_rules(spec):
+            if rule.check is not None:
+                assert rule.message in failed, f"{kind}: no case breaks {rule.cel!r}"
+
+
+def test_zero_percent_rollout_bounds_are_zero() -> None:
+    case = {"kind": "InferenceService", "id": "r", "spec": {"model": {"builtin": "tiny"}}}
+    for surge, unavailable in ((0, "0%"), ("0%", "0%"), ("00%", 0)):
+        rollout = {"maxSurge": surge, "maxUnavailable": unavailable}
+        errors = validate_object(
+            bad_manifest({**case, "spec": {**case["spec"], "rollout": rollout}})
+        )
+        assert [e.path for e in errors] == ["spec.rollout"], (rollout, errors)

@@ -23,6 +23,19 @@ def test_apiserver_certificate_serves_loopback_names(tmp_path: Path) -> None:
     cert.verify_directly_issued_by(load(pki.ca_cert))
 
 
+def test_a_webhook_serving_certificate_is_for_loopback_and_serving_only(tmp_path: Path) -> None:
+    pki = certs.ensure_pki(tmp_path / "pki")
+    certs.issue_server(pki, "hook", "hook")
+
+    cert = load(pki.cert("hook"))
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert ipaddress.ip_address("127.0.0.1") in names.get_values_for_type(x509.IPAddress)
+    assert "kubernetes.default.svc" not in names.get_values_for_type(x509.DNSName)
+    usages = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert list(usages) == [x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]
+    cert.verify_directly_issued_by(load(pki.ca_cert))
+
+
 def test_admin_is_in_system_masters(tmp_path: Path) -> None:
     pki = certs.ensure_pki(tmp_path / "pki")
 

@@ -82,3 +82,31 @@ def test_node_summary_counts_accelerators_of_ready_nodes_only() -> None:
 
     assert (summary.total, summary.ready) == (4, 3)
     assert summary.accelerators == {"nvidia.com/gpu": 16, "huawei.com/Ascend910": 8}
+
+
+class _NodeLister:
+    """Answers GET /api/v1/nodes with the next listing, repeating the last one."""
+
+    def __init__(self, *listings: list[dict[str, Any]]) -> None:
+        self.listings = list(listings)
+        self.calls = 0
+
+    def get(self, path: str) -> Any:
+        listing = self.listings[min(self.calls, len(self.listings) - 1)]
+        self.calls += 1
+        return type("Reply", (), {"json": lambda _self: {"items": listing}})()
+
+
+def test_up_waits_until_ready_nodes_lose_the_not_ready_taint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Right after registration a node is Ready while the node lifecycle controller still has
+    # its not-ready taint on: kube-scheduler binds nothing there yet.
+    tainted = node("a", True)
+    tainted["spec"] = {"taints": [{"key": "node.kubernetes.io/not-ready", "effect": "NoSchedule"}]}
+    lister = _NodeLister([tainted], [tainted], [node("a", True)])
+    monkeypatch.setattr("phalanx.devcluster.cluster.time.sleep", lambda _: None)
+
+    DevCluster(tmp_path / "c")._wait_nodes_ready(lister, {"a"}, [], deadline=float("inf"))  # type: ignore[arg-type]
+
+    assert lister.calls == 3

@@ -5,9 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
 from phalanx.devcluster import images, netns, profiles, provisioner, realnode, relay
 from phalanx.devcluster.cluster import real_node_labels, render_corefile
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def node(index: int = 1) -> realnode.RealNode:
@@ -133,6 +136,7 @@ def test_a_claim_gets_a_volume_of_exactly_its_size_and_modes() -> None:
     ("spec", "wanted"),
     [
         pytest.param({}, True, id="pending-default-class"),
+        pytest.param({"storageClassName": "shared-nfs"}, True, id="pending-examples-class"),
         pytest.param({"storageClassName": "fast"}, False, id="other-class"),
         pytest.param({"volumeName": "pv-1"}, False, id="already-bound"),
     ],
@@ -147,6 +151,24 @@ def test_the_default_storage_class_is_ours() -> None:
     cls = provisioner.render_storage_class()
     assert cls["metadata"]["annotations"]["storageclass.kubernetes.io/is-default-class"] == "true"
     assert cls["provisioner"] == provisioner.PROVISIONER
+    nfs = provisioner.render_storage_class("shared-nfs")
+    assert nfs["metadata"]["annotations"]["storageclass.kubernetes.io/is-default-class"] == "false"
+
+
+def test_every_storage_class_an_example_names_is_served() -> None:
+    named = {
+        doc["spec"]["checkpoint"]["storageClassName"]
+        for path in sorted((ROOT / "jobs").glob("*.yaml"))
+        for doc in yaml.safe_load_all(path.read_text())
+        if doc and (doc.get("spec", {}).get("checkpoint") or {}).get("storageClassName")
+    }
+    assert named
+    assert named <= set(provisioner.STORAGE_CLASSES)
+
+
+def test_a_volume_has_its_claim_s_class() -> None:
+    volume = provisioner.render_volume(claim(storageClassName="shared-nfs"), Path("/v"))
+    assert volume["spec"]["storageClassName"] == "shared-nfs"
 
 
 @pytest.mark.parametrize(

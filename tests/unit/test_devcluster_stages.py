@@ -47,3 +47,37 @@ def test_config_file_starts_with_the_kwok_configuration(tmp_path: Path) -> None:
 
     assert documents[0]["kind"] == "KwokConfiguration"
     assert len(documents) == 1 + len(kwok_stages.STAGE_FILES)
+
+
+def _condition_fields(template: str) -> set[str]:
+    """The fields each condition in a node statusTemplate sets."""
+    fields: set[str] = set()
+    in_conditions = False
+    for line in template.splitlines():
+        stripped = line.strip()
+        if stripped.startswith("{{"):
+            continue
+        if not line.startswith((" ", "- ")) and stripped:
+            in_conditions = stripped == "conditions:"
+            continue
+        if in_conditions and ":" in stripped:
+            fields.add(stripped.removeprefix("- ").split(":", 1)[0])
+    return fields
+
+
+def test_heartbeats_refresh_only_the_heartbeat_never_a_stale_status() -> None:
+    # kwok renders a delayed stage from the node as it was when the delay began: a heartbeat
+    # that wrote conditions back whole could undo a NotReady set meanwhile.
+    heartbeats = [
+        s
+        for s in kwok_stages.load_stages()
+        if s["spec"]["resourceRef"]["kind"] == "Node" and "heartbeat" in s["metadata"]["name"]
+    ]
+
+    assert {s["metadata"]["name"] for s in heartbeats} == {
+        "phalanx-node-heartbeat",
+        "phalanx-node-not-ready-heartbeat",
+    }
+    for stage in heartbeats:
+        fields = _condition_fields(stage["spec"]["next"]["statusTemplate"])
+        assert fields == {"type", "lastHeartbeatTime"}, stage["metadata"]["name"]

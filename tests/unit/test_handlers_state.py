@@ -15,7 +15,7 @@ from phalanx.handlers import admission
 from phalanx.handlers.apply import APPLIED_HASH, with_hash
 from phalanx.handlers.state import Operator, Store, WorkQueue
 from phalanx.observe import CreateRejection
-from phalanx.placement import Unplaceable
+from phalanx.placement import SparePolicy, Unplaceable
 
 NOW = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
 
@@ -68,6 +68,30 @@ def test_ready_nodes_include_a_node_within_its_grace_and_say_when_it_runs_out() 
     op.cache.nodes.put(node("gone", False, NOW - timedelta(seconds=31)))
     assert op.cache.ready_nodes(NOW) == frozenset({"up", "late"})
     assert op.cache.seconds_until_lost(["up", "late", "gone"], NOW) == pytest.approx(20)
+
+
+def test_a_no_execute_taint_the_gang_does_not_tolerate_loses_the_node_at_once() -> None:
+    op = Operator()
+    health = {"key": "gpu-health", "value": "bad", "effect": "NoExecute"}
+    for name, taints in (
+        ("healthy", []),
+        ("sick", [health]),
+        ("cordoned", [{"key": "node.kubernetes.io/unschedulable", "effect": "NoSchedule"}]),
+        # The node lifecycle's own taint: the Ready condition and its grace decide.
+        ("lifecycle", [{"key": "node.kubernetes.io/not-ready", "effect": "NoExecute"}]),
+    ):
+        up = node(name, True, NOW - timedelta(hours=1))
+        up["spec"] = {"taints": taints}
+        op.cache.nodes.put(up)
+    rank = pod("j", 0, node="healthy")
+    assert op.cache.ready_nodes(NOW, pods=[rank]) == {"healthy", "cordoned", "lifecycle"}
+    tolerant = pod("j", 1, node="healthy")
+    tolerant["spec"]["tolerations"] = [
+        {"key": "gpu-health", "operator": "Exists", "effect": "NoExecute"}
+    ]
+    assert "sick" in op.cache.ready_nodes(NOW, pods=[tolerant])
+    # Only what every pod of the gang tolerates counts.
+    assert "sick" not in op.cache.ready_nodes(NOW, pods=[tolerant, rank])
 
 
 def test_forgetting_a_job_drops_everything_kept_for_it() -> None:
@@ -161,6 +185,30 @@ def test_admission_queues_whole_gated_gangs_and_finishes_recorded_ones_first() -
     request = admission.request_for(queued[0])
     assert (request.key, request.pods, request.preferred_wait) == ("ml/wait", 2, 30.0)
     assert request.created == datetime(2026, 1, 1, 11, 59, tzinfo=UTC).timestamp()
+
+
+@pytest.mark.parametrize(
+    ("policy", "own", "kept"),
+    [
+        pytest.param(None, 0, set(), id="no-spares-its-nodes-stay-open-to-it"),
+        pytest.param(SparePolicy("rack", 1), 0, {"n1", "n2"}, id="spare-policy"),
+        pytest.param(None, 1, {"n1", "n2"}, id="its-own-spares"),
+    ],
+)
+def test_a_recovering_gangs_nodes_are_kept_for_it_only_where_it_is_placed_as_a_recovery(
+    policy: SparePolicy | None, own: int, kept: set[str]
+) -> None:
+    # Without a spare policy or spares of its own the replacement is an ordinary gang: keeping
+    # its old nodes from everyone would keep them from it too (a 2-node cluster never
+    # placed a restarted 2-node gang again).
+    op = Operator()
+    job = make_job("resume", nodes=2, failurePolicy={"spares": own}).manifest()
+    job["status"] = {
+        "gangGeneration": 2,
+        "recoverFrom": {"level": "rack", "domain": "r0", "nodes": ["n1", "n2"]},
+    }
+    op.cache.trainjobs.put(job)
+    assert admission.kept_for_jobs(op, policy) == kept
 
 
 def test_the_store_remembers_only_the_newest_deletions() -> None:

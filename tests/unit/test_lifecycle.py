@@ -10,7 +10,7 @@ import pytest
 from builders import make_job, pod
 
 from phalanx.observe import CreateRejection
-from phalanx.plan.trainjob import Plan, World, plan_trainjob
+from phalanx.plan.trainjob import Plan, World, lost_ranks, plan_trainjob
 from phalanx.render.trainjob import JobRef
 from phalanx.status import find
 
@@ -178,11 +178,40 @@ def test_suspend_deletes_pods_and_resume_requeues_a_new_generation() -> None:
 def test_deadline_exceeded() -> None:
     p = plan(
         running(),
-        status={"gangGeneration": 1, "startTime": stamp(-120)},
+        status={"gangGeneration": 1, "startTime": stamp(-120), "activeSince": stamp(-120)},
         runPolicy={"activeDeadlineSeconds": 100},
     )
     assert cond(p, "Failed") == ("True", "DeadlineExceeded")
     assert p.delete == ["j-0", "j-1"]
+
+
+def test_the_deadline_clock_starts_at_admission_not_while_queued() -> None:
+    deadline = {"activeDeadlineSeconds": 100}
+    gated = [pod("j", 0, gated=True), pod("j", 1, gated=True)]
+    queued = plan(gated, status={"gangGeneration": 1, "startTime": stamp(-500)}, runPolicy=deadline)
+    assert cond(queued, "Failed") is None
+    assert "activeSince" not in queued.status
+
+    admitted = plan(
+        running(),
+        status={"gangGeneration": 1, "startTime": stamp(-500), "admittedAt": stamp(-20)},
+        runPolicy=deadline,
+    )
+    assert cond(admitted, "Failed") is None
+    assert admitted.status["activeSince"] == stamp(-20)
+    assert admitted.requeue_after is not None
+    assert admitted.requeue_after <= 80
+
+
+def test_suspension_stops_the_deadline_clock_and_a_resume_restarts_it() -> None:
+    deadline = {"activeDeadlineSeconds": 100}
+    active = {"gangGeneration": 1, "activeSince": stamp(-90), "admittedAt": stamp(-90)}
+    suspended = plan(running(), status=active, runPolicy={**deadline, "suspend": True})
+    assert "activeSince" not in suspended.status
+
+    resumed = plan([], status=suspended.status, now=NOW + timedelta(hours=1), runPolicy=deadline)
+    assert cond(resumed, "Failed") is None
+    assert "activeSince" not in resumed.status
 
 
 def test_gang_timeout_requeues_with_stuck_pod_names() -> None:
@@ -495,3 +524,135 @@ def test_validation_loss_reaches_the_status() -> None:
         {"step": 20, "totalSteps": 40, "valLoss": 6.54321, "valPerplexity": 692.3456}
     )
     assert (progress["valLoss"], progress["valPerplexity"]) == (6.5432, 692.3456)
+
+
+@pytest.mark.parametrize(
+    ("pods", "generation", "lost"),
+    [
+        pytest.param([pod("j", 0, 1, "Running", node="n1")], 1, [1], id="admitted-rank-gone"),
+        pytest.param([pod("j", 0, 1, gated=True)], 1, [], id="still-gated-is-not-lost"),
+        pytest.param(
+            [pod("j", 0, 2, "Running", node="n1"), pod("j", 1, 1, "Running", node="n2")],
+            2,
+            [],
+            id="old-gang-still-leaving",
+        ),
+        pytest.param(running(), 1, [], id="complete"),
+    ],
+)
+def test_lost_ranks_are_ranks_gone_from_an_admitted_gang(
+    pods: list[dict[str, Any]], generation: int, lost: list[int]
+) -> None:
+    assert lost_ranks(2, generation, pods) == lost
+
+
+def unbound_claim_pods(gen: int = 1) -> list[dict[str, Any]]:
+    pods = [pod("j", 0, gen, "Running", node="n1"), pod("j", 1, gen, "Pending")]
+    pods[1]["status"]["conditions"] = [
+        {
+            "type": "PodScheduled",
+            "status": "False",
+            "reason": "Unschedulable",
+            "message": '0/4 nodes are available: persistentvolumeclaim "shards" not found.',
+        }
+    ]
+    return pods
+
+
+def test_a_pod_whose_claim_is_missing_is_named_with_the_cause_while_waiting() -> None:
+    p = plan(unbound_claim_pods(), status={"gangGeneration": 1, "admittedAt": stamp(-20)})
+
+    assert cond(p, "Running") == ("False", "ClaimNotBound")
+    message = find(p.status["conditions"], "Running")["message"]
+    assert "pod j-1" in message
+    assert 'persistentvolumeclaim "shards" not found' in message
+    assert p.delete == []
+
+
+def test_a_missing_claim_at_the_gang_timeout_is_a_counted_restart_not_a_free_requeue() -> None:
+    p = plan(
+        unbound_claim_pods(),
+        status={"gangGeneration": 1, "admittedAt": stamp(-400), "restarts": 0},
+        failurePolicy={"gangTimeoutSeconds": 300, "maxRestarts": 2},
+    )
+
+    assert p.status["restarts"] == 1
+    assert cond(p, "Restarting") is not None
+    assert "ClaimNotBound" in find(p.status["conditions"], "Restarting")["message"]
+    exhausted = plan(
+        unbound_claim_pods(3),
+        status={"gangGeneration": 3, "admittedAt": stamp(-400), "restarts": 2},
+        failurePolicy={"gangTimeoutSeconds": 300, "maxRestarts": 2},
+    )
+    # The restarts are spent: the job fails, naming the claim.
+    assert cond(exhausted, "Failed") is not None
+    assert "ClaimNotBound" in find(exhausted.status["conditions"], "Failed")["message"]
+
+
+def test_a_pod_the_kubelet_refused_names_the_kubelets_message() -> None:
+    refused = pod("j", 1, 1, "Failed", node="n2")
+    refused["status"]["reason"] = "OutOfnvidia.com/gpu"
+    refused["status"]["message"] = (
+        "Pod was rejected: Node didn't have enough resource: nvidia.com/gpu"
+    )
+    p = plan([pod("j", 0, 1, "Running", node="n1"), refused], status={"gangGeneration": 1})
+
+    restarting = find(p.status["conditions"], "Restarting")
+    assert restarting is not None
+    assert "j-1" in restarting["message"]
+    assert "OutOfnvidia.com/gpu" in restarting["message"]
+    assert "enough resource" in restarting["message"]
+
+
+def test_a_node_lost_under_a_rank_is_avoided_by_the_next_gang() -> None:
+    p = plan(running(), status={"gangGeneration": 1}, ready=frozenset({"n1"}))
+    assert cond(p, "Restarting") == ("True", "RankFailed")
+    assert p.status["avoidedNodes"] == ["n2"]
+
+
+def test_a_workload_failure_does_not_blame_the_node() -> None:
+    failed = [
+        pod("j", 0, 1, "Running", node="n1"),
+        pod("j", 1, 1, "Failed", node="n2", exit_code=1),
+    ]
+    p = plan(failed, status={"gangGeneration": 1})
+    assert cond(p, "Restarting") == ("True", "RankFailed")
+    assert "avoidedNodes" not in p.status
+
+
+def test_an_evicted_rank_blames_its_node() -> None:
+    evicted = pod("j", 1, 1, "Failed", node="n2", pod_reason="Evicted")
+    p = plan([pod("j", 0, 1, "Running", node="n1"), evicted], status={"gangGeneration": 1})
+    assert p.status["avoidedNodes"] == ["n2"]
+
+
+def timed_out(timeouts: int) -> Plan:
+    stuck = [pod("j", 0, 1, "Running", node="n1"), pod("j", 1, 1, "Pending")]
+    status = {
+        "gangGeneration": 1,
+        "admittedAt": stamp(-400),
+        "placement": {"level": "rack", "domain": "r1", "nodes": ["n1", "n3"], "generation": 1},
+        "gangTimeouts": timeouts,
+    }
+    return plan(stuck, status=status, failurePolicy={"gangTimeoutSeconds": 300})
+
+
+def test_a_gang_timeout_avoids_the_node_the_stuck_pod_was_placed_on() -> None:
+    p = timed_out(0)
+    assert cond(p, "Admitted") == ("False", "GangTimeout")
+    assert p.status["gangTimeouts"] == 1
+    assert p.status["avoidedNodes"] == ["n3"]
+    assert "gang timeout 1 of 3 in a row" in find(p.status["conditions"], "Admitted")["message"]
+
+
+def test_repeated_gang_timeouts_fail_the_job_with_a_clear_reason() -> None:
+    p = timed_out(2)
+    assert cond(p, "Failed") == ("True", "GangTimeoutLimitExceeded")
+    assert "3 times in a row" in find(p.status["conditions"], "Failed")["message"]
+    assert p.status["gangGeneration"] == 1
+
+
+def test_a_running_gang_forgets_its_gang_timeouts() -> None:
+    p = plan(running(gen=2), status={"gangGeneration": 2, "gangTimeouts": 2})
+    assert cond(p, "Running") == ("True", "AllRanksRunning")
+    assert "gangTimeouts" not in p.status

@@ -19,12 +19,14 @@ def ago(seconds: float) -> str:
 @pytest.mark.parametrize(
     ("run_policy", "status", "deadline", "ttl"),
     [
-        ({}, {"startTime": ago(10)}, None, None),
-        ({"activeDeadlineSeconds": 100}, {"startTime": ago(30)}, 70, None),
+        ({}, {"activeSince": ago(10)}, None, None),
+        ({"activeDeadlineSeconds": 100}, {"activeSince": ago(30)}, 70, None),
         ({"activeDeadlineSeconds": 100}, {}, None, None),
+        # Pods created long ago but never admitted: queue time does not count.
+        ({"activeDeadlineSeconds": 100}, {"startTime": ago(500)}, None, None),
         ({"ttlSecondsAfterFinished": 60}, {"completionTime": ago(61)}, None, -1),
     ],
-    ids=["none", "deadline-running", "not-started", "ttl-over"],
+    ids=["none", "deadline-running", "not-started", "queued-only", "ttl-over"],
 )
 def test_deadline_and_ttl(
     run_policy: dict[str, int], status: dict[str, str], deadline: float | None, ttl: float | None

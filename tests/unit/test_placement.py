@@ -29,8 +29,8 @@ from phalanx.placement import (
     admission_window,
     admit,
     describe_placement,
-    hold_for_preferred,
     place_gang,
+    recheck_after,
 )
 
 GENERIC = Topology.parse("generic")
@@ -731,14 +731,27 @@ def test_hold_for_preferred(
 ) -> None:
     builder = cluster().racks(2).hosts(2).busy(*busy)
     request = replace(gang(2, created=0.0), preferred_wait=wait)
-    decisions = admit(builder.snapshot(), [request], GENERIC, builder.total())
-    held, again = hold_for_preferred(decisions, GENERIC, builder.total(), now)
-    [(_, result)] = held
+    decisions = admit(builder.snapshot(), [request], GENERIC, builder.total(), now)
+    [(_, result)] = decisions
     got = result.level if isinstance(result, Placement) else result.reason
-    assert (got, again) == (expected, recheck)
+    assert (got, recheck_after(decisions, now)) == (expected, recheck)
     if isinstance(result, Unplaceable):
         assert "spec.topology.preferredWaitSeconds" in result.message
         assert not result.permanent
+
+
+def test_a_gang_waiting_for_its_preferred_rack_leaves_other_capacity_to_gangs_behind() -> None:
+    # No rack has two free hosts: the first gang would span the block, so it waits for a rack
+    # instead. It must not keep the hosts it declined: the one-host gang behind it takes one.
+    builder = cluster().racks(2).hosts(2).busy("z0b0r0h0", "z0b0r1h0")
+    waiting = replace(gang(2, key="ns/wide", created=0.0), preferred_wait=60)
+    small = gang(1, key="ns/small", created=1.0)
+    decisions = dict(admit(builder.snapshot(), [waiting, small], GENERIC, builder.total(), 10.0))
+    assert isinstance(decisions[waiting], Unplaceable)
+    assert decisions[waiting].reason == "WaitingForPreferredDomain"
+    # The wide gang holds one rack, the one closest to fitting (z0b0r0 by name); the small gang
+    # fits in the other.
+    assert decisions[small] == Placement(HOST, "z0b0r1h1", ("z0b0r1h1",))
 
 
 def test_admission_window_takes_the_head_and_queues_the_rest_with_their_position() -> None:

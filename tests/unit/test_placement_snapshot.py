@@ -6,6 +6,8 @@ from typing import Any
 
 import pytest
 
+from phalanx.placement import DEFAULT_TOPOLOGY, PRESETS, GangRequest, Placement, place_gang
+from phalanx.placement.filters import PodConstraints, Toleration
 from phalanx.placement.snapshot import (
     CapacitySnapshot,
     NodeInfo,
@@ -92,6 +94,15 @@ EMPTY = {"cpu": 63500, "memory": 500 * GI, GPU: 8, "pods": 110}
 ONE_POD = {"cpu": 63500 - 8000, "memory": 436 * GI, GPU: 0, "pods": 109}
 
 
+TRAINING_POD = PodConstraints(tolerations=(Toleration(GPU, "Exists", "", "NoSchedule"),))
+
+
+def usable(snapshot: CapacitySnapshot) -> bool:
+    """Whether a one-pod training gang (tolerating the GPU taint) could be placed on n1."""
+    request = GangRequest("g", 1, {GPU: 8}, constraints=TRAINING_POD)
+    return isinstance(place_gang(snapshot, request, PRESETS[DEFAULT_TOPOLOGY]), Placement)
+
+
 @pytest.mark.parametrize(
     ("node", "kept"),
     [
@@ -134,7 +145,32 @@ ONE_POD = {"cpu": 63500 - 8000, "memory": 436 * GI, GPU: 0, "pods": 109}
     ],
 )
 def test_node_filter(node: dict[str, Any], kept: bool) -> None:
-    assert ("n1" in CapacitySnapshot.from_objects([node])) is kept
+    assert usable(CapacitySnapshot.from_objects([node])) is kept
+
+
+@pytest.mark.parametrize(
+    ("node", "counted"),
+    [
+        pytest.param(make_node("n1", ready="False"), True, id="not-ready"),
+        pytest.param(make_node("n1", unschedulable=True), True, id="cordoned"),
+        pytest.param(
+            make_node(
+                "n1", taints=[{"key": "node.kubernetes.io/not-ready", "effect": "NoSchedule"}]
+            ),
+            True,
+            id="not-ready-taint",
+        ),
+        pytest.param(
+            make_node("n1", taints=[{"key": "maintenance", "effect": "NoSchedule"}]),
+            False,
+            id="user-taint-stays",
+        ),
+    ],
+)
+def test_capacity_counts_nodes_that_are_only_temporarily_unschedulable(
+    node: dict[str, Any], counted: bool
+) -> None:
+    assert usable(CapacitySnapshot.from_objects([node], capacity=True)) is counted
 
 
 def test_allocatable_is_parsed_into_placement_units() -> None:

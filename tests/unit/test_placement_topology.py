@@ -32,8 +32,13 @@ from phalanx.placement.topology import (
         ),
         pytest.param(
             "nvidia",
-            ("zone", "clique", "host"),
-            ("topology.kubernetes.io/zone", "nvidia.com/gpu.clique", HOST_LABEL),
+            ("zone", "rack", "clique", "host"),
+            (
+                "topology.kubernetes.io/zone",
+                "phalanx.dev/rack",
+                "nvidia.com/gpu.clique",
+                HOST_LABEL,
+            ),
             id="nvidia",
         ),
         pytest.param(

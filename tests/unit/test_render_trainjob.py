@@ -318,3 +318,85 @@ def test_the_trainer_is_told_the_device_the_pod_was_given(accelerator: str, devi
     spec = LLMTrainJobSpec.model_validate({"accelerator": {"type": accelerator}})
     args = trainer_args(spec)
     assert args[args.index("--device") + 1] == device
+
+
+def test_an_overlay_that_got_past_the_api_cannot_break_the_pod_invariants() -> None:
+    """The renderer re-imposes what the API's allow-list promises, whatever reaches it."""
+    from phalanx.render.overlay import merge as merge_overlay
+    from phalanx.render.pod import enforce_invariants
+
+    spec = make_job(nodes=2).build()
+    rendered = render_pod(REF, spec, 1, 1)
+    hostile = {
+        "hostNetwork": True,
+        "hostPID": True,
+        "serviceAccountName": "admin",
+        "schedulingGates": [],
+        "nodeName": "n-7",
+        "securityContext": {"runAsUser": 0, "runAsNonRoot": False, "fsGroup": 2000},
+        "automountServiceAccountToken": True,
+        "volumes": [
+            {"name": "root", "hostPath": {"path": "/"}},
+            {"name": "checkpoint", "hostPath": {"path": "/var"}},
+            {"name": "shards", "persistentVolumeClaim": {"claimName": "shards"}},
+        ],
+        "containers": [
+            {
+                "name": "trainer",
+                "image": "evil",
+                "securityContext": {"privileged": True},
+                "env": [
+                    {"name": "MASTER_ADDR", "value": "evil"},
+                    {"name": "HF_HOME", "value": "/x"},
+                ],
+                "resources": {"limits": {"nvidia.com/gpu": "0", "cpu": "4"}},
+            },
+            {"name": "sidecar", "image": "evil"},
+        ],
+    }
+    merged = {**rendered, "spec": merge_overlay(rendered["spec"], hostile)}
+
+    pod = enforce_invariants(merged, rendered, rendered["metadata"]["labels"])
+
+    spec_out = pod["spec"]
+    for field in ("hostNetwork", "hostPID", "serviceAccountName", "nodeName"):
+        assert field not in spec_out, field
+    assert spec_out["schedulingGates"] == [{"name": GANG_GATE}]
+    assert spec_out["securityContext"] == {**rendered["spec"]["securityContext"], "fsGroup": 2000}
+    assert spec_out["automountServiceAccountToken"] is True  # allowed: asked for explicitly
+    assert [v["name"] for v in spec_out["volumes"]] == ["checkpoint", "dshm", "shards"]
+    assert spec_out["volumes"][0] == rendered["spec"]["volumes"][0]
+    [trainer] = spec_out["containers"]
+    assert trainer["image"] == rendered["spec"]["containers"][0]["image"]
+    assert trainer["securityContext"] == rendered["spec"]["containers"][0]["securityContext"]
+    env = env_of(pod)
+    assert env["MASTER_ADDR"] == "gpt-0.gpt.ml.svc"
+    assert env["HF_HOME"] == "/x"
+    assert trainer["resources"]["limits"] == {"nvidia.com/gpu": "8", "cpu": "4"}
+
+
+def test_workload_pods_do_not_mount_the_service_account_token_unless_asked() -> None:
+    assert (
+        render_pod(REF, make_job().build(), 0, 1)["spec"]["automountServiceAccountToken"] is False
+    )
+    asked = make_job(podTemplate={"spec": {"automountServiceAccountToken": True}}).build()
+    assert render_pod(REF, asked, 0, 1)["spec"]["automountServiceAccountToken"] is True
+
+
+@pytest.mark.parametrize(
+    ("data", "mount", "flag"),
+    [
+        ("shards/web", "/checkpoints", "/checkpoints/shards/web"),
+        ("shards", "/mnt/ckpt", "/mnt/ckpt/shards"),
+        ("/datasets/web", "/checkpoints", "/datasets/web"),
+        ("builtin", "/checkpoints", None),
+    ],
+    ids=["relative", "relative-custom-mount", "absolute", "builtin"],
+)
+def test_trainer_data_is_resolved_under_the_checkpoint_volume(
+    data: str, mount: str, flag: str | None
+) -> None:
+    spec = make_job(trainer={"data": data}, checkpoint={"mountPath": mount}).build()
+    args = render_pod(REF, spec, 0, 1)["spec"]["containers"][0]["args"]
+    given = args[args.index("--data") + 1] if "--data" in args else None
+    assert given == flag

@@ -13,6 +13,7 @@ engine input in ``inputs``, the engine hand-off in ``generation``, response bodi
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -28,12 +29,13 @@ from phalanx_serve.settings import ServerSettings
 
 
 def create_app(settings: ServerSettings, *, runtime: ServerRuntime | None = None) -> FastAPI:
-    rt = runtime or ServerRuntime(settings, ServeMetrics(settings.model_name))
+    rt = runtime or ServerRuntime(settings, ServeMetrics.for_settings(settings))
     metrics = rt.metrics
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         if rt.status == "loading" and rt.engine is None:
+            rt.loop = asyncio.get_running_loop()
             rt.start_loading()
         yield
         rt.shutdown()

@@ -64,6 +64,22 @@ def build_parser() -> argparse.ArgumentParser:
     add("--max-body-bytes", type_=int, default=2 * 2**20, help_="largest request body accepted")
     add("--threads", type_=int, help_="torch CPU threads (default: torch's choice)")
     add("--log-level", default="info", help_="debug, info, warning or error")
+    add(
+        "--vllm-metrics",
+        type_=_boolean,
+        default="false",
+        help_="also export every /metrics series under vLLM's name (vllm:*, label model_name), "
+        "so dashboards and alerts written for vLLM work unchanged (true/false)",
+    )
+    add(
+        "--engine-process",
+        type_=_boolean,
+        default="false",
+        help_="run the engine loop in a process of its own, so HTTP work runs beside it on "
+        "another core instead of taking its time; it costs some CPU for the hand-over, so it "
+        "pays only where the server has a spare core (true/false; false: a thread of the "
+        "server process)",
+    )
     group = p.add_argument_group("tensor-parallel groups (set by the operator)")
     group.add_argument(
         "--group-size",
@@ -140,7 +156,9 @@ def settings_from_args(argv: Sequence[str] | None = None) -> ServerSettings:
         max_body_bytes=args.max_body_bytes,
         threads=args.threads,
         log_level=args.log_level,
+        vllm_metrics=args.vllm_metrics,
         group=group,
+        engine_process=args.engine_process,
     )
 
 
@@ -185,17 +203,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    if settings.group is not None and not settings.group.is_leader:
+    try:
+        import uvicorn
+
+        from phalanx_serve.api import create_app
         from phalanx_serve.group import serve_worker
-
+        from phalanx_serve.metrics import ServeMetrics
+        from phalanx_serve.runtime import ServerRuntime
+    except ModuleNotFoundError as error:  # one line, not a traceback
+        raise SystemExit(
+            f"phalanx-serve needs the serve extra ({error.name} is missing): "
+            "pip install 'phalanx[serve]'"
+        ) from None
+    if settings.group is not None and not settings.group.is_leader:
         return serve_worker(settings)
-    import uvicorn
 
-    from phalanx_serve.api import create_app
-    from phalanx_serve.metrics import ServeMetrics
-    from phalanx_serve.runtime import ServerRuntime
-
-    runtime = ServerRuntime(settings, ServeMetrics(settings.model_name))
+    runtime = ServerRuntime(settings, ServeMetrics.for_settings(settings))
     app = create_app(settings, runtime=runtime)
     _exit_when_loading_fails(runtime)
     uvicorn.run(

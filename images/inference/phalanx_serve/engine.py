@@ -38,7 +38,7 @@ from phalanx_serve.kv_cache import (
     PackedPrefillView,
     PagedKVCache,
 )
-from phalanx_serve.metrics import ServeMetrics
+from phalanx_serve.metrics import MetricsRecorder, ServeMetrics
 from phalanx_serve.model_runner import ServingModel
 from phalanx_serve.sampling import (
     RowContext,
@@ -111,6 +111,16 @@ class SubmitRequest:
 
 
 @dataclass(eq=False)
+class RequestGroup:
+    """The sequences of one request (its n/best_of choices), for per-request metrics."""
+
+    size: int
+    remaining: int
+    max_generation_tokens: int = 0
+    first_scheduled: float | None = None
+
+
+@dataclass(eq=False)
 class Sequence:
     request_id: str
     prompt_ids: list[int]
@@ -133,6 +143,7 @@ class Sequence:
     prompt_logprobs_sent: bool = False
     cumulative_logprob: float = 0.0
     counted_prompt: bool = False
+    group: RequestGroup | None = None
 
     def __post_init__(self) -> None:
         self.matcher = StopStringMatcher(self.params.stop)
@@ -166,7 +177,7 @@ class Engine:
         model: nn.Module,
         decoder: TokenDecoder,
         config: EngineConfig,
-        metrics: ServeMetrics,
+        metrics: ServeMetrics | MetricsRecorder,
         *,
         n_layers: int,
         n_kv_heads: int,
@@ -204,6 +215,9 @@ class Engine:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None
+        # Called on the engine thread after every iteration (and once after the last): the
+        # engine process ships a whole step's outputs in one message from here.
+        self.on_step: Callable[[], None] | None = None
         log.info(
             "KV cache: %d blocks x %d tokens, %.1f MiB, prefix caching %s",
             config.total_blocks,
@@ -248,6 +262,7 @@ class Engine:
     def submit_group(self, requests: list[SubmitRequest]) -> list[Sequence]:
         """Queue several sequences (the choices of one request) all together or none."""
         stop_ids = tuple(self.eos_token_ids)
+        group = RequestGroup(len(requests), len(requests))
         seqs = [
             Sequence(
                 r.request_id,
@@ -256,6 +271,7 @@ class Engine:
                 r.sink,
                 IncrementalDetokenizer(self.decoder),
                 stop_ids=() if r.params.ignore_eos else (*stop_ids, *r.params.stop_token_ids),
+                group=group,
             )
             for r in requests
         ]
@@ -287,7 +303,8 @@ class Engine:
         try:
             with torch.inference_mode():
                 while self._iterate():
-                    pass
+                    if self.on_step is not None:
+                        self.on_step()
         except BaseException as exc:  # any failure leaves the KV state unknown: stop serving
             log.exception("engine loop failed; failing all requests")
             error = exc
@@ -305,6 +322,8 @@ class Engine:
             out.error = message or "the server is shutting down"
             self._emit(seq, out)
         self._update_gauges()
+        if self.on_step is not None:
+            self.on_step()
 
     def _iterate(self) -> bool:
         with self._cv:
@@ -584,6 +603,18 @@ class Engine:
             m.request_decode_time.observe(seq.last_token_time - seq.first_token_time)
         m.request_prompt_tokens.observe(len(seq.prompt_ids))
         m.request_generation_tokens.observe(len(seq.output_ids))
+        group = seq.group
+        if group is not None:
+            group.remaining -= 1
+            group.max_generation_tokens = max(group.max_generation_tokens, len(seq.output_ids))
+            if seq.scheduled_time is not None:
+                first = group.first_scheduled
+                group.first_scheduled = (
+                    seq.scheduled_time if first is None else min(first, seq.scheduled_time)
+                )
+            if group.remaining == 0:
+                start = group.first_scheduled if group.first_scheduled is not None else now
+                m.group_finished(group.size, group.max_generation_tokens, now - start)
 
     def _emit(self, seq: Sequence, out: RequestOutput) -> None:
         try:

@@ -21,6 +21,7 @@ from phalanx_serve.engine import (
     Sequence,
     SubmitRequest,
 )
+from phalanx_serve.engine_process import EngineClient, RemoteSequence
 from phalanx_serve.errors import APIError, bad_request
 from phalanx_serve.responses import ResponseHeader, SequenceResult
 from phalanx_serve.runtime import ServerRuntime
@@ -31,7 +32,7 @@ from phalanx_serve.sampling import SamplingParams
 class Generation:
     """The sequences of one request handed to the engine, and the queue their outputs share."""
 
-    seqs: list[Sequence]
+    seqs: list[Sequence] | list[RemoteSequence]
     outputs: asyncio.Queue[tuple[int, RequestOutput] | None]
     request_id: str
     created: int
@@ -89,7 +90,12 @@ def submit(
     if relay is None:
         relay = relays[loop] = OutputRelay(loop)
 
+    on_loop = isinstance(rt.engine, EngineClient)  # its outputs are delivered on this loop
+
     def sink_for(index: int) -> Callable[[RequestOutput], None]:
+        if on_loop:
+            return lambda out: outputs.put_nowait((index, out))
+
         def sink(out: RequestOutput) -> None:
             # Called on the engine thread; a closed loop (server stopping) raises and is logged.
             relay.put(outputs, (index, out))
@@ -113,9 +119,15 @@ def submit(
 
 
 def abort(rt: ServerRuntime, gen: Generation) -> None:
-    if rt.engine is not None:
+    engine = rt.engine
+    if isinstance(engine, EngineClient):
+        for remote in gen.seqs:
+            assert isinstance(remote, RemoteSequence)
+            engine.abort(remote)
+    elif engine is not None:
         for seq in gen.seqs:
-            rt.engine.abort(seq)
+            assert isinstance(seq, Sequence)
+            engine.abort(seq)
 
 
 async def _wait_for_disconnect(request: Request) -> None:

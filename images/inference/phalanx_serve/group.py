@@ -8,10 +8,11 @@ ids and the plain-data description of the KV view — and every process runs its
 same step, joined by two all-reduces per layer (see ``model_runner``). Workers hold their heads'
 slice of the weights and of the KV cache, and answer only ``/health``.
 
-Transport: torch.distributed over gloo (TCP), rendezvous at ``leader:group_port``. This suits
-CPU groups where a model's weights or KV cache do not fit one host; every layer costs two
-network round trips per step, so it trades latency for capacity. NCCL for GPU groups is not
-wired in yet.
+Transport: torch.distributed, rendezvous at ``leader:group_port``; the backend follows the
+device the model runs on (``group_backend``): NCCL for CUDA, gloo (TCP) otherwise. On CPU this
+suits groups where a model's weights or KV cache do not fit one host; every layer costs two
+network round trips per step, so it trades latency for capacity. The NCCL path is exercised only
+where a GPU group runs; the tests here run gloo.
 """
 
 from __future__ import annotations
@@ -36,20 +37,38 @@ log = logging.getLogger(__name__)
 IDLE_TIMEOUT = datetime.timedelta(days=3650)
 
 
+def group_backend(device: torch.device) -> str:
+    """The torch.distributed backend for a group whose model runs on ``device``."""
+    if device.type == "cuda":
+        if not dist.is_nccl_available():
+            raise RuntimeError(
+                "this torch build has no NCCL, which a tensor-parallel group on CUDA needs; "
+                "use a CUDA build of torch or serve the group on CPU"
+            )
+        return "nccl"
+    return "gloo"
+
+
 class GroupComm:
     """The process group, plus the two collectives the serving forward needs."""
 
-    def __init__(self, group: GroupSettings) -> None:
+    def __init__(self, group: GroupSettings, device: torch.device | None = None) -> None:
         self.group = group
+        device = device or torch.device("cpu")
+        self.backend = group_backend(device)
+        if self.backend == "nccl":
+            # NCCL collectives (and broadcast_object_list's staging) use the current device.
+            torch.cuda.set_device(device)
         log.info(
-            "joining group of %d at %s:%d as worker %d",
+            "joining group of %d at %s:%d as worker %d (%s)",
             group.size,
             group.leader_address,
             group.port,
             group.index,
+            self.backend,
         )
         dist.init_process_group(
-            "gloo",
+            self.backend,
             init_method=f"tcp://{group.leader_address}:{group.port}",
             rank=group.index,
             world_size=group.size,
@@ -146,7 +165,7 @@ def serve_worker(settings: ServerSettings) -> int:
     if settings.threads:
         torch.set_num_threads(settings.threads)
     loaded = load_model(settings.model, device=settings.device, dtype=settings.dtype)
-    comm = GroupComm(group)
+    comm = GroupComm(group, loaded.device)
     assert isinstance(loaded.model, Transformer)
     shard = ServingModel(
         loaded.model, rank=group.index, size=group.size, all_reduce=comm.all_reduce

@@ -13,7 +13,7 @@ from tokenizers import Tokenizer
 from torch import nn
 
 from phalanx_serve.builtin import ensure_builtin_model, is_builtin
-from phalanx_trainer.hf import load_pretrained
+from phalanx_trainer.hf import config_from_hf, load_pretrained
 from phalanx_trainer.model import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,12 @@ def _eos_ids(root: Path, tokenizer: Tokenizer) -> tuple[int, ...]:
     return tuple(dict.fromkeys(int(i) for i in ids))
 
 
-def load_model(model: str, *, device: str = "auto", dtype: str = "auto") -> LoadedModel:
+def load_model(
+    model: str, *, device: str = "auto", dtype: str = "auto", weights: bool = True
+) -> LoadedModel:
+    """The model directory's weights, config and tokenizer; ``weights=False`` skips the weights
+    (``model`` is then an empty module): what a server whose engine runs in another process
+    needs to tokenize, detokenize and check requests."""
     root = ensure_builtin_model(model) if is_builtin(model) else Path(model)
     if not (root / "config.json").exists():
         raise FileNotFoundError(f"{root} is not a model directory (no config.json)")
@@ -88,11 +93,16 @@ def load_model(model: str, *, device: str = "auto", dtype: str = "auto") -> Load
         raise FileNotFoundError(f"{root} has no tokenizer.json; the server needs one")
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
-    net, cfg = load_pretrained(root, device=dev, dtype=dt)
+    net: nn.Module
+    if weights:
+        net, cfg = load_pretrained(root, device=dev, dtype=dt)
+    else:
+        net, cfg = nn.Module(), config_from_hf(_read_json(root / "config.json"))
     tokenizer = Tokenizer.from_file(str(root / "tokenizer.json"))
     tok_cfg = _read_json(root / "tokenizer_config.json")
     template = tok_cfg.get("chat_template")
-    log.info("loaded %s: %s on %s (%s)", root, cfg, dev, dt)
+    if weights:
+        log.info("loaded %s: %s on %s (%s)", root, cfg, dev, dt)
     return LoadedModel(
         model=net,
         config=cfg,

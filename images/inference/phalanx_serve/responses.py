@@ -177,10 +177,19 @@ class StreamChunks:
     """Builds the server-sent chunks of one streamed request as plain JSON-ready dicts.
 
     With ``stream_options.include_usage`` every chunk carries ``"usage": null`` and a last one
-    with no choices carries the totals; without it no chunk has a ``usage`` key at all."""
+    with no choices carries the totals; without it no chunk has a ``usage`` key at all.
+
+    A text-only completion chunk (no logprobs), one per sequence and engine step, is by far the
+    most frequent; it is filled into a dict laid out once per stream by the same ``protocol``
+    models, instead of validating and dumping two models per token."""
 
     head: ResponseHeader
     include_usage: bool
+    _text_chunk: dict[str, Any] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        laid_out = self._completion([completion_choice(0, "", None, None)])
+        object.__setattr__(self, "_text_chunk", laid_out)
 
     def completion(
         self,
@@ -189,6 +198,10 @@ class StreamChunks:
         logprobs: CompletionLogprobs | None,
         finish_reason: str | None,
     ) -> dict[str, Any]:
+        if logprobs is None:
+            choice = {**self._text_chunk["choices"][0]}
+            choice["index"], choice["text"], choice["finish_reason"] = index, text, finish_reason
+            return {**self._text_chunk, "choices": [choice]}
         return self._completion([completion_choice(index, text, logprobs, finish_reason)])
 
     def completion_usage(self, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:

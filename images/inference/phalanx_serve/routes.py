@@ -52,15 +52,17 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-def get_runtime(request: Request) -> ServerRuntime:
+# Dependencies are coroutines: FastAPI runs a plain ``def`` dependency in its thread pool, a
+# thread hop per dependency per request that also contends with the engine thread for the GIL.
+async def get_runtime(request: Request) -> ServerRuntime:
     return request.app.state.runtime  # type: ignore[no-any-return]
 
 
-def get_settings(request: Request) -> ServerSettings:
+async def get_settings(request: Request) -> ServerSettings:
     return request.app.state.settings  # type: ignore[no-any-return]
 
 
-def get_relays(request: Request) -> Relays:
+async def get_relays(request: Request) -> Relays:
     return request.app.state.relays  # type: ignore[no-any-return]
 
 

@@ -6,10 +6,11 @@ The HTTP server starts listening at once so probes get an answer (503) while wei
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
@@ -17,11 +18,14 @@ from phalanx_serve.chat_template import ChatTemplate
 from phalanx_serve.engine import Engine, EngineConfig, RequestOutput
 from phalanx_serve.group import GroupComm, attach_leader, send_cache_layout, send_stop
 from phalanx_serve.loader import LoadedModel, load_model
-from phalanx_serve.metrics import ServeMetrics
+from phalanx_serve.metrics import MetricsRecorder, ServeMetrics
 from phalanx_serve.model_runner import ServingModel
 from phalanx_serve.sampling import SamplingParams
 from phalanx_serve.settings import ServerSettings
 from phalanx_trainer.model import Transformer
+
+if TYPE_CHECKING:
+    from phalanx_serve.engine_process import EngineClient
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +39,10 @@ class ServerRuntime:
     status: Status = "loading"
     error: str | None = None
     loaded: LoadedModel | None = None
-    engine: Engine | None = None
+    # The engine in this process, or the client of the engine process (--engine-process).
+    engine: Engine | EngineClient | None = None
+    # The event loop serving the app (set at startup): the engine process's outputs are read there.
+    loop: asyncio.AbstractEventLoop | None = None
     chat_template: ChatTemplate | None = None
     max_model_len: int = 0
     _token_texts: dict[int, str] = field(default_factory=dict, repr=False)
@@ -87,60 +94,86 @@ class ServerRuntime:
 
     def _load_and_warm_up(self) -> None:
         s = self.settings
-        if s.threads:
-            torch.set_num_threads(s.threads)
-        loaded = load_model(s.model, device=s.device, dtype=s.dtype)
-        cfg = loaded.config
-        max_len = s.max_model_len or cfg.max_seq_len
-        if max_len > cfg.max_seq_len:
-            raise ValueError(
-                f"--max-model-len {max_len} exceeds the model's context of {cfg.max_seq_len} tokens"
-            )
-        self.chat_template = ChatTemplate.resolve(s.chat_template, loaded.chat_template)
-        size = 1 if s.group is None else s.group.size
-        if s.group is not None:
-            self._comm = GroupComm(s.group)  # waits for every worker to join
-        assert isinstance(loaded.model, Transformer)
-        serving = ServingModel(
-            loaded.model,
-            size=size,
-            all_reduce=None if self._comm is None else self._comm.all_reduce,
-        )
-        if self._comm is not None:
-            attach_leader(serving, self._comm)
-        loaded.model = serving  # the unfused weights are no longer needed
-        engine = Engine(
-            serving,
-            loaded.tokenizer,
-            EngineConfig(
-                max_batch_size=s.max_batch_size,
-                max_model_len=max_len,
-                max_queue=s.max_queue,
-                max_prefill_tokens=max(s.max_prefill_tokens, 1),
-                block_size=s.block_size,
-                num_blocks=None
-                if s.kv_cache_tokens is None
-                else -(-s.kv_cache_tokens // s.block_size),
-                prefix_caching=s.enable_prefix_caching,
-            ),
-            self.metrics,
-            n_layers=cfg.n_layers,
-            n_kv_heads=cfg.n_kv_heads // size,
-            head_dim=cfg.head_dim,
-            eos_token_ids=loaded.eos_token_ids,
-            dtype=loaded.dtype,
-            device=loaded.device,
-        )
-        if self._comm is not None:
-            send_cache_layout(self._comm, engine.config.total_blocks, engine.config.block_size)
-        engine.start()
-        _warm_up(engine)
-        self.loaded, self.engine, self.max_model_len = loaded, engine, max_len
+        if s.engine_process:
+            from phalanx_serve.engine_process import EngineClient
+
+            # This process keeps the tokenizer (to tokenize and check requests); the weights,
+            # the KV cache and the loop live in the engine process.
+            loaded = load_model(s.model, device=s.device, dtype=s.dtype, weights=False)
+            client = EngineClient(s, self.metrics, self.loop)
+            client.start()  # waits until that process loaded and warmed up its engine
+            self.chat_template = ChatTemplate.resolve(s.chat_template, loaded.chat_template)
+            self.loaded, self.engine, self.max_model_len = loaded, client, client.max_model_len
+        else:
+            built = build_engine(s, self.metrics)
+            self._comm = built.comm
+            built.engine.start()
+            warm_up(built.engine)
+            self.chat_template = built.chat_template
+            self.loaded, self.engine, self.max_model_len = built.loaded, built.engine, built.max_len
         self.status = "ready"
-        log.info("ready: serving %s as %r", loaded.path, s.model_name)
+        log.info("ready: serving %s as %r", self.loaded.path, s.model_name)
 
 
-def _warm_up(engine: Engine) -> None:
+@dataclass
+class BuiltEngine:
+    loaded: LoadedModel
+    engine: Engine
+    max_len: int
+    chat_template: ChatTemplate
+    comm: GroupComm | None
+
+
+def build_engine(s: ServerSettings, metrics: ServeMetrics | MetricsRecorder) -> BuiltEngine:
+    """Load the weights and build the engine (not started); on a group's leader, join the group
+    first, so every step the engine runs is announced to the workers."""
+    if s.threads:
+        torch.set_num_threads(s.threads)
+    loaded = load_model(s.model, device=s.device, dtype=s.dtype)
+    cfg = loaded.config
+    max_len = s.max_model_len or cfg.max_seq_len
+    if max_len > cfg.max_seq_len:
+        raise ValueError(
+            f"--max-model-len {max_len} exceeds the model's context of {cfg.max_seq_len} tokens"
+        )
+    chat_template = ChatTemplate.resolve(s.chat_template, loaded.chat_template)
+    size = 1 if s.group is None else s.group.size
+    comm = None
+    if s.group is not None:
+        comm = GroupComm(s.group, loaded.device)  # waits for every worker to join
+    assert isinstance(loaded.model, Transformer)
+    serving = ServingModel(
+        loaded.model, size=size, all_reduce=None if comm is None else comm.all_reduce
+    )
+    if comm is not None:
+        attach_leader(serving, comm)
+    loaded.model = serving  # the unfused weights are no longer needed
+    engine = Engine(
+        serving,
+        loaded.tokenizer,
+        EngineConfig(
+            max_batch_size=s.max_batch_size,
+            max_model_len=max_len,
+            max_queue=s.max_queue,
+            max_prefill_tokens=max(s.max_prefill_tokens, 1),
+            block_size=s.block_size,
+            num_blocks=None if s.kv_cache_tokens is None else -(-s.kv_cache_tokens // s.block_size),
+            prefix_caching=s.enable_prefix_caching,
+        ),
+        metrics,
+        n_layers=cfg.n_layers,
+        n_kv_heads=cfg.n_kv_heads // size,
+        head_dim=cfg.head_dim,
+        eos_token_ids=loaded.eos_token_ids,
+        dtype=loaded.dtype,
+        device=loaded.device,
+    )
+    if comm is not None:
+        send_cache_layout(comm, engine.config.total_blocks, engine.config.block_size)
+    return BuiltEngine(loaded, engine, max_len, chat_template, comm)
+
+
+def warm_up(engine: Engine) -> None:
     """One short greedy generation through the real loop (first-call allocations, kernels)."""
     done = threading.Event()
 

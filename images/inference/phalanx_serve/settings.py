@@ -46,7 +46,11 @@ class ServerSettings:
     max_body_bytes: int = 2 * 2**20
     threads: int | None = None  # torch intra-op threads on CPU
     log_level: str = "info"
+    # Also export every metric under vLLM's name (vllm:*), for dashboards written for vLLM.
+    vllm_metrics: bool = False
     group: GroupSettings | None = None  # None: this process serves the model alone
+    # Run the engine loop in a process of its own (engine_process.py); False: a thread here.
+    engine_process: bool = False
 
     @property
     def model_name(self) -> str:

@@ -24,7 +24,13 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
             raise
         return termination.exit_code
     # Imported late so `--help` answers without loading torch.
-    from phalanx_trainer.train import run
+    try:
+        from phalanx_trainer.train import run
+    except ModuleNotFoundError as error:  # one line, not a traceback
+        raise SystemExit(
+            f"phalanx-train needs the train extra ({error.name} is missing): "
+            "pip install 'phalanx[train]'"
+        ) from None
 
     return run(cfg, env).exit_code
 

@@ -7,8 +7,14 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-from phalanx_trainer.corpus import builtin_documents
-from phalanx_trainer.data import DEFAULT_SHARD_TOKENS, PreparedData, prepare
+try:
+    from phalanx_trainer.corpus import builtin_documents
+    from phalanx_trainer.data import DEFAULT_SHARD_TOKENS, PreparedData, prepare
+except ModuleNotFoundError as error:  # one line, not a traceback
+    raise SystemExit(
+        f"phalanx-data needs the train extra ({error.name} is missing): "
+        "pip install 'phalanx[train]'"
+    ) from None
 
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".text"}
 

@@ -7,8 +7,12 @@ Every rank serves its own (on ``--metrics-port`` + local rank); the operator pol
      "mfu": float|null, "lastCheckpointStep": int|null, "etaSeconds": float|null,
      "exportSteps": [int], "exportPath": str|null}
 
-plus ``rank``, ``gradNorm``, ``stepSeconds`` (this rank's own), ``valLoss``,
-``valPerplexity`` and ``valStep``.
+plus ``rank``, ``gradNorm``, ``stepSeconds`` (this rank's wall time per step),
+``ownStepSeconds`` (the part of it before this rank waits for its peers: see pace.py),
+``checkpointStallSeconds``
+(seconds this rank's loop was blocked saving checkpoints, a running total: the operator's
+goodput timeline subtracts it from training time), ``valLoss``, ``valPerplexity`` and
+``valStep``.
 """
 
 from __future__ import annotations
@@ -87,7 +91,9 @@ class Progress:
     # Beyond the contract's fields (which the operator reads); unknown fields are ignored.
     rank: int = 0
     grad_norm: float | None = None
-    step_seconds: float | None = None  # this rank's own mean wall time per step
+    step_seconds: float | None = None  # this rank's mean wall time per step
+    own_step_seconds: float | None = None  # of it, before waiting for peers (pace.py)
+    checkpoint_stall_seconds: float = 0.0  # the loop blocked in checkpoint saves, in total
     val_loss: float | None = None
     val_perplexity: float | None = None
     val_step: int | None = None
@@ -109,6 +115,8 @@ class Progress:
             "rank": self.rank,
             "gradNorm": finite(self.grad_norm),
             "stepSeconds": finite(self.step_seconds),
+            "ownStepSeconds": finite(self.own_step_seconds),
+            "checkpointStallSeconds": round(self.checkpoint_stall_seconds, 3),
             "valLoss": finite(self.val_loss),
             "valPerplexity": finite(self.val_perplexity),
             "valStep": self.val_step,
@@ -147,6 +155,10 @@ class TrainMetrics:
         self.step_seconds = gauge(
             "phalanx_train_step_seconds", "This rank's mean wall time per step (last interval)"
         )
+        self.own_step_seconds = gauge(
+            "phalanx_train_own_step_seconds",
+            "This rank's own work per step, before it waits for its peers (last interval)",
+        )
         self.step = gauge("phalanx_train_step", "Optimizer steps completed")
         self.total_steps = gauge("phalanx_train_total_steps", "Optimizer steps planned")
         self.learning_rate = gauge("phalanx_train_learning_rate", "Current learning rate")
@@ -181,6 +193,7 @@ class TrainMetrics:
         eta_seconds: float | None,
         grad_norm: float | None = None,
         step_seconds: float | None = None,
+        own_step_seconds: float | None = None,
     ) -> None:
         with self._lock:
             self.progress.step = step
@@ -190,10 +203,15 @@ class TrainMetrics:
             self.progress.eta_seconds = eta_seconds
             self.progress.grad_norm = grad_norm
             self.progress.step_seconds = step_seconds
+            self.progress.own_step_seconds = own_step_seconds
         rank = self._rank
         self.step.labels(rank).set(step)
-        if step_seconds is not None:
-            self.step_seconds.labels(rank).set(step_seconds)
+        for series, value in (
+            (self.step_seconds, step_seconds),
+            (self.own_step_seconds, own_step_seconds),
+        ):
+            if value is not None:
+                series.labels(rank).set(value)
         if not self._job_wide:
             return
         self.loss.labels(rank).set(loss)
@@ -219,6 +237,12 @@ class TrainMetrics:
         with self._lock:
             self.progress.last_checkpoint_step = step
         self.checkpoint_seconds.labels(self._rank).observe(seconds)
+
+    def record_stall(self, seconds: float) -> None:
+        """Time the training loop waited for a checkpoint save (all of a synchronous save, the
+        staging of an asynchronous one)."""
+        with self._lock:
+            self.progress.checkpoint_stall_seconds += max(0.0, seconds)
 
     def record_exports(self, steps: list[int], path: str | None) -> None:
         with self._lock:

@@ -38,6 +38,7 @@ from phalanx_trainer.loss import auto_chunk_tokens
 from phalanx_trainer.metrics import TrainMetrics, mfu, resolve_peak_flops
 from phalanx_trainer.model import ModelConfig, Transformer
 from phalanx_trainer.optim import build_optimizer, build_scheduler
+from phalanx_trainer.pace import OwnPace, time_gradient_buckets
 from phalanx_trainer.parallel import (
     check_tensor_parallel,
     clip_grad_norm,
@@ -223,6 +224,9 @@ class Trainer:
             env.local_world_size,
         )  # fmt: skip
         self.model = build_model(self.model_cfg, cfg, env, bf16=self.bf16)
+        # This rank's own work per step, without the wait for its peers (stragglers).
+        self.pace = OwnPace(env.device)
+        time_gradient_buckets(self.model, self.pace)
         unwrap(self.model).loss_chunk = (
             auto_chunk_tokens(self.model_cfg.vocab_size)
             if cfg.loss_chunk is None
@@ -456,6 +460,7 @@ class Trainer:
     def _train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step; returns its loss and the global gradient norm before clipping."""
         cfg = self.cfg
+        self.pace.start_step()
         step_loss = torch.zeros((), device=self.env.device)
         for micro in range(cfg.grad_accum):
             inputs, targets = self.loader.next_batch()
@@ -479,6 +484,7 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
+        self.pace.end_step()
         return step_loss, grad_norm.detach().float()
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
@@ -544,6 +550,7 @@ class Trainer:
             eta_seconds=eta,
             grad_norm=grad_norm,
             step_seconds=step_seconds,
+            own_step_seconds=self.pace.interval_seconds(),
         )
         mfu_text = f"{achieved_mfu:.1%}" if achieved_mfu is not None else "n/a"
         log.info(
@@ -588,7 +595,9 @@ class Trainer:
         )
 
     def _save(self, *, final: bool) -> None:
+        started = time.monotonic()
         self.ckpt.save(self.step, self.model, self.optimizer, self._trainer_state(), final=final)
+        self.metrics.record_stall(time.monotonic() - started)
         self.last_saved_step = self.step
 
     def _stop_requested(self) -> bool:

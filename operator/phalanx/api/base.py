@@ -41,12 +41,14 @@ class Rule:
 
 
 class ApiModel(BaseModel):
-    """camelCase on the wire, snake_case in Python, unknown fields rejected (as the API server does)."""
+    """camelCase on the wire, snake_case in Python, unknown fields rejected and no type coercion
+    (a quoted integer or "true" is refused, as the API server refuses them)."""
 
     model_config = ConfigDict(
         alias_generator=to_camel,
         populate_by_name=True,
         extra="forbid",
+        strict=True,
         validate_default=False,
         use_attribute_docstrings=False,
     )
@@ -70,7 +72,8 @@ def section(model: type[ApiModel], description: str) -> Any:
 
 
 def rule_violations(model: BaseModel, path: str) -> list[tuple[str, str]]:
-    """Every (field path, message) whose Rule fails, walking the whole model tree."""
+    """Every (field path, message) whose Rule fails, walking the whole model tree; also the
+    repeated keys of `x-kubernetes-list-type: map` lists, which the API server refuses."""
     found: list[tuple[str, str]] = []
     if isinstance(model, ApiModel):
         for rule in type(model).checks:
@@ -82,7 +85,26 @@ def rule_violations(model: BaseModel, path: str) -> list[tuple[str, str]]:
         if isinstance(value, BaseModel):
             found += rule_violations(value, key)
         elif isinstance(value, list):
+            found += _duplicate_keys(field.json_schema_extra, value, key)
             for i, item in enumerate(value):
                 if isinstance(item, BaseModel):
                     found += rule_violations(item, f"{key}[{i}]")
+    return found
+
+
+def _duplicate_keys(extra: Any, items: list[Any], path: str) -> list[tuple[str, str]]:
+    """The entries of a keyed list whose key an earlier entry already has (reported at the
+    later entry, as the API server does)."""
+    if not isinstance(extra, dict) or extra.get("x-kubernetes-list-type") != "map":
+        return []
+    keys = [str(k) for k in extra.get("x-kubernetes-list-map-keys") or ()]
+    seen: set[tuple[Any, ...]] = set()
+    found = []
+    for i, item in enumerate(items):
+        wire = item.wire() if isinstance(item, ApiModel) else item
+        value = tuple(wire.get(k) for k in keys) if isinstance(wire, dict) else (wire,)
+        if value in seen:
+            shown = ", ".join(f"{k}={v}" for k, v in zip(keys, value, strict=True))
+            found.append((f"{path}[{i}]", f"duplicate entry ({shown}): each must be unique"))
+        seen.add(value)
     return found

@@ -23,15 +23,19 @@ from phalanx.constants import (
 
 from . import inference, trainjob
 from .base import ApiModel, Rule
-from .common import QUANTITY_PATTERN
-from .validate import MAX_NAME_LENGTH
+from .common import QUANTITY_KEY, QUANTITY_MESSAGES
+from .validate import DNS_LABEL_PATTERN, MAX_NAME_LENGTH
 
 _DROP = {"title", "$defs", "discriminator"}
 
-NAME_RULE = Rule(
-    cel=f"size(self.metadata.name) <= {MAX_NAME_LENGTH}",
-    message=f"metadata.name must be at most {MAX_NAME_LENGTH} characters: pod host names append the rank.",
-)
+# Names become pod host names (`<job>-<rank>`): a DNS label, not the DNS subdomain the API
+# server allows for custom objects by default, so a dot is refused at admission.
+METADATA_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": MAX_NAME_LENGTH, "pattern": DNS_LABEL_PATTERN}
+    },
+}
 
 
 def _rules_by_title(model: type[BaseModel], out: dict[str, tuple[Rule, ...]]) -> None:
@@ -42,6 +46,13 @@ def _rules_by_title(model: type[BaseModel], out: dict[str, tuple[Rule, ...]]) ->
         for arg in _model_types(field.annotation):
             if arg.__name__ not in out:
                 _rules_by_title(arg, out)
+
+
+def model_rules(model: type[BaseModel]) -> list[Rule]:
+    """Every cross-field Rule of a model and the models inside it (the CRD carries them all)."""
+    found: dict[str, tuple[Rule, ...]] = {}
+    _rules_by_title(model, found)
+    return [rule for rules in found.values() for rule in rules]
 
 
 def _model_types(annotation: Any) -> list[type[BaseModel]]:
@@ -87,9 +98,12 @@ def _structural(node: Any, defs: dict[str, Any], rules: dict[str, tuple[Rule, ..
             # A structural schema cannot put a pattern inside the int-or-string anyOf, so the
             # string form is checked by CEL instead.
             patterns = [o["pattern"] for o in non_null if "pattern" in o]
+            quantity = [o[QUANTITY_KEY] for o in non_null if QUANTITY_KEY in o]
             # Bounded strings keep CEL's cost estimate small.
             node["maxLength"] = max(o.get("maxLength", 0) for o in non_null) or 64
-            if patterns:
+            if quantity:
+                node["x-kubernetes-validations"] = [_quantity_rule(quantity[0])]
+            elif patterns:
                 node["x-kubernetes-validations"] = [_string_form_rule(patterns[0])]
         else:
             node[key] = [_structural(o, defs, rules) for o in non_null]
@@ -127,14 +141,22 @@ def _structural(node: Any, defs: dict[str, Any], rules: dict[str, tuple[Rule, ..
     return out
 
 
-def _string_form_rule(pattern: str) -> dict[str, str]:
-    if pattern == QUANTITY_PATTERN:
-        return {
-            "rule": "type(self) != string || isQuantity(self)",
-            "message": "must be a Kubernetes quantity such as 8, 500m or 100Gi",
-        }
+def _quantity_rule(kind: str) -> dict[str, str]:
+    """A quantity in either form: the grammar of Kubernetes quantities, then its sign."""
+    sign, bound = (
+        ("quantity(self).isGreaterThan(quantity('0'))", "> 0")
+        if kind == "positive"
+        else ("!quantity(self).isLessThan(quantity('0'))", ">= 0")
+    )
     return {
-        "rule": f"type(self) != string || self.matches('{pattern}')",
+        "rule": f"type(self) == string ? isQuantity(self) && {sign} : self {bound}",
+        "message": QUANTITY_MESSAGES[kind],
+    }
+
+
+def _string_form_rule(pattern: str) -> dict[str, str]:
+    return {
+        "rule": f"type(self) == string ? self.matches('{pattern}') : self >= 0",
         "message": "must be a count or a percentage such as 25%",
     }
 
@@ -163,7 +185,7 @@ def _resource_schema(
         "properties": {
             "apiVersion": {"type": "string"},
             "kind": {"type": "string"},
-            "metadata": {"type": "object"},
+            "metadata": METADATA_SCHEMA,
             "spec": openapi_schema(spec),
             "status": openapi_schema(status),
         },
@@ -217,7 +239,7 @@ def trainjob_crd() -> dict[str, Any]:
         trainjob.LLMTrainJobStatus,
         trainjob.LLMTrainJob.__doc__ or "",
     )
-    schema["x-kubernetes-validations"] = [NAME_RULE.to_crd(), trainjob.GANG_SHAPE_RULE.to_crd()]
+    schema["x-kubernetes-validations"] = [trainjob.GANG_SHAPE_RULE.to_crd()]
     return _crd(
         TRAINJOB_KIND, TRAINJOB_PLURAL, "ltj", schema, trainjob.PRINTER_COLUMNS, {"status": {}}
     )
@@ -229,7 +251,6 @@ def inference_crd() -> dict[str, Any]:
         inference.InferenceServiceStatus,
         inference.InferenceService.__doc__ or "",
     )
-    schema["x-kubernetes-validations"] = [NAME_RULE.to_crd()]
     scale = {
         "specReplicasPath": ".spec.replicas",
         "statusReplicasPath": ".status.replicas",

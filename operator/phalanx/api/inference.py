@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal, TypedDict
 
 from pydantic import Field, StringConstraints
@@ -14,7 +15,7 @@ from .common import (
     ConditionList,
     DnsName,
     EnvList,
-    PodTemplateOverlay,
+    ServerPodTemplate,
     Topology,
     conditions_field,
     env_field,
@@ -24,7 +25,19 @@ from .common import (
 Str = Annotated[str, StringConstraints(max_length=4096)]
 # An absolute count or a percentage of replicas, as in Deployments.
 PERCENT_PATTERN = r"^[0-9]+%$"
-IntOrPercent = int | Annotated[str, StringConstraints(pattern=PERCENT_PATTERN, max_length=8)]
+IntOrPercent = (
+    Annotated[int, Field(ge=0)]
+    | Annotated[str, StringConstraints(pattern=PERCENT_PATTERN, max_length=8)]
+)
+
+
+def _is_zero(value: int | str) -> bool:
+    """0, "0%", "00%": no replica at all, whatever spec.replicas is."""
+    return value == 0 or (isinstance(value, str) and re.fullmatch(r"0+%", value) is not None)
+
+
+def _zero_cel(field: str) -> str:
+    return f"(type({field}) == int ? {field} == 0 : {field}.matches('^0+%$'))"
 
 
 class FromTrainJob(ApiModel):
@@ -160,11 +173,17 @@ class InferenceServiceSpec(ApiModel):
             ),
         ),
         Rule(
-            cel="!(self.rollout.maxUnavailable == 0 && self.rollout.maxSurge == 0)",
-            message="rollout.maxUnavailable and rollout.maxSurge cannot both be 0: the update could never progress.",
+            cel=(
+                "!("
+                + _zero_cel("self.rollout.maxUnavailable")
+                + " && "
+                + _zero_cel("self.rollout.maxSurge")
+                + ")"
+            ),
+            message="rollout.maxUnavailable and rollout.maxSurge cannot both be 0 (or 0%): the update could never progress.",
             field=".rollout",
             check=lambda m: (
-                not (m.rollout.max_unavailable in (0, "0%") and m.rollout.max_surge in (0, "0%"))
+                not (_is_zero(m.rollout.max_unavailable) and _is_zero(m.rollout.max_surge))
             ),
         ),
     )
@@ -193,7 +212,7 @@ class InferenceServiceSpec(ApiModel):
     topology: Topology = section(Topology, "Topology constraints of each multi-pod group.")
     server: ServerSettings = section(ServerSettings, "Inference server settings.")
     rollout: Rollout = section(Rollout, "Rolling update strategy.")
-    pod_template: PodTemplateOverlay | None = Field(
+    pod_template: ServerPodTemplate | None = Field(
         default=None, description="Overlay merged into every pod."
     )
 

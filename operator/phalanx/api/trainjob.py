@@ -15,9 +15,9 @@ from .common import (
     ConditionList,
     DnsName,
     EnvList,
-    PodTemplateOverlay,
-    Quantity,
+    PositiveQuantity,
     Topology,
+    TrainerPodTemplate,
     conditions_field,
     env_field,
     reserved_env_rule,
@@ -75,7 +75,11 @@ class TrainerSettings(ApiModel):
     compile: bool = Field(default=False, description="Compile the model with torch.compile.")
     data: Str = Field(
         default="builtin",
-        description="Token shard directory under the checkpoint volume, or `builtin` for the shipped corpus.",
+        description=(
+            "Prepared token-shard directory (phalanx-data prepare): a relative path is under the "
+            "checkpoint volume (checkpoint.mountPath), an absolute one is used as is; `builtin` "
+            "for the shipped corpus."
+        ),
     )
     checkpoint_every: int = Field(
         default=100, ge=1, le=10_000_000, description="Save a checkpoint every N steps."
@@ -171,7 +175,9 @@ class Checkpoint(ApiModel):
     existing_claim: DnsName | None = Field(
         default=None, description="Use this PersistentVolumeClaim instead of creating one."
     )
-    size: Quantity = Field(default="100Gi", description="Size of the claim Phalanx creates.")
+    size: PositiveQuantity = Field(
+        default="100Gi", description="Size of the claim Phalanx creates."
+    )
     storage_class_name: DnsName | None = Field(
         default=None, description="StorageClass of the claim Phalanx creates."
     )
@@ -215,6 +221,31 @@ class FailureRule(ApiModel):
     )
 
 
+class StragglerPolicy(ApiModel):
+    """When a rank counts as a straggler, and what is done about it (docs/goodput.md)."""
+
+    factor: float = Field(
+        default=1.5,
+        gt=1,
+        le=100,
+        description="A rank whose step time is above factor x the gang's median is slow.",
+    )
+    window_seconds: int = Field(
+        default=300,
+        ge=10,
+        le=86400,
+        description="A rank slow for this long is a straggler.",
+    )
+    action: Literal["Report", "Replace"] = Field(
+        default="Report",
+        description=(
+            "Report: a Straggling condition, an event naming the node and a metric; Replace: "
+            "also avoid the node and restart the gang from its newest checkpoint once the "
+            "next checkpoint is written."
+        ),
+    )
+
+
 class FailurePolicy(ApiModel):
     """How the gang reacts to failures."""
 
@@ -230,6 +261,38 @@ class FailurePolicy(ApiModel):
         ge=10,
         le=86400,
         description="A placed gang not fully running within this time is torn down and re-queued.",
+    )
+    node_lost_grace_seconds: int = Field(
+        default=30,
+        ge=0,
+        le=3600,
+        description=(
+            "A rank whose node has been NotReady this long counts as lost (reason NodeLost) and "
+            "its gang restarts; 0 reacts to the first NotReady."
+        ),
+    )
+    hang_timeout_seconds: int | None = Field(
+        default=None,
+        ge=10,
+        le=86400,
+        description=(
+            "A training gang whose step does not move for this long is restarted (reason "
+            "Hang; failure rules match onReasons: [Hang]). Default: 10x the median time "
+            "between observed steps, at least 300s, once three were timed."
+        ),
+    )
+    stragglers: StragglerPolicy = section(StragglerPolicy, "Straggler detection.")
+    spares: int = Field(
+        default=0,
+        ge=0,
+        le=64,
+        description=(
+            "Room for this many more pods of the gang's shape (with one pod per node: whole "
+            "nodes) kept free in the gang's domain while it runs, for its own recovery: the "
+            "gang is admitted only where it fits with them, ordinary gangs keep off them, "
+            "preemptible gangs may fill them and are preempted when the gang recovers. "
+            "gangScheduler builtin only."
+        ),
     )
 
 
@@ -249,7 +312,13 @@ class RunPolicy(ApiModel):
         default=False, description="Delete the pods but keep the checkpoint; false resumes."
     )
     active_deadline_seconds: int | None = Field(
-        default=None, ge=1, description="Fail the job (DeadlineExceeded) after this long running."
+        default=None,
+        ge=1,
+        description=(
+            "Fail the job (DeadlineExceeded) once it has been active this long, counted as a "
+            "Job counts it: from the first admission of its gang (time queued for capacity is "
+            "not counted), through restarts, and afresh after each resume from suspension."
+        ),
     )
     ttl_seconds_after_finished: int | None = Field(
         default=None, ge=0, description="Delete the finished job after this many seconds."
@@ -262,6 +331,14 @@ class RunPolicy(ApiModel):
         ge=-1_000_000,
         le=1_000_000,
         description="Admission order among queued gangs: higher first, then oldest first.",
+    )
+    preemptible: bool = Field(
+        default=False,
+        description=(
+            "The gang may run on the spare nodes the operator keeps for recovery (operator "
+            "setting spares) and yields them when a recovering gang needs them: it is "
+            "re-queued (reason Preempted), not failed, and no restart is counted."
+        ),
     )
     gang_scheduler: Literal["builtin", "none", "volcano", "coscheduling", "kueue"] = Field(
         default="builtin",
@@ -313,6 +390,63 @@ class LLMTrainJobSpec(ApiModel):
                 or m.processes_per_node <= m.accelerator.per_node
             ),
         ),
+        Rule(
+            cel=(
+                "!(self.runPolicy.gangScheduler in ['none', 'volcano', 'coscheduling']) "
+                "|| (!has(self.topology.required) && !has(self.topology.preferred))"
+            ),
+            message=(
+                "topology.required and topology.preferred are honoured by gangScheduler builtin "
+                "(Phalanx placement) and kueue (topology-aware scheduling) only; remove them or "
+                "change runPolicy.gangScheduler."
+            ),
+            field=".topology",
+            check=lambda m: (
+                m.run_policy.gang_scheduler not in ("none", "volcano", "coscheduling")
+                or (m.topology.required is None and m.topology.preferred is None)
+            ),
+        ),
+        Rule(
+            cel="self.runPolicy.gangScheduler == 'builtin' || self.failurePolicy.spares == 0",
+            message=(
+                "failurePolicy.spares is kept by gangScheduler builtin only (Phalanx placement); "
+                "set it to 0 or change runPolicy.gangScheduler."
+            ),
+            field=".failurePolicy.spares",
+            check=lambda m: (
+                m.run_policy.gang_scheduler == "builtin" or m.failure_policy.spares == 0
+            ),
+        ),
+        Rule(
+            cel=(
+                "self.runPolicy.gangScheduler == 'builtin' "
+                "|| self.topology.preferredWaitSeconds == 60"
+            ),
+            message=(
+                "topology.preferredWaitSeconds is used by gangScheduler builtin only; leave it "
+                "at its default (60)."
+            ),
+            field=".topology.preferredWaitSeconds",
+            check=lambda m: (
+                m.run_policy.gang_scheduler == "builtin" or m.topology.preferred_wait_seconds == 60
+            ),
+        ),
+        Rule(
+            cel=(
+                "self.runPolicy.gangScheduler != 'kueue' "
+                "|| !has(self.topology.required) || !has(self.topology.preferred)"
+            ),
+            message=(
+                "with gangScheduler kueue give topology.required or topology.preferred, not "
+                "both: Kueue takes one topology request per pod set."
+            ),
+            field=".topology",
+            check=lambda m: (
+                m.run_policy.gang_scheduler != "kueue"
+                or m.topology.required is None
+                or m.topology.preferred is None
+            ),
+        ),
     )
 
     image: Annotated[str, StringConstraints(min_length=1, max_length=1024)] = Field(
@@ -344,7 +478,7 @@ class LLMTrainJobSpec(ApiModel):
     checkpoint: Checkpoint = section(Checkpoint, "Checkpoint volume.")
     failure_policy: FailurePolicy = section(FailurePolicy, "Failure handling.")
     run_policy: RunPolicy = section(RunPolicy, "Scheduling and lifetime.")
-    pod_template: PodTemplateOverlay | None = Field(
+    pod_template: TrainerPodTemplate | None = Field(
         default=None, description="Overlay merged into every pod."
     )
 
@@ -368,6 +502,21 @@ class Placement(ApiModel):
         default_factory=list, description="Node of each rank, in rank order."
     )
     generation: int | None = Field(default=None, description="The gang generation placed.")
+    spare_nodes: Annotated[list[Str], Field(max_length=4096)] = Field(
+        default_factory=list,
+        description="Nodes of the room kept for failurePolicy.spares, one per spare pod.",
+    )
+
+
+class Preemption(ApiModel):
+    """The last time this job's gang yielded spare nodes to a recovering gang."""
+
+    by: Str = Field(default="", description="The recovering job (namespace/name).")
+    nodes: Annotated[list[Str], Field(max_length=4096)] = Field(
+        default_factory=list, description="The spare nodes it needed."
+    )
+    generation: int | None = Field(default=None, description="The gang generation preempted.")
+    at: datetime | None = Field(default=None, description="When it was preempted.")
 
 
 class Progress(ApiModel):
@@ -388,6 +537,99 @@ class Progress(ApiModel):
     )
     val_perplexity: float | None = Field(
         default=None, description="exp(valLoss): the validation perplexity."
+    )
+
+
+class Goodput(ApiModel):
+    """Where the job's wall-clock time went, kept by the operator (docs/goodput.md)."""
+
+    ettr: float = Field(
+        default=0,
+        description=(
+            "Effective training time ratio: productiveSeconds / (startingSeconds + "
+            "trainingSeconds + restartSeconds); 0 before the first gang was placed."
+        ),
+    )
+    state: (
+        Literal["Queued", "Starting", "Training", "Restarting", "Suspended", "Finished"] | None
+    ) = Field(default=None, description="What the job is doing now.")
+    since: datetime | None = Field(default=None, description="When the job entered state.")
+    accounted_at: datetime | None = Field(
+        default=None, description="When the seconds below were last brought up to date."
+    )
+    queued_seconds: float = Field(default=0, description="The first gang waiting for placement.")
+    starting_seconds: float = Field(
+        default=0, description="The first gang placed, before its step moved."
+    )
+    training_seconds: float = Field(
+        default=0, description="A gang's step moving (checkpoint stalls and lost work included)."
+    )
+    checkpoint_seconds: float = Field(
+        default=0, description="Training time the trainer was blocked saving checkpoints."
+    )
+    restart_seconds: float = Field(
+        default=0, description="From each failure observed until the new gang's step moved."
+    )
+    suspended_seconds: float = Field(default=0, description="Time suspended (not in ettr).")
+    lost_seconds: float = Field(
+        default=0, description="Training time whose work restarts threw away."
+    )
+    productive_seconds: float = Field(
+        default=0, description="trainingSeconds - checkpointSeconds - lostSeconds."
+    )
+    lost_steps: int = Field(
+        default=0, description="Steps recomputed after restarts (past the newest checkpoint)."
+    )
+    recoveries: int = Field(default=0, description="Restarts after which the gang trained again.")
+    last_recovery_seconds: float | None = Field(
+        default=None, description="The newest recovery: failure observed to training again."
+    )
+    failed_at: datetime | None = Field(
+        default=None, description="The failure the job is recovering from, while it does."
+    )
+    generation: int | None = Field(default=None, description="The gang these figures follow.")
+    last_step: int | None = Field(default=None, description="The gang's newest reported step.")
+    last_step_at: datetime | None = Field(default=None, description="When lastStep was seen.")
+    gang_start_step: int | None = Field(default=None, description="The gang's first step seen.")
+    checkpoint_step: int | None = Field(default=None, description="The newest checkpoint.")
+    step_seconds: float | None = Field(default=None, description="Seconds per step, reported.")
+    gang_training_seconds: float | None = Field(
+        default=None, description="trainingSeconds of the current gang."
+    )
+    gang_stall_seconds: float | None = Field(
+        default=None, description="The current gang's reported checkpoint stall total."
+    )
+
+
+class QueueStatus(ApiModel):
+    """Where a queued gang stands (docs/goodput.md#why-am-i-waiting)."""
+
+    position: int = Field(description="Place in the admission queue; 1 is next.")
+    estimated_start_time: datetime | None = Field(
+        default=None,
+        description=(
+            "When it would be placed once running jobs end as their ETAs say (absent: no "
+            "running job's ETA frees enough capacity)."
+        ),
+    )
+    after: Str | None = Field(
+        default=None, description="The running job (namespace/name) whose end lets it in."
+    )
+
+
+class StragglerStatus(ApiModel):
+    """A rank slower than its peers for the straggler window."""
+
+    rank: int = Field(description="Global rank.")
+    pod: Str = Field(default="", description="Its pod.")
+    node: Str = Field(default="", description="Its node.")
+    step_seconds: float = Field(
+        description="Its own seconds per step (ownStepSeconds where reported, else stepSeconds)."
+    )
+    median_step_seconds: float = Field(description="The gang's median of the same.")
+    checkpoint_step: int | None = Field(
+        default=None,
+        description="The newest checkpoint when it was found (Replace waits for a newer one).",
     )
 
 
@@ -415,6 +657,16 @@ class LLMTrainJobStatus(ApiModel):
         default=None, description="Last .metadata.generation acted on."
     )
     placement: Placement | None = Field(default=None, description="Where the gang runs.")
+    recover_from: Placement | None = Field(
+        default=None,
+        description=(
+            "Where the gang ran before a restart after failures, until the new gang is placed: "
+            "with spares its replacement is placed in the same domain first."
+        ),
+    )
+    preemption: Preemption | None = Field(
+        default=None, description="The last preemption of this preemptible job from spares."
+    )
     accelerators: int | None = Field(default=None, description="Accelerators held by the gang.")
     restarts: int = Field(default=0, description="Gang restarts after rank failures so far.")
     gang_generation: int | None = Field(
@@ -427,7 +679,16 @@ class LLMTrainJobStatus(ApiModel):
     admitted_at: datetime | None = Field(
         default=None, description="When the current gang was placed."
     )
-    start_time: datetime | None = Field(default=None, description="When the job first ran.")
+    start_time: datetime | None = Field(
+        default=None, description="When the job's pods were first created."
+    )
+    active_since: datetime | None = Field(
+        default=None,
+        description=(
+            "When the job became active (its gang first admitted, or admitted again after a "
+            "resume): runPolicy.activeDeadlineSeconds counts from here."
+        ),
+    )
     completion_time: datetime | None = Field(default=None, description="When the job finished.")
     progress: Progress | None = Field(default=None, description="Live progress from rank 0.")
     export_path: Str | None = Field(
@@ -444,6 +705,30 @@ class LLMTrainJobStatus(ApiModel):
             "ascending; an InferenceService serves one with model.fromTrainJob.step."
         ),
     )
+    goodput: Goodput | None = Field(
+        default=None, description="Where the job's time went: the ETTR timeline."
+    )
+    queue: QueueStatus | None = Field(
+        default=None, description="While queued: position and estimated start."
+    )
+    stragglers: Annotated[list[StragglerStatus], Field(max_length=4096)] = Field(
+        default_factory=list, description="Ranks slower than their peers for the window."
+    )
+    avoided_nodes: Annotated[list[Str], Field(max_length=4096)] = Field(
+        default_factory=list,
+        description=(
+            "Nodes this job's new gangs keep off: a rank failed there for a node's reason "
+            "(NodeLost, eviction, node shutdown, kubelet admission), kube-scheduler would not "
+            "bind a placed pod there by the gang timeout, or a straggler was replaced there."
+        ),
+    )
+    gang_timeouts: int = Field(
+        default=0,
+        description=(
+            "Gang timeouts in a row since the gang last ran; at 3 the job fails "
+            "(GangTimeoutLimitExceeded)."
+        ),
+    )
 
 
 class PlacementFields(TypedDict, total=False):
@@ -451,6 +736,14 @@ class PlacementFields(TypedDict, total=False):
     domain: str
     nodes: list[str]
     generation: int | None
+    spareNodes: list[str]
+
+
+class PreemptionFields(TypedDict, total=False):
+    by: str
+    nodes: list[str]
+    generation: int | None
+    at: str
 
 
 class LLMTrainJobStatusFields(TypedDict, total=False):
@@ -461,16 +754,24 @@ class LLMTrainJobStatusFields(TypedDict, total=False):
     conditions: list[dict[str, Any]]
     observedGeneration: int | None
     placement: PlacementFields
+    recoverFrom: PlacementFields
+    preemption: PreemptionFields
     accelerators: int
     restarts: int
     gangGeneration: int
     queuedAt: str
     admittedAt: str
     startTime: str
+    activeSince: str
     completionTime: str
     progress: dict[str, Any]
     exportPath: str
     exportSteps: list[int]
+    goodput: dict[str, Any]
+    queue: dict[str, Any]
+    stragglers: list[dict[str, Any]]
+    avoidedNodes: list[str]
+    gangTimeouts: int
 
 
 class LLMTrainJob(ApiModel):
@@ -510,6 +811,21 @@ PRINTER_COLUMNS: list[dict[str, Any]] = [
     {"name": "Progress", "type": "string", "jsonPath": ".status.progress.percent"},
     {"name": "Loss", "type": "number", "jsonPath": ".status.progress.loss"},
     {"name": "ValLoss", "type": "number", "jsonPath": ".status.progress.valLoss", "priority": 1},
+    {
+        "name": "Tokens/s",
+        "type": "number",
+        "jsonPath": ".status.progress.tokensPerSecond",
+        "priority": 1,
+    },
+    {"name": "ETA(s)", "type": "number", "jsonPath": ".status.progress.etaSeconds", "priority": 1},
     {"name": "Restarts", "type": "integer", "jsonPath": ".status.restarts"},
+    {"name": "ETTR", "type": "number", "jsonPath": ".status.goodput.ettr", "priority": 1},
+    {"name": "Queue", "type": "integer", "jsonPath": ".status.queue.position", "priority": 1},
+    {
+        "name": "Start(est)",
+        "type": "string",
+        "jsonPath": ".status.queue.estimatedStartTime",
+        "priority": 1,
+    },
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]

@@ -14,13 +14,15 @@ from pydantic import BaseModel, ValidationError
 from phalanx.constants import API_VERSION, INFERENCE_KIND, TRAINJOB_KIND
 
 from .base import rule_violations
-from .common import QUANTITY_PATTERN
+from .common import QUANTITY_ERROR
 from .inference import PERCENT_PATTERN, InferenceService
+from .pod_security import refused
 from .trainjob import LLMTrainJob
 
 # Job pods are named `<job>-<rank>` and double as DNS host names (63 characters at most).
 MAX_NAME_LENGTH = 50
-_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+_DNS_LABEL = re.compile(DNS_LABEL_PATTERN)
 MODELS: dict[str, type[BaseModel]] = {TRAINJOB_KIND: LLMTrainJob, INFERENCE_KIND: InferenceService}
 
 
@@ -56,14 +58,18 @@ def _loc_to_path(loc: tuple[int | str, ...]) -> str:
 
 
 def _is_union_tag(part: str) -> bool:
-    return part in {"int", "str", "float", "bool", "constrained-str"} or "[" in part
+    return part in {"int", "str", "float", "bool"} or part.startswith("constrained-") or "[" in part
 
 
 # Patterns of int-or-string fields, explained in words rather than regular expressions.
-_PATTERN_MEANING = {
-    QUANTITY_PATTERN: "must be a Kubernetes quantity such as 8, 500m or 100Gi",
-    PERCENT_PATTERN: "must be a count or a percentage such as 25%",
-}
+_PATTERN_MEANING = {PERCENT_PATTERN: "must be a count or a percentage such as 25%"}
+
+
+def _explains(item: Any) -> bool:
+    """The error of an int-or-string field's string branch, which says what the format is."""
+    return item["type"] == QUANTITY_ERROR or (item.get("ctx") or {}).get("pattern") in (
+        _PATTERN_MEANING
+    )
 
 
 def _message(item: Any) -> str:
@@ -85,7 +91,10 @@ def _pydantic_errors(error: ValidationError) -> list[FieldError]:
     found = []
     for path, items in by_path.items():
         # An int-or-string field fails once per branch; the string branch explains the format.
-        explained = [i for i in items if (i.get("ctx") or {}).get("pattern") in _PATTERN_MEANING]
+        explained = [i for i in items if _explains(i)]
+        if len(items) > 1 and not explained:
+            # An int-or-string given a number out of range fails its string branch too.
+            explained = [i for i in items if i["type"] != "string_type"]
         found.append(FieldError(path, _message((explained or items)[0])))
     return found
 
@@ -115,9 +124,20 @@ def _metadata_errors(obj: dict[str, Any]) -> list[FieldError]:
     return []
 
 
-def validate_object(obj: Any) -> list[FieldError]:
-    """Every problem in one manifest; an empty list means the API server would accept it."""
-    return _check(obj)[1]
+def validate_object(obj: Any, pod_security: str | None = None) -> list[FieldError]:
+    """Every problem in one manifest; an empty list means the API server would accept it.
+
+    With `pod_security` (a namespace's level), also the pod-template fields the operator
+    would refuse in a namespace of that level, in the words of its condition.
+    """
+    model, errors = _check(obj)
+    if pod_security is None or model is None:
+        return errors
+    template = getattr(getattr(model, "spec", None), "pod_template", None)
+    return errors + [
+        FieldError(r.field, r.refusal(pod_security).partition(": ")[2])
+        for r in refused(template, pod_security)
+    ]
 
 
 def parse(obj: dict[str, Any], model: type[BaseModel]) -> Any:

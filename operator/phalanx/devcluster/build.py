@@ -29,10 +29,15 @@ from phalanx.devcluster.versions import (
     CONTROL_PLANE_BINARIES,
     COREDNS_BINARY,
     ETCD_BINARY,
+    HELM_BINARY,
+    HELM_KUBE_MINOR,
     KUBELET_BINARY,
     KUBERNETES_BINARIES,
     KUBERNETES_VERSION,
+    KUEUE_BINARY,
     KWOK_BINARY,
+    PROMETHEUS_BINARY,
+    PROMETHEUS_RELEASE,
     STAGING_VERSION,
     GoBinary,
 )
@@ -75,6 +80,62 @@ def ensure_binaries(*, force: bool = False, progress: Progress | None = None) ->
         if COREDNS_BINARY in stale:
             builder.install([COREDNS_BINARY], "-s -w")
     return target
+
+
+def ensure_tool(
+    binary: GoBinary, ldflags: str, *, force: bool = False, progress: Progress | None = None
+) -> Path:
+    """A pinned tool the tests use beside a cluster (helm, Prometheus), built with `go install`
+    from the module proxy when missing, cached apart from the cluster's binaries
+    (`bin/<its version>/<name>`): a cluster does not need it."""
+    target = paths.bin_dir(binary.version)
+    tool = target / binary.name
+    if not force and built_tool(binary) is not None:
+        return tool
+    go = find_go()
+    target.mkdir(parents=True, exist_ok=True)
+    with _build_lock():
+        if force or built_tool(binary) is None:
+            _Builder(go, target, progress or (lambda _line: None)).install([binary], ldflags)
+    return tool
+
+
+def built_tool(binary: GoBinary) -> Path | None:
+    """The cached build of a pinned tool, or None when it is missing or stale."""
+    target = paths.bin_dir(binary.version)
+    tool = target / binary.name
+    stamp = read_stamp(target).get(binary.name)
+    return tool if os.access(tool, os.X_OK) and stamp == _stamp_entry(binary) else None
+
+
+def ensure_helm(*, force: bool = False, progress: Progress | None = None) -> Path:
+    """The pinned helm, for the chart's lint, render, install and upgrade tests."""
+    return ensure_tool(HELM_BINARY, helm_ldflags(), force=force, progress=progress)
+
+
+def ensure_prometheus(*, force: bool = False, progress: Progress | None = None) -> Path:
+    """The pinned Prometheus, with Kubernetes service discovery (Debian's build has none),
+    for scraping a dev cluster's pods as a cluster's Prometheus would."""
+    version = f"-X github.com/prometheus/common/version.Version={PROMETHEUS_RELEASE}"
+    return ensure_tool(PROMETHEUS_BINARY, f"-s -w {version}", force=force, progress=progress)
+
+
+def ensure_kueue(*, force: bool = False, progress: Progress | None = None) -> Path:
+    """The pinned Kueue manager, the peer `bench/scale.py` runs against the dev cluster."""
+    version = f"-X sigs.k8s.io/kueue/pkg/version.GitVersion={KUEUE_BINARY.version}"
+    return ensure_tool(KUEUE_BINARY, f"-s -w {version}", force=force, progress=progress)
+
+
+def helm_ldflags() -> str:
+    """What helm's own release build stamps: its version, and the Kubernetes version its
+    offline commands (`helm template`, `helm lint`) assume, from the client-go it is built on."""
+    flags = [f"-X helm.sh/helm/v3/internal/version.version={HELM_BINARY.version}"]
+    for package in ("pkg/lint/rules", "pkg/chartutil"):
+        flags += [
+            f"-X helm.sh/helm/v3/{package}.k8sVersionMajor=1",
+            f"-X helm.sh/helm/v3/{package}.k8sVersionMinor={HELM_KUBE_MINOR}",
+        ]
+    return " ".join(["-s", "-w", *flags])
 
 
 def require_binaries(*, real_nodes: bool = True) -> Path:
@@ -327,6 +388,11 @@ def _release_date(module: dict[str, str]) -> str:
     except (OSError, ValueError, KeyError):
         published = ""
     return str(published) or "1970-01-01T00:00:00Z"
+
+
+def go_env(key: str) -> str:
+    """One `go env` value of the Go toolchain the builds use (GOMODCACHE, for one)."""
+    return _go_env(find_go(), key)
 
 
 def _go_env(go: str, key: str) -> str:

@@ -158,6 +158,26 @@ def issue_client(pki: Pki, identity: ClientIdentity, now: datetime.datetime | No
     _write_pair(pki.cert(identity.file_stem), pki.key(identity.file_stem), cert, key)
 
 
+def issue_server(
+    pki: Pki, stem: str, common_name: str, now: datetime.datetime | None = None
+) -> None:
+    """A serving certificate for loopback signed by the cluster CA (a webhook the API
+    server calls on 127.0.0.1, for one)."""
+    ca_cert = x509.load_pem_x509_certificate(pki.ca_cert.read_bytes())
+    ca_key = serialization.load_pem_private_key(pki.ca_key.read_bytes(), password=None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    names = x509.SubjectAlternativeName(
+        [x509.DNSName("localhost")]
+        + [x509.IPAddress(ipaddress.ip_address(ip)) for ip in LOOPBACK_IPS]
+    )
+    key = _new_key()
+    issued = now or datetime.datetime.now(datetime.UTC)
+    cert = _issue(
+        ca_cert, ca_key, key, _name(common_name), issued, [ExtendedKeyUsageOID.SERVER_AUTH], names
+    )
+    _write_pair(pki.cert(stem), pki.key(stem), cert, key)
+
+
 def _new_key() -> ec.EllipticCurvePrivateKey:
     return ec.generate_private_key(ec.SECP256R1())
 

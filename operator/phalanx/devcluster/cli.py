@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import shlex
 import time
 from collections.abc import Callable
@@ -53,11 +54,33 @@ def _export_line(kubeconfig: Path) -> str:
 @app.command()
 def build(
     force: Annotated[bool, typer.Option("--force", help="Rebuild even if cached.")] = False,
+    tools: Annotated[
+        bool,
+        typer.Option(
+            "--tools", help="Also helm (the chart's tests) and Prometheus (`dev prometheus`)."
+        ),
+    ] = False,
+    with_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--with", help="Also these peers: kueue (the scale benchmark's Kueue TAS mode)."
+        ),
+    ] = None,
 ) -> None:
     """Build the pinned binaries from the Go module proxy into ~/.cache/phalanx/bin/<version>/."""
+    peers = {"kueue": build_.ensure_kueue}
+    unknown = sorted(set(with_ or ()) - set(peers))
+    if unknown:
+        raise typer.BadParameter(
+            f"unknown peer {', '.join(unknown)}; known: kueue", param_hint="--with"
+        )
     started = time.monotonic()
     target = _run(lambda: build_.ensure_binaries(force=force, progress=typer.echo))
     typer.echo(f"binaries ready in {target} ({time.monotonic() - started:.1f}s)")
+    extra = [build_.ensure_helm, build_.ensure_prometheus] if tools else []
+    for ensure in extra + [peers[name] for name in with_ or ()]:
+        tool = _run(functools.partial(ensure, force=force, progress=typer.echo))
+        typer.echo(f"{tool.name} ready in {tool.parent} ({time.monotonic() - started:.1f}s)")
 
 
 @app.command()
@@ -164,6 +187,18 @@ def demo(directory: DirOption = None, name: NameOption = "default") -> None:
     from phalanx.devcluster.demo import run_demo
 
     _run(lambda: run_demo(typer.echo, directory or paths.default_state_dir(name)))
+
+
+@app.command()
+def prometheus(
+    directory: DirOption = None,
+    name: NameOption = "default",
+    interval: Annotated[float, typer.Option(help="Scrape interval in seconds.")] = 2.0,
+) -> None:
+    """Run Prometheus beside the cluster with the chart's workload scrape configs (trainer
+    and server pods) and the operator as targets; print its URL. `dev down` stops it."""
+    url = _run(lambda: _cluster(directory, name).start_prometheus(interval_seconds=interval))
+    typer.echo(url)
 
 
 @app.command()

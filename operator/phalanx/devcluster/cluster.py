@@ -7,27 +7,42 @@ until they are Ready. Each `up` starts from an empty etcd: a dev cluster is disp
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
+import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from phalanx.devcluster import components as components_
-from phalanx.devcluster import kwok_stages, netns, paths, profiles, realnode
+from phalanx.devcluster import (
+    kueue,
+    kwok_stages,
+    mountns,
+    netns,
+    paths,
+    profiles,
+    prometheus,
+    realnode,
+)
 from phalanx.devcluster.apiclient import ApiClient, probe
-from phalanx.devcluster.build import require_binaries
-from phalanx.devcluster.certs import CLIENTS, ClientIdentity, ensure_pki, issue_client
+from phalanx.devcluster.build import ensure_kueue, ensure_prometheus, go_env, require_binaries
+from phalanx.devcluster.certs import CLIENTS, ClientIdentity, ensure_pki, issue_client, issue_server
 from phalanx.devcluster.components import Component
 from phalanx.devcluster.errors import DevClusterError
 from phalanx.devcluster.kubeconfig import render_kubeconfig, write_kubeconfig
 from phalanx.devcluster.layout import ClusterLayout, Ports
-from phalanx.devcluster.ports import choose_ports
+from phalanx.devcluster.ports import choose_ports, free_ports
 from phalanx.devcluster.processes import (
     ProcessState,
     process_state,
@@ -36,15 +51,20 @@ from phalanx.devcluster.processes import (
     start_process,
     stop_process,
 )
+from phalanx.devcluster.versions import KUEUE_VERSION
 
 Progress = Callable[[str], None]
 COMPONENT_NAMES = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok")
 # Processes beside the control plane: dynamic volumes always; the relay into the cluster's
-# network namespace and cluster DNS only with real nodes.
+# network namespace when it has one; cluster DNS only with real nodes.
 ADDON_NAMES = ("provisioner", "relay", "coredns")
 # Started on request (`start_operator`), stopped first by `down`: a client, before its cluster.
 OPERATOR = "operator"
 OPERATOR_PORTS = {"PHALANX_METRICS_PORT": "18080"}
+# Started on request (`start_prometheus`), stopped by `down` before the cluster.
+PROMETHEUS = "prometheus"
+PROMETHEUS_RELAY = "prometheus-relay"
+KUEUE = "kueue"
 REAL_NODE_PREFIX = "real"
 ACCELERATOR_RESOURCES = ("nvidia.com/gpu", "huawei.com/Ascend910")
 NODE_CREATE_WORKERS = 8
@@ -110,8 +130,9 @@ class DevCluster:
     ) -> Path:
         """Start the control plane, its fake nodes and `real` kubelet nodes.
 
-        With real nodes, everything runs in the cluster's own network namespace and a relay
-        publishes the API server on the machine's 127.0.0.1 at the same port.
+        Where the machine allows it (always with real nodes), everything runs in the cluster's
+        own network namespace and a relay publishes the API server on the machine's 127.0.0.1
+        at the same port.
         Returns the admin kubeconfig path.
         """
         report = progress or (lambda _line: None)
@@ -124,9 +145,13 @@ class DevCluster:
             realnode.check_host()
         started = time.monotonic()
         ports = choose_ports(port)
-        namespace = netns.namespace_name(self.root) if real else None
+        # Its own network namespace wherever the machine allows (real nodes need one): fake
+        # pods then get addresses the EndpointSlice controller accepts, which nothing outside
+        # the namespace can dial. Elsewhere, fake pods get loopback addresses instead.
+        isolated = real > 0 or netns.available() is None
+        namespace = netns.namespace_name(self.root) if isolated else None
         self._prepare_files(ports, chosen_profile.name, real=real, namespace=namespace)
-        plan = components_.control_plane(self.layout, ports, bin_dir, in_namespace=real > 0)
+        plan = components_.control_plane(self.layout, ports, bin_dir, in_namespace=isolated)
         try:
             if namespace is not None:
                 netns.create(namespace)
@@ -199,6 +224,184 @@ class DevCluster:
             preexec=netns.enter(self.namespace()),
         )
         return self.layout.log(OPERATOR)
+
+    def start_prometheus(self, *, interval_seconds: float = 2.0, timeout: float = 60.0) -> str:
+        """Run Prometheus (the pinned build: `build.ensure_prometheus`) with the chart's workload scrape configs and the operator as a
+        target (in the cluster's network namespace when it has one); `down` stops it.
+        Returns its URL on the machine's loopback."""
+        binary = str(ensure_prometheus())
+        if process_state(self.layout.pid_file(PROMETHEUS)) is ProcessState.RUNNING:
+            return self.prometheus_url()
+        port = free_ports(1)[0]
+        config = prometheus.render_config(
+            prometheus.shipped_scrape_configs(),
+            kubeconfig=self.kubeconfig,
+            operator_target=f"127.0.0.1:{OPERATOR_PORTS['PHALANX_METRICS_PORT']}",
+            interval_seconds=interval_seconds,
+        )
+        config_file = self.root / "prometheus.yml"
+        config_file.write_text(yaml.safe_dump(config, sort_keys=False))
+        data = self.root / "prometheus-data"
+        shutil.rmtree(data, ignore_errors=True)  # a dev cluster's history starts with it
+        namespace = self.namespace()
+        self._start_addon(
+            PROMETHEUS,
+            prometheus.command(binary, config_file, data, port),
+            binary=True,
+            namespace=namespace,
+        )
+        if namespace is not None:
+            self._start_addon(
+                PROMETHEUS_RELAY,
+                (
+                    "-m",
+                    "phalanx.devcluster.relay",
+                    str(netns.namespace_path(namespace)),
+                    f"127.0.0.1:{port}",
+                ),
+            )
+        (self.root / "prometheus.url").write_text(f"http://127.0.0.1:{port}\n")
+        url = self.prometheus_url()
+        deadline = time.monotonic() + timeout
+        while not _answers(f"{url}/-/ready"):
+            if process_state(self.layout.pid_file(PROMETHEUS)) is not ProcessState.RUNNING:
+                raise DevClusterError(f"prometheus exited (log: {self.layout.log(PROMETHEUS)})")
+            if time.monotonic() > deadline:
+                raise DevClusterError(
+                    f"prometheus not ready in {timeout:.0f}s (log: {self.layout.log(PROMETHEUS)})"
+                )
+            time.sleep(0.5)
+        return url
+
+    def start_kueue(
+        self,
+        *,
+        levels: list[str],
+        node_labels: dict[str, str],
+        quota: dict[str, str],
+        timeout: float = 180.0,
+    ) -> None:
+        """Install Kueue's CRDs, run its manager (the pinned build: `build.ensure_kueue`) in the
+        cluster's network namespace with webhooks on loopback, and create a topology-aware
+        ClusterQueue over `levels` (node labels, coarsest first); `down` stops it. Namespaces
+        get their LocalQueue from `kueue_queue`."""
+        binary = str(ensure_kueue())
+        source = kueue.module_dir(go_env("GOMODCACHE"), KUEUE_VERSION)
+        if process_state(self.layout.pid_file(KUEUE)) is ProcessState.RUNNING:
+            return
+        crds = [f"-f={path}" for path in kueue.crd_files(source)]
+        self.kubectl("apply", "--server-side", *crds)
+        self.kubectl("wait", "--for=condition=Established", "--timeout=60s", *crds)
+        webhook_port, health_port, metrics_port = free_ports(3)
+        pki = self.layout.pki
+        issue_server(pki, "kueue-webhook", "kueue-webhook")
+        certs_dir = self.root / "kueue-certs"
+        certs_dir.mkdir(exist_ok=True)
+        shutil.copy(pki.cert("kueue-webhook"), certs_dir / "tls.crt")
+        shutil.copy(pki.key("kueue-webhook"), certs_dir / "tls.key")
+        # Its metrics server reads a fixed path: an overlay on /etc, in a mount namespace
+        # of the manager's own, holds the same certificate there.
+        etc = self.root / "kueue-etc"
+        shutil.rmtree(etc, ignore_errors=True)
+        metrics_certs = etc / "upper" / kueue.METRICS_CERTS.relative_to("/etc")
+        metrics_certs.mkdir(parents=True)
+        (etc / "work").mkdir()
+        shutil.copytree(certs_dir, metrics_certs, dirs_exist_ok=True)
+        config = kueue.configuration(
+            webhook_port=webhook_port,
+            health_port=health_port,
+            metrics_port=metrics_port,
+            cert_dir=certs_dir,
+        )
+        config_file = self.root / "kueue-config.yaml"
+        config_file.write_text(yaml.safe_dump(config, sort_keys=False))
+        self._apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "kueue-system"}})
+        namespace = self.namespace()
+        start_process(
+            (
+                binary,
+                f"--config={config_file}",
+                f"--kubeconfig={self.kubeconfig}",
+                "--feature-gates=VisibilityOnDemand=false",
+            ),
+            pid_file=self.layout.pid_file(KUEUE),
+            log_file=self.layout.log(KUEUE),
+            preexec=_both(
+                netns.enter(namespace),
+                mountns.overlay(Path("/etc"), etc / "upper", etc / "work"),
+            ),
+        )
+        deadline = time.monotonic() + timeout
+        while True:
+            with netns.entered(namespace):
+                ready = _answers(f"http://127.0.0.1:{health_port}/readyz")
+            if ready:
+                break
+            if process_state(self.layout.pid_file(KUEUE)) is not ProcessState.RUNNING:
+                raise DevClusterError(f"kueue exited (log: {self.layout.log(KUEUE)})")
+            if time.monotonic() > deadline:
+                raise DevClusterError(
+                    f"kueue not ready in {timeout:.0f}s ({self.layout.log(KUEUE)})"
+                )
+            time.sleep(0.5)
+        ca_bundle = base64.b64encode(pki.ca_cert.read_bytes()).decode()
+        manifests = (source / "config" / "components" / "webhook" / "manifests.yaml").read_text()
+        for hook in kueue.webhooks(
+            manifests, url=f"https://127.0.0.1:{webhook_port}", ca_bundle=ca_bundle
+        ):
+            self._apply(hook)
+        # The webhooks of Kueue's own kinds now answer: its objects go through them.
+        for obj in kueue.tas_objects(levels, node_labels, quota):
+            self._apply(obj, attempts_until=deadline)
+
+    def stop_kueue(self) -> None:
+        """Remove Kueue's webhooks first (a pod that asks for a queue would otherwise be
+        refused while nothing answers them), then stop its manager. Its CRDs stay."""
+        self.kubectl(
+            "delete",
+            "mutatingwebhookconfigurations,validatingwebhookconfigurations",
+            "-l",
+            kueue.PEER_SELECTOR,
+            "--ignore-not-found",
+        )
+        stop_process(self.layout.pid_file(KUEUE))
+
+    def kueue_queue(self, namespace: str) -> str:
+        """A LocalQueue in `namespace` for the ClusterQueue `start_kueue` made; its name."""
+        self._apply(kueue.local_queue(namespace))
+        return kueue.LOCAL_QUEUE
+
+    def kubectl(self, *args: str, stdin: str | None = None) -> str:
+        """Run the cluster's kubectl against it; its output, or the error it printed."""
+        kubectl = require_binaries(real_nodes=False) / "kubectl"
+        result = subprocess.run(
+            [str(kubectl), f"--kubeconfig={self.kubeconfig}", *args],
+            input=stdin,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if result.returncode != 0:
+            raise DevClusterError(f"kubectl {' '.join(args[:2])}: {result.stderr.strip()}")
+        return result.stdout
+
+    def _apply(self, obj: dict[str, Any], *, attempts_until: float | None = None) -> None:
+        """Server-side apply of one object; retried until `attempts_until` while a webhook it
+        goes through is still coming up."""
+        while True:
+            try:
+                self.kubectl("apply", "--server-side", "-f", "-", stdin=json.dumps(obj))
+                return
+            except DevClusterError:
+                if attempts_until is None or time.monotonic() > attempts_until:
+                    raise
+                time.sleep(1.0)
+
+    def prometheus_url(self) -> str:
+        try:
+            return (self.root / "prometheus.url").read_text().strip()
+        except OSError as error:
+            raise DevClusterError("no Prometheus runs beside this cluster") from error
 
     def real_nodes(self) -> list[realnode.RealNode]:
         """The real nodes of this cluster, as recorded by `up`."""
@@ -303,7 +506,7 @@ class DevCluster:
             items = client.get("/api/v1/nodes?labelSelector=" + realnode.REAL_NODE_LABEL).json()[
                 "items"
             ]
-            if names <= {n["metadata"]["name"] for n in items if node_is_ready(n)}:
+            if names <= {n["metadata"]["name"] for n in items if node_is_schedulable(n)}:
                 return
             for process in processes:
                 process.raise_if_exited()
@@ -319,8 +522,9 @@ class DevCluster:
         Returns the names that were running.
         """
         stopped = []
-        if stop_process(self.layout.pid_file(OPERATOR)):
-            stopped.append(OPERATOR)
+        for name in (OPERATOR, KUEUE, PROMETHEUS_RELAY, PROMETHEUS):
+            if stop_process(self.layout.pid_file(name)):
+                stopped.append(name)
         namespace = self.namespace()
         for node in self.real_nodes():
             if realnode.NodeProcess(node, namespace or "", paths.bin_dir()).stop():
@@ -472,13 +676,14 @@ class DevCluster:
     ) -> None:
         while True:
             items = client.get("/api/v1/nodes?resourceVersion=0").json()["items"]
-            ready = {n["metadata"]["name"] for n in items if node_is_ready(n)}
+            ready = {n["metadata"]["name"] for n in items if node_is_schedulable(n)}
             if names <= ready:
                 return
             self._raise_if_exited(plan)
             if time.monotonic() > deadline:
                 raise DevClusterError(
-                    f"only {len(names & ready)} of {len(names)} nodes became Ready "
+                    f"only {len(names & ready)} of {len(names)} nodes became Ready and "
+                    "schedulable "
                     f"(kwok log: {self.layout.log('kwok')})"
                 )
             time.sleep(0.2)
@@ -565,6 +770,17 @@ def node_is_ready(node: dict[str, Any]) -> bool:
     )
 
 
+# Taints the node lifecycle controller keeps on a node until it has seen it Ready; kube-scheduler
+# binds nothing there meanwhile, so `up` returns only once they are gone.
+STARTUP_TAINTS = frozenset({"node.kubernetes.io/not-ready", "node.kubernetes.io/unreachable"})
+
+
+def node_is_schedulable(node: dict[str, Any]) -> bool:
+    """Ready, and no longer carrying the taints of a node that is not (yet) Ready."""
+    taints = (node.get("spec") or {}).get("taints") or []
+    return node_is_ready(node) and not any(t.get("key") in STARTUP_TAINTS for t in taints)
+
+
 def summarize_nodes(nodes: list[dict[str, Any]]) -> NodeSummary:
     ready = [n for n in nodes if node_is_ready(n)]
     accelerators = {
@@ -595,3 +811,20 @@ def _explain_log(log: Path) -> str:
                 "a port it needs is already in use; run `phalanx dev up` again to pick free ports"
             )
     return lines[-1][:300] if lines else "no output"
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as reply:
+            return bool(reply.status == 200)
+    except (OSError, urllib.error.URLError):
+        return False
+
+
+def _both(first: Callable[[], None] | None, second: Callable[[], None]) -> Callable[[], None]:
+    def preexec() -> None:
+        if first is not None:
+            first()
+        second()
+
+    return preexec

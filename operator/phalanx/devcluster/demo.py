@@ -40,6 +40,8 @@ def run_demo(report: Progress, cluster_dir: Path | None = None) -> None:
     kubectl("wait", "--for=condition=Established", "crd", "--all", "--timeout=60s")
     operator_log = cluster.start_operator({"PHALANX_PROGRESS_INTERVAL": "2"})
     report(f"operator running (log: {operator_log})")
+    prometheus_url = cluster.start_prometheus()
+    report(f"Prometheus scraping the trainer, server and operator: {prometheus_url}")
 
     kubectl("apply", "-f", str(repo / "jobs" / f"{JOB}.yaml"))
     report(f"training {JOB} on the real nodes (kubectl get ltj {JOB}):")
@@ -72,6 +74,10 @@ def run_demo(report: Progress, cluster_dir: Path | None = None) -> None:
     report(f"  export KUBECONFIG={kubeconfig}")
     report("  kubectl get ltj,lis,pods -o wide")
     report(f"  kubectl port-forward service/{SERVICE} 8000:80   # then the OpenAI API on :8000/v1")
+    report(
+        f"  curl -s '{prometheus_url}/api/v1/query?query=phalanx_train_loss'   # the dashboards' "
+        "queries (charts/phalanx/dashboards) run there as they are"
+    )
     report("  phalanx dev exec -- curl -s <pod IP>:9400/metrics   # a trainer's Prometheus metrics")
     report("Stop everything with: phalanx dev down")
 

@@ -26,8 +26,10 @@ STAGE_FILES = (
     "node-initialize.yaml",
     "node-heartbeat.yaml",
     "node-not-ready.yaml",
+    "node-not-ready-heartbeat.yaml",
     "pod-ready.yaml",
     "pod-outcome.yaml",
+    "pod-terminate.yaml",
     "pod-delete.yaml",
 )
 # kwok plays stages with 4 workers by default; more keep 1,000 nodes' heartbeats on time.

@@ -1,9 +1,10 @@
 """The dev cluster's own network namespace, and how processes get into and out of it.
 
-With real nodes, the whole cluster lives in one network namespace that `dev up` creates and
-`dev down` removes: the control plane, CoreDNS, every kubelet and containerd, the node bridge
-and the pods' veths. The namespace has no default route, so nothing in it can leave the
-machine, and no link, route or firewall rule of the machine's own namespace is touched.
+Wherever the machine allows it (root, `ip`), the whole cluster lives in one network namespace
+that `dev up` creates and `dev down` removes: the control plane, the fake pods' addresses and,
+with real nodes, CoreDNS, every kubelet and containerd, the node bridge and the pods' veths.
+The namespace has no default route, so nothing in it can leave the machine, and no link,
+route or firewall rule of the machine's own namespace is touched.
 
 Processes enter it by `setns(2)` just before they exec (`enter` as a `preexec_fn`); the
 relay (`python -m phalanx.devcluster.relay`) binds its listening sockets in the machine's
@@ -17,8 +18,9 @@ import contextlib
 import ctypes
 import hashlib
 import os
+import shutil
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from phalanx.devcluster.errors import DevClusterError
@@ -29,6 +31,15 @@ NETNS_DIR = Path("/run/netns")
 NODE_SUBNET = "10.88.0"
 DNS_IP = f"{NODE_SUBNET}.53"
 CLUSTER_BRIDGE = "phxnodes"
+
+
+def available() -> str | None:
+    """Why this machine cannot give a cluster its own namespace, or None when it can."""
+    if os.geteuid() != 0:
+        return "network namespaces need root"
+    if shutil.which("ip") is None:
+        return "`ip` is not installed (apt-get install iproute2)"
+    return None
 
 
 def namespace_name(root: Path) -> str:
@@ -77,14 +88,36 @@ def delete(name: str) -> None:
 
 def setns(path: Path) -> None:
     """Move the calling thread into the network namespace at `path`."""
-    libc = ctypes.CDLL(None, use_errno=True)
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        if libc.setns(fd, CLONE_NEWNET) != 0:
-            error = ctypes.get_errno()
-            raise OSError(error, f"setns({path}): {os.strerror(error)}")
+        _setns_fd(fd, str(path))
     finally:
         os.close(fd)
+
+
+def _setns_fd(fd: int, what: str = "the previous namespace") -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.setns(fd, CLONE_NEWNET) != 0:
+        error = ctypes.get_errno()
+        raise OSError(error, f"setns({what}): {os.strerror(error)}")
+
+
+@contextlib.contextmanager
+def entered(name: str | None) -> Iterator[None]:
+    """Run the calling thread inside the namespace for a while (threads and processes it
+    starts meanwhile are born there), then move it back where it was."""
+    if name is None:
+        yield
+        return
+    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        setns(namespace_path(name))
+        try:
+            yield
+        finally:
+            _setns_fd(home)
+    finally:
+        os.close(home)
 
 
 def enter(name: str | None) -> Callable[[], None] | None:

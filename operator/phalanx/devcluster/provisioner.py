@@ -1,9 +1,10 @@
 """Dynamic volumes for the dev cluster, as kind's local-path provisioner gives them.
 
 `python -m phalanx.devcluster.provisioner STATE_DIR` runs beside the control plane. Every
-claim of the default StorageClass (`standard`, provisioner `phalanx.dev/local-path`) gets a
-PersistentVolume of exactly its requested size and access modes, backed by a directory under
-`STATE_DIR/volumes`; the PV controller binds them. All nodes, fake or real, are on this one
+claim of its StorageClasses (provisioner `phalanx.dev/local-path`: the default `standard`, and
+`shared-nfs`, the ReadWriteMany class the examples name, as a cluster's NFS class would serve
+it) gets a PersistentVolume of exactly its requested size and access modes, backed by a
+directory under `STATE_DIR/volumes`; the PV controller binds them. All nodes, fake or real, are on this one
 machine, so a host directory serves ReadWriteMany claims across real nodes for real. When a
 claim is deleted, its volume is released, and the directory and the PV are removed.
 
@@ -22,19 +23,22 @@ from typing import Any
 
 from phalanx.devcluster.apiclient import ApiClient
 
-STORAGE_CLASS = "standard"
+STORAGE_CLASS = "standard"  # the default class
+# Classes the examples under jobs/ name, served alike so that they run here as written.
+STORAGE_CLASSES = (STORAGE_CLASS, "shared-nfs")
 PROVISIONER = "phalanx.dev/local-path"
 PROVISIONED_BY = "pv.kubernetes.io/provisioned-by"
 POLL_SECONDS = 0.5
 
 
-def render_storage_class() -> dict[str, Any]:
+def render_storage_class(name: str = STORAGE_CLASS) -> dict[str, Any]:
+    default = "true" if name == STORAGE_CLASS else "false"
     return {
         "apiVersion": "storage.k8s.io/v1",
         "kind": "StorageClass",
         "metadata": {
-            "name": STORAGE_CLASS,
-            "annotations": {"storageclass.kubernetes.io/is-default-class": "true"},
+            "name": name,
+            "annotations": {"storageclass.kubernetes.io/is-default-class": default},
         },
         "provisioner": PROVISIONER,
         "reclaimPolicy": "Delete",
@@ -46,7 +50,7 @@ def render_storage_class() -> dict[str, Any]:
 def wants_volume(claim: dict[str, Any]) -> bool:
     spec = claim.get("spec") or {}
     return (
-        spec.get("storageClassName") == STORAGE_CLASS
+        spec.get("storageClassName") in STORAGE_CLASSES
         and not spec.get("volumeName")
         and (claim.get("status") or {}).get("phase", "Pending") == "Pending"
         and not claim["metadata"].get("deletionTimestamp")
@@ -69,7 +73,7 @@ def render_volume(claim: dict[str, Any], volumes_dir: Path) -> dict[str, Any]:
             "capacity": {"storage": spec["resources"]["requests"]["storage"]},
             "accessModes": list(spec.get("accessModes") or ["ReadWriteOnce"]),
             "persistentVolumeReclaimPolicy": "Delete",
-            "storageClassName": STORAGE_CLASS,
+            "storageClassName": spec["storageClassName"],
             "volumeMode": spec.get("volumeMode", "Filesystem"),
             "claimRef": {
                 "apiVersion": "v1",
@@ -94,10 +98,13 @@ class Provisioner:
         self.client = client
         self.volumes_dir = volumes_dir
 
-    def ensure_storage_class(self) -> None:
-        reply = self.client.post("/apis/storage.k8s.io/v1/storageclasses", render_storage_class())
-        if reply.status not in (201, 409):
-            raise RuntimeError(f"creating StorageClass {STORAGE_CLASS}: HTTP {reply.status}")
+    def ensure_storage_classes(self) -> None:
+        for name in STORAGE_CLASSES:
+            reply = self.client.post(
+                "/apis/storage.k8s.io/v1/storageclasses", render_storage_class(name)
+            )
+            if reply.status not in (201, 409):
+                raise RuntimeError(f"creating StorageClass {name}: HTTP {reply.status}")
 
     def pass_once(self) -> None:
         claims = self.client.get("/api/v1/persistentvolumeclaims").json()["items"]
@@ -131,7 +138,7 @@ def main(argv: list[str]) -> None:
     signal.signal(signal.SIGINT, stop)
     while running:
         try:
-            provisioner.ensure_storage_class()
+            provisioner.ensure_storage_classes()
             break
         except OSError:
             time.sleep(POLL_SECONDS)

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -53,6 +56,32 @@ def wait_for(
             detail = f" (last error: {last_error})" if last_error else ""
             raise WaitTimeout(f"timed out after {timeout:g}s waiting for {what}{detail}")
         time.sleep(interval)
+
+
+@contextlib.contextmanager
+def duty_cycled(pid: int, period: float = 0.1, stopped: float = 0.06) -> Iterator[None]:
+    """`pid` stopped (SIGSTOP) for `stopped` of every `period` seconds until the block ends:
+    a process that runs at a fraction of its speed, a straggler made from outside."""
+    done = threading.Event()
+
+    def cycle() -> None:
+        while not done.is_set():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGSTOP)
+            time.sleep(stopped)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+            done.wait(period - stopped)
+
+    thread = threading.Thread(target=cycle, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
 
 
 class KubectlError(AssertionError):

@@ -13,6 +13,17 @@ KWOK_VERSION = "v0.8.0"
 CONTAINERD_VERSION = "v2.4.2"
 COREDNS_VERSION = "v1.15.0"
 MINIMUM_GO = (1, 26)
+# Helm for the chart's lint, render, install and upgrade tests (not part of the cluster).
+HELM_VERSION = "v3.22.0"
+# The Kubernetes minor of the client-go that HELM_VERSION requires (v0.37): helm's default
+# capabilities (`helm template` without a cluster) report it, as helm's own release build does.
+HELM_KUBE_MINOR = "37"
+# Prometheus for scraping dev-cluster pods with kubernetes_sd (Debian's package is built
+# without it). Its Go module is versioned v0.<major><minor>.<patch>: v0.316.0 is 3.16.0.
+PROMETHEUS_VERSION = "v0.316.0"
+PROMETHEUS_RELEASE = "3.16.0"
+# Kueue, the peer the scale benchmark measures `gangScheduler: kueue` against (TAS on).
+KUEUE_VERSION = "v0.17.0"
 
 
 @dataclass(frozen=True)
@@ -46,6 +57,11 @@ CONTAINERD_BINARIES = tuple(
     for name in ("containerd", "containerd-shim-runc-v2", "ctr")
 )
 COREDNS_BINARY = GoBinary("coredns", "github.com/coredns/coredns", COREDNS_VERSION)
+HELM_BINARY = GoBinary("helm", "helm.sh/helm/v3/cmd/helm", HELM_VERSION)
+PROMETHEUS_BINARY = GoBinary(
+    "prometheus", "github.com/prometheus/prometheus/cmd/prometheus", PROMETHEUS_VERSION
+)
+KUEUE_BINARY = GoBinary("kueue", "sigs.k8s.io/kueue/cmd/kueue", KUEUE_VERSION)
 CONTROL_PLANE_BINARIES = (*KUBERNETES_BINARIES, ETCD_BINARY, KWOK_BINARY)
 NODE_BINARIES = (KUBELET_BINARY, *CONTAINERD_BINARIES, COREDNS_BINARY)
 ALL_BINARIES = (*CONTROL_PLANE_BINARIES, *NODE_BINARIES)

@@ -5,15 +5,20 @@ from the environment (set by the CLI flags or the Helm chart's ConfigMap):
 PHALANX_TOPOLOGY (preset or explicit levels), PHALANX_METRICS_PORT (0 disables /metrics),
 PHALANX_WORKERS, PHALANX_ADMISSION_WINDOW, PHALANX_PROGRESS_INTERVAL (0 disables polling),
 PHALANX_SCRAPE_INTERVAL (0 disables the autoscaler's metrics scraping) and
-PHALANX_SCRAPE_LOOPBACK_ONLY (1: scrape loopback pod addresses only).
+PHALANX_SCRAPE_LOOPBACK_ONLY (1: scrape loopback pod addresses only) and PHALANX_LEADER_ELECTION
+(1: replicas elect one leader over a Lease, see `leader`) and PHALANX_SPARES (``level=count``:
+whole nodes per domain kept free for recovery, see `placement.spares`; a bad value stops the
+operator at startup with the setting named).
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import itertools
 import logging
 import os
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import kopf
@@ -29,9 +34,9 @@ from phalanx.constants import (
     TRAINJOB_PLURAL,
     VERSION,
 )
-from phalanx.placement import Topology
+from phalanx.placement import SPARES_ENV, SparePolicy, Topology
 
-from . import admission, inference, progress, scraper, trainjob
+from . import admission, inference, leader, progress, scraper, trainjob
 from .state import NODE_LOST_GRACE_SECONDS, Operator, key_of
 
 log = logging.getLogger("phalanx")
@@ -43,27 +48,42 @@ def topology_from_env() -> Topology:
     return Topology.parse(os.environ.get("PHALANX_TOPOLOGY", "generic"))
 
 
+def spares_from_env(topology: Topology) -> SparePolicy | None:
+    return SparePolicy.parse(os.environ.get(SPARES_ENV, ""), topology)
+
+
 @kopf.on.login()
-def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
-    """Log kopf in with the credentials `phalanx.kube` uses.
+def login(**_: Any) -> kopf.ConnectionInfo:
+    """Log kopf in with the credentials `phalanx.kube` uses (kubeconfig token or client
+    certificate, else the in-cluster service account; see `kube.credentials_of`).
 
     `kubernetes.config` reads $KUBECONFIG once, when it is first imported, so kopf's built-in
-    login misses a KUBECONFIG set later (as embedding programs and test fixtures do). In a
-    pod, kopf's own in-cluster login (which follows token rotation) is used.
+    login misses a KUBECONFIG set later (as embedding programs and test fixtures do). kopf
+    logs in again on a 401, which re-reads a rotated service-account token.
     """
-    if not os.environ.get("KUBECONFIG") and os.environ.get("KUBERNETES_SERVICE_HOST"):
-        return kopf.login_via_client(**kwargs)
-    c = kube.connect().configuration
-    scheme, _, token = str(c.api_key.get("authorization") or "").partition(" ")
+    c = kube.credentials_of(kube.connect().configuration)
     return kopf.ConnectionInfo(
-        server=c.host,
-        ca_path=c.ssl_ca_cert,
-        insecure=not c.verify_ssl,
-        certificate_path=c.cert_file,
-        private_key_path=c.key_file,
-        scheme=scheme or None,
-        token=token or None,
+        server=c.server,
+        ca_path=c.ca_path,
+        insecure=c.insecure,
+        certificate_path=c.certificate_path,
+        private_key_path=c.private_key_path,
+        scheme=c.scheme,
+        token=c.token,
+        username=c.username,
+        password=c.password,
     )
+
+
+@kopf.on.probe(id="api")
+def api_probe(**_: Any) -> str:
+    """Liveness: /healthz fails while the API server is unreachable or refuses us."""
+    try:
+        kube.check_access()
+    except Exception as error:
+        # Permanent: a retried probe would hold the health request open instead of failing it.
+        raise kopf.PermanentError(f"the API server cannot be used: {error}") from error
+    return "ok"
 
 
 def _op(memo: kopf.Memo) -> Operator:
@@ -96,32 +116,63 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
             metrics.serve(port)
         except OSError as error:
             log.warning("metrics endpoint on :%d not started: %s", port, error)
-    topology = topology_from_env()
+    topology = op.topology = topology_from_env()
+    try:
+        spares = spares_from_env(topology)
+    except ValueError as error:  # refused, never ignored: the operator does not start
+        raise kopf.PermanentError(str(error)) from error
     workers = int(os.environ.get("PHALANX_WORKERS", "8"))
     window = int(os.environ.get("PHALANX_ADMISSION_WINDOW", "32"))
     interval = float(os.environ.get("PHALANX_PROGRESS_INTERVAL", str(progress.INTERVAL_SECONDS)))
-    tasks.extend(
-        [
-            *(
-                asyncio.create_task(op.trainjobs.worker(lambda k: trainjob.reconcile(op, k)))
-                for _ in range(workers)
-            ),
-            *(
-                asyncio.create_task(op.services.worker(lambda k: inference.reconcile(op, k)))
-                for _ in range(workers)
-            ),
-            asyncio.create_task(admission.admission_loop(op, topology, window)),
-            asyncio.create_task(_mark_synced(op)),
-            asyncio.create_task(_export_gauges(op)),
-        ]
-    )
-    if interval > 0:
-        tasks.append(asyncio.create_task(progress.progress_loop(op, interval)))
     scrape = float(os.environ.get("PHALANX_SCRAPE_INTERVAL", str(scraper.INTERVAL_SECONDS)))
-    if scrape > 0:
-        loopback = os.environ.get("PHALANX_SCRAPE_LOOPBACK_ONLY") == "1"
-        tasks.append(asyncio.create_task(scraper.scraper_loop(op, scrape, loopback)))
-    log.info("phalanx operator started (topology: %s, %d workers)", topology, workers)
+    loopback = os.environ.get("PHALANX_SCRAPE_LOOPBACK_ONLY") == "1"
+
+    def decide() -> list[asyncio.Task[None]]:
+        """The tasks that act on the cluster: only one replica runs them at a time."""
+        # A leader taking over (or back) looks at everything once: keys a cancelled worker
+        # held, and events that arrived while it stood by, are not lost.
+        for key in list(op.cache.trainjobs.items):
+            op.trainjobs.add(key)
+        for key in list(op.cache.services.items):
+            op.services.add(key)
+        op.wake_admission()
+        started = [
+            *(
+                asyncio.create_task(
+                    _after_sync(
+                        op, lambda: op.trainjobs.worker(lambda k: trainjob.reconcile(op, k))
+                    )
+                )
+                for _ in range(workers)
+            ),
+            *(
+                asyncio.create_task(
+                    _after_sync(
+                        op, lambda: op.services.worker(lambda k: inference.reconcile(op, k))
+                    )
+                )
+                for _ in range(workers)
+            ),
+            asyncio.create_task(admission.admission_loop(op, topology, window, spares)),
+        ]
+        if interval > 0:
+            started.append(asyncio.create_task(progress.progress_loop(op, interval)))
+        if scrape > 0:
+            started.append(asyncio.create_task(scraper.scraper_loop(op, scrape, loopback)))
+        return started
+
+    # Every replica fills its cache; with leader election only the Lease holder decides.
+    tasks.extend([asyncio.create_task(_mark_synced(op)), asyncio.create_task(_export_gauges(op))])
+    election = memo["election"] = leader.LeaderElection.from_env()
+    if election is None:
+        metrics.LEADER.set(1)
+        tasks.extend(decide())
+    else:
+        tasks.append(asyncio.create_task(leader.lead(election, decide)))
+    log.info(
+        "phalanx operator started (topology: %s, spares: %s, %d workers)",
+        topology, spares or "none", workers,
+    )  # fmt: skip
 
 
 @kopf.on.cleanup()
@@ -131,20 +182,63 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
     tasks.clear()
+    election = memo.get("election")
+    if isinstance(election, leader.LeaderElection):
+        try:
+            await asyncio.to_thread(election.release)
+        except Exception as error:  # the standby then waits for the Lease to expire instead
+            log.warning("handing back the lease failed: %s", error)
+
+
+async def _after_sync(op: Operator, work: Callable[[], Awaitable[None]]) -> None:
+    """Run `work` once the caches hold their first lists (created only then, so a task
+    cancelled while waiting leaves no coroutine behind that never ran)."""
+    await op.cache.synced.wait()
+    await work()
+
+
+SYNC_RETRY_SECONDS = (1.0, 2.0, 5.0)
+
+
+async def _list_until_answered(kind: str) -> list[dict[str, Any]]:
+    """The first full list of one kind; an unreachable API server is waited out, not fatal."""
+    for attempt in itertools.count():
+        try:
+            return await asyncio.to_thread(kube.list_all, kind)
+        except Exception as error:  # the API server may be briefly unreachable at start
+            delay = SYNC_RETRY_SECONDS[min(attempt, len(SYNC_RETRY_SECONDS) - 1)]
+            log.warning("listing %s failed (%s); retrying in %.0fs", kind, error, delay)
+            await asyncio.sleep(delay)
+    raise AssertionError("unreachable")
 
 
 async def _mark_synced(op: Operator) -> None:
-    """Admit nothing before nodes and pods are known, or the first snapshot would look empty."""
-    nodes, pods = await asyncio.gather(
-        asyncio.to_thread(kube.list_all, "Node"), asyncio.to_thread(kube.list_all, "Pod")
+    """Decide nothing before the world is known. Until nodes, pods and both custom resources
+    have been listed once, a Ready node would read as lost, a live pod as missing, a recorded
+    placement as free capacity: no reconcile, creation, restart or admission happens before."""
+    nodes, namespaces, pods, jobs, services = await asyncio.gather(
+        *(
+            _list_until_answered(kind)
+            for kind in ("Node", "Namespace", "Pod", TRAINJOB_KIND, INFERENCE_KIND)
+        )
     )
     for node in nodes:
         op.cache.nodes.put(node)
+    for namespace in namespaces:  # each one's pod security level, before any pod is rendered
+        op.cache.namespaces.put(namespace)
     for pod in pods:
         op.cache.put_pod(pod)
+    for job in jobs:
+        op.cache.trainjobs.put(job)
+    for service in services:
+        op.cache.services.put(service)
     op.cache.synced.set()
+    for key in list(op.cache.trainjobs.items):
+        op.trainjobs.add(key)
+    for key in list(op.cache.services.items):
+        op.services.add(key)
     op.wake_admission()
-    claims = await asyncio.to_thread(kube.list_all, "PersistentVolumeClaim")
+    claims = await _list_until_answered("PersistentVolumeClaim")
     for claim in claims:
         op.cache.claims.put(claim)
     op.cache.claims_synced = True
@@ -274,6 +368,27 @@ async def pod_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
         "Failed",
     ):
         op.wake_admission()
+
+
+@kopf.on.event("", "v1", "namespaces")
+async def namespace_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+    """A namespace's pod security label decides what its pods may be rendered with: when the
+    level changes, its jobs and services look again (a refused template may now run; pods
+    rendered from then on follow the new level)."""
+    op = _op(memo)
+    obj: dict[str, Any] = dict(event["object"])
+    name = key_of(obj)[1]
+    before = op.cache.pod_security(name)
+    if event.get("type") == "DELETED":
+        op.cache.namespaces.drop(obj)
+    else:
+        op.cache.namespaces.put(obj)
+    if op.cache.pod_security(name) == before:
+        return
+    for key in [k for k in list(op.cache.trainjobs.items) if k[0] == name]:
+        op.trainjobs.add(key)
+    for key in inference.services_in(op, name):
+        op.services.add(key)
 
 
 @kopf.on.event("", "v1", "nodes")

@@ -8,11 +8,19 @@ its recorded nodes reserved, so a restart never double-books.
 
 Gangs are LLMTrainJobs (placement recorded in the job's status) and multi-pod InferenceService
 groups (placement recorded as an annotation on the group's leader pod), in one queue.
+
+Under a spare policy (PHALANX_SPARES, `placement.spares`) each pass also works out the spare
+nodes: ordinary gangs keep off them, preemptible ones may fill them, and a gang recovering from
+failures is placed again in the domain it ran in. Fillers on the nodes a recovery takes are
+preempted first: a preemptible LLMTrainJob gets `status.preemption` (its planner re-queues it)
+and its pods are deleted with their grace period, other pods are deleted likewise; each is
+counted and an event names both workloads.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import time
@@ -24,27 +32,39 @@ from phalanx.api.inference import InferenceService
 from phalanx.api.trainjob import LLMTrainJob, LLMTrainJobSpec
 from phalanx.api.validate import SpecError
 from phalanx.constants import (
-    GANG_GATE,
-    LABEL_HOSTNAME,
+    LABEL_JOB,
+    LABEL_PREEMPTIBLE,
     LABEL_RANK,
     LABEL_WORKER_INDEX,
     TRAINJOB_PLURAL,
+    Reason,
 )
 from phalanx.placement import (
     CapacitySnapshot,
     GangRequest,
     Placement,
+    PodConstraints,
+    SparePolicy,
+    Spares,
     Topology,
     Unplaceable,
     admission_window,
     admit,
-    hold_for_preferred,
+    holding_node,
+    is_preemptible_pod,
     pod_requests,
+    recheck_after,
+    recovery_domain,
+    spare_nodes,
+    untouched,
 )
 from phalanx.plan.groups import groups_of
 from phalanx.render.inference import ANNOTATION_PLACEMENT
+from phalanx.render.pod import pin_patch
 from phalanx.status import is_true, timestamp
 
+from . import queue_wait
+from .apply import delete_pods
 from .state import Key, Obj, Operator
 
 log = logging.getLogger("phalanx.admission")
@@ -163,13 +183,23 @@ def _service_gangs(op: Operator) -> list[Gang]:
     return gangs
 
 
-def request_for(gang: Gang) -> GangRequest:
+def request_for(
+    gang: Gang, spares: SparePolicy | None = None, op: Operator | None = None
+) -> GangRequest:
     first = min(gang.pods, key=lambda p: p["metadata"]["name"])
+    preemptible, recover, own = False, None, 0
     if gang.group is None:
         priority, created = gang.spec.run_policy.priority, _created(gang.job)
+        preemptible = bool(gang.spec.run_policy.preemptible)
+        own = int(gang.spec.failure_policy.spares)
+        if (spares is not None or own) and op is not None and op.topology is not None:
+            recover = _recover_from(op, gang.job, spares, op.topology)
     else:
         priority, created = 0, _created(gang.leader())
     return GangRequest(
+        preemptible=preemptible,
+        recover=recover,
+        spares=own,
         key=gang.request_key,
         pods=gang.size,
         per_pod=pod_requests(first),
@@ -178,6 +208,9 @@ def request_for(gang: Gang) -> GangRequest:
         priority=priority,
         created=created,
         preferred_wait=float(gang.spec.topology.preferred_wait_seconds),
+        # Placement must not pick a node kube-scheduler would then refuse the pods (a waiting
+        # gang's pods are all gated, so none carries placement's own pin yet).
+        constraints=PodConstraints.from_pod(first),
     )
 
 
@@ -187,12 +220,7 @@ async def _release(op: Operator, gang: Gang, nodes: list[str]) -> None:
     async def pin(pod: Obj) -> None:
         if not observe.gated(pod):
             return
-        gates = [g for g in pod["spec"].get("schedulingGates") or [] if g.get("name") != GANG_GATE]
-        selector = {
-            **(pod["spec"].get("nodeSelector") or {}),
-            LABEL_HOSTNAME: nodes[gang.index_of(pod)],
-        }
-        patch = {"spec": {"nodeSelector": selector, "schedulingGates": gates or None}}
+        patch = pin_patch(pod, nodes[gang.index_of(pod)])
         updated = await asyncio.to_thread(
             kube.patch_pod, gang.key[0], pod["metadata"]["name"], patch
         )
@@ -202,12 +230,103 @@ async def _release(op: Operator, gang: Gang, nodes: list[str]) -> None:
     await asyncio.gather(*(pin(p) for p in gang.pods))
 
 
-async def admission_pass(op: Operator, topology: Topology, window: int = 32) -> None:
+def _recovering(job: Obj) -> dict[str, Any] | None:
+    """Where a job restarting after failures ran (status.recoverFrom), until it is placed."""
+    status = job.get("status") or {}
+    previous = status.get("recoverFrom") or {}
+    if status.get("placement") or not previous.get("domain") or not previous.get("level"):
+        return None
+    return dict(previous)
+
+
+def _recover_from(
+    op: Operator, job: Obj, policy: SparePolicy | None, topology: Topology
+) -> tuple[str, str] | None:
+    """The domain a recovering job's replacement is placed in first (`recovery_domain`)."""
+    previous = _recovering(job)
+    if previous is None:
+        return None
+    nodes = [str(n) for n in previous.get("nodes") or []]
+    labels = {
+        n: dict(((op.cache.nodes.get(("", n)) or {}).get("metadata") or {}).get("labels") or {})
+        for n in dict.fromkeys(nodes)
+    }
+    return recovery_domain(
+        str(previous["level"]), str(previous["domain"]), nodes, labels, policy, topology
+    )
+
+
+def _daemon(pod: Obj) -> bool:
+    """A per-node daemon: on every node alike, so it never makes a node busy with work."""
+    owners = pod["metadata"].get("ownerReferences") or []
+    return any(o.get("kind") == "DaemonSet" for o in owners)
+
+
+def _filler(pod: Obj) -> bool:
+    return not _daemon(pod) and is_preemptible_pod(pod, LABEL_PREEMPTIBLE)
+
+
+def kept_for_jobs(op: Operator, policy: SparePolicy | None) -> frozenset[str]:
+    """Nodes ordinary gangs keep off for running jobs: the room of their own spares
+    (failurePolicy.spares), and, under a spare policy or the job's own spares, a recovering
+    gang's nodes (it gets them back: nobody else is placed on them between its old gang's
+    deletion and the new one's placement). Without either the replacement is an ordinary
+    gang (`request_for` gives it no recovery domain), so its old nodes must stay open to it."""
+    kept: set[str] = set()
+    for job in op.cache.trainjobs.values():
+        if _ended(job):
+            continue
+        status = job.get("status") or {}
+        kept.update((status.get("placement") or {}).get("spareNodes") or [])
+        own = ((job.get("spec") or {}).get("failurePolicy") or {}).get("spares") or 0
+        if (policy is not None or own) and _recovering(job) is not None:
+            previous = status.get("recoverFrom") or {}
+            kept.update(previous.get("nodes") or [])
+            kept.update(previous.get("spareNodes") or [])
+    return frozenset(kept)
+
+
+def spares_of(
+    nodes: list[Obj],
+    pods: list[Obj],
+    policy: SparePolicy | None,
+    kept: frozenset[str],
+    topology: Topology,
+) -> tuple[Spares, frozenset[str], frozenset[str]]:
+    """This pass's spares: (what admission needs, the policy's spare nodes, the nodes with a
+    filler)."""
+    reclaimable = CapacitySnapshot.from_objects(nodes, [p for p in pods if not _filler(p)])
+    filled = frozenset(n for p in pods if _filler(p) and (n := holding_node(p)) is not None)
+    spare: frozenset[str] = frozenset()
+    if policy is not None:
+        baseline = CapacitySnapshot.from_objects(nodes, [p for p in pods if _daemon(p)])
+        candidates = untouched(baseline, reclaimable)
+        spare = spare_nodes(reclaimable, candidates, filled, policy, topology)
+    return Spares(policy, spare | kept, reclaimable), spare, filled
+
+
+def _ended(job: Obj) -> bool:
+    conditions = (job.get("status") or {}).get("conditions") or []
+    return any(is_true(conditions, c) for c in ("Succeeded", "Failed", "Suspended"))
+
+
+async def admission_pass(
+    op: Operator, topology: Topology, window: int = 32, spare_policy: SparePolicy | None = None
+) -> None:
     nodes = list(op.cache.nodes.values())
     pods = list(op.cache.pods.values())
     waiting, unfinished = queued_gangs(op)
     # Snapshots and placement are CPU work: run them off the event loop so watches keep flowing.
     snapshot = await asyncio.to_thread(CapacitySnapshot.from_objects, nodes, pods)
+    spares: Spares | None = None
+    kept = kept_for_jobs(op, spare_policy)
+    own = any(g.group is None and g.spec.failure_policy.spares for g in waiting)
+    if spare_policy is not None or kept or own:
+        spares, spare, filled = await asyncio.to_thread(
+            spares_of, nodes, pods, spare_policy, kept, topology
+        )
+        metrics.SPARE_NODES.labels(state="filled").set(len(spare & filled))
+        metrics.SPARE_NODES.labels(state="idle").set(len(spare - filled))
     # Finish interrupted releases first: their recorded nodes are already promised.
     for gang in unfinished:
         recorded = gang.recorded() or []
@@ -216,23 +335,37 @@ async def admission_pass(op: Operator, topology: Topology, window: int = 32) -> 
             for p in gang.pods
             if observe.gated(p) and recorded[gang.index_of(p)] in snapshot
         ]
-        snapshot = snapshot.with_reserved(still_gated, request_for(gang).per_pod)
+        per_pod = request_for(gang).per_pod
+        snapshot = snapshot.with_reserved(still_gated, per_pod)
+        if spares is not None:
+            reclaim = spares.reclaimable
+            held = [n for n in still_gated if n in reclaim]
+            spares = Spares(spares.policy, spares.reserved, reclaim.with_reserved(held, per_pod))
         await _release(op, gang, recorded)
     _clear_service_verdicts(op, waiting)
     if not waiting:
         return
-    total = await asyncio.to_thread(CapacitySnapshot.from_objects, nodes)
+    # "Never fits" is judged against every node, including ones only briefly unschedulable
+    # (not ready yet, cordoned), never against the momentary free set.
+    total = await asyncio.to_thread(
+        functools.partial(CapacitySnapshot.from_objects, nodes, capacity=True)
+    )
     by_key = {g.request_key: g for g in waiting}
-    head, behind = admission_window((request_for(g) for g in waiting), window)
+    head, behind = admission_window((request_for(g, spare_policy, op) for g in waiting), window)
     for request, verdict in behind:
         assert isinstance(verdict, Unplaceable)
         _remember_verdict(op, by_key[request.key], verdict)
-    decisions = await asyncio.to_thread(admit, snapshot, head, topology, total)
-    decisions, recheck = await asyncio.to_thread(
-        hold_for_preferred, decisions, topology, total, op.clock().timestamp()
-    )
+    now = op.clock().timestamp()
+    decisions = await asyncio.to_thread(admit, snapshot, head, topology, total, now, spares)
+    unplaced = [request for request, result in decisions if not isinstance(result, Placement)]
+    await queue_wait.refresh(op, nodes, pods, unplaced, topology, total)
+    recheck = recheck_after(decisions, now)
     if recheck is not None:
         asyncio.get_running_loop().call_later(recheck + 0.5, op.wake_admission)
+    # Fillers leave the spares a recovery takes before its pods are released onto them.
+    for request, result in decisions:
+        if isinstance(result, Placement) and result.displaced:
+            await _preempt(op, by_key[request.key], result, pods)
     placed = []
     for request, result in decisions:
         gang = by_key[request.key]
@@ -252,7 +385,8 @@ def _remember_verdict(op: Operator, gang: Gang, verdict: Unplaceable) -> None:
     text = (
         verdict.reason,
         verdict.message
-        + (" This gang can never fit; change the spec." if verdict.permanent else ""),
+        + (" This gang can never fit; change the spec." if verdict.permanent else "")
+        + (f" {wait.describe(op.clock())}" if (wait := op.waits.get(gang.request_key)) else ""),
     )
     verdicts, queue = (
         (op.verdicts, op.trainjobs) if gang.group is None else (op.service_verdicts, op.services)
@@ -299,17 +433,80 @@ async def _record_and_release_group(op: Operator, gang: Gang, placement: Placeme
     )
 
 
+async def _preempt(op: Operator, gang: Gang, placement: Placement, pods: list[Obj]) -> None:
+    """Preempt the fillers on the nodes a recovery takes, gracefully: a preemptible
+    LLMTrainJob is marked preempted (its planner queues it again) and its whole gang is deleted
+    with its grace period; any other preemptible pod is deleted likewise."""
+    displaced = set(placement.displaced)
+    by = f"{gang.key[0]}/{gang.key[1]}"
+    jobs: dict[Key, set[str]] = {}
+    plain: list[Obj] = []
+    for pod in pods:
+        node = holding_node(pod)
+        if node not in displaced or not _filler(pod) or observe.terminating(pod):
+            continue
+        job = (pod["metadata"].get("labels") or {}).get(LABEL_JOB)
+        if job:
+            jobs.setdefault((pod["metadata"]["namespace"], job), set()).add(str(node))
+        else:
+            plain.append(pod)
+    now = timestamp(op.clock())
+    # Every filler at once: the recovery waits for the slowest, not for the sum.
+    await asyncio.gather(
+        *(_preempt_job(op, key, sorted(on), by, now) for key, on in jobs.items()),
+        *(_preempt_pod(op, pod, by) for pod in plain),
+    )
+
+
+async def _preempt_job(op: Operator, key: Key, on: list[str], by: str, now: str) -> None:
+    """Mark a filler LLMTrainJob preempted (its planner re-queues it), then delete its gang."""
+    job = op.cache.trainjobs.get(key)
+    if job is None:
+        return
+    generation = int((job.get("status") or {}).get("gangGeneration") or 1)
+    record = {"preemption": {"by": by, "nodes": on, "generation": generation, "at": now}}
+    updated = await asyncio.to_thread(kube.patch_status, TRAINJOB_PLURAL, key[0], key[1], record)
+    if updated is None:
+        return
+    op.cache.trainjobs.put(updated)
+    victims = [
+        observe.name(p)
+        for p in op.cache.pods_of_job(key)
+        if observe.generation(p) == generation and not observe.terminating(p)
+    ]
+    await delete_pods(op, key[0], victims)
+    metrics.SPARE_PREEMPTIONS.labels(kind="LLMTrainJob").inc()
+    message = (
+        f"Preempted from spare node{'s' if len(on) > 1 else ''} {', '.join(on)} "
+        f"for the recovery of {by}; queued again."
+    )
+    await asyncio.to_thread(kube.event, updated, "Warning", Reason.PREEMPTED, message)
+    op.trainjobs.add(key)
+    log.info("preempted filler %s/%s from %s for %s", *key, on, by)
+
+
+async def _preempt_pod(op: Operator, pod: Obj, by: str) -> None:
+    """Delete a preemptible pod of another controller, with its grace period."""
+    await delete_pods(op, pod["metadata"]["namespace"], [observe.name(pod)])
+    metrics.SPARE_PREEMPTIONS.labels(kind="Pod").inc()
+    message = f"Preempted from spare node {holding_node(pod)} for the recovery of LLMTrainJob {by}."
+    await asyncio.to_thread(kube.event, pod, "Warning", Reason.PREEMPTED, message)
+
+
 async def _record_and_release(op: Operator, gang: Gang, placement: Placement) -> None:
     now = op.clock()
-    record = {
+    record: dict[str, Any] = {
         "placement": {
             "level": placement.level,
             "domain": placement.domain,
             "nodes": list(placement.nodes),
             "generation": gang.generation,
+            "spareNodes": list(placement.spare_nodes) or None,
         },
         "admittedAt": timestamp(now),
     }
+    if (gang.job.get("status") or {}).get("recoverFrom"):
+        record["recoverFrom"] = None  # placed again: nothing is held for it any more
     updated = await asyncio.to_thread(
         kube.patch_status, TRAINJOB_PLURAL, gang.key[0], gang.key[1], record
     )
@@ -321,9 +518,23 @@ async def _record_and_release(op: Operator, gang: Gang, placement: Placement) ->
     metrics.ADMISSION_WAIT.observe(max(0.0, now.timestamp() - _created(gang.job)))
     op.trainjobs.add(gang.key)
     log.info("placed %s/%s in %s %s", *gang.key, placement.level, placement.domain)
+    if placement.recovered:
+        metrics.SPARE_RECOVERIES.inc()
+        displaced = (
+            f", preempting the fillers on {', '.join(placement.displaced)}"
+            if placement.displaced
+            else ""
+        )
+        message = (
+            f"The replacement gang was placed in the same {placement.level} "
+            f"{placement.domain} it ran in{displaced}."
+        )
+        await asyncio.to_thread(kube.event, updated, "Normal", Reason.RECOVERED_ON_SPARES, message)
 
 
-async def admission_loop(op: Operator, topology: Topology, window: int = 32) -> None:
+async def admission_loop(
+    op: Operator, topology: Topology, window: int = 32, spares: SparePolicy | None = None
+) -> None:
     await op.cache.synced.wait()
     while True:
         await op.admission_wanted.wait()
@@ -331,7 +542,7 @@ async def admission_loop(op: Operator, topology: Topology, window: int = 32) -> 
         op.admission_wanted.clear()
         started = time.perf_counter()
         try:
-            await admission_pass(op, topology, window)
+            await admission_pass(op, topology, window, spares)
             log.debug("admission pass took %.3fs", time.perf_counter() - started)
         except Exception:  # never let one bad pass stop admission for everyone
             log.exception("admission pass failed; retrying")

@@ -111,12 +111,16 @@ async def apply_children(op: Operator, owner: Obj, children: Iterable[Obj]) -> N
 async def delete_pods(
     op: Operator, namespace: str, graceful: Iterable[str], forced: Iterable[str] = ()
 ) -> None:
-    for name, force in [*((n, False) for n in graceful), *((n, True) for n in forced)]:
+    async def delete(name: str, force: bool) -> None:
         pod = await asyncio.to_thread(kube.delete_pod, namespace, name, force)
         if pod is not None and pod["metadata"].get("deletionTimestamp") and not force:
             op.cache.put_pod(pod)  # terminating gracefully: it still holds its node and name
         elif (stale := op.cache.pods.get((namespace, name))) is not None:
             op.cache.drop_pod(stale)  # gone at once: forget it now
+
+    # Side by side: a 64-pod gang's restart waits for the slowest delete, not for the sum.
+    await asyncio.gather(*(delete(name, False) for name in graceful))
+    await asyncio.gather(*(delete(name, True) for name in forced))
 
 
 async def create_pods(op: Operator, pods: list[Obj]) -> list[Obj | kube.Rejected]:
@@ -203,18 +207,36 @@ async def report_invalid(
 ) -> None:
     """A spec the API server accepted but the operator cannot run (e.g. an older CRD):
     `condition=False, reason InvalidSpec` and one Warning event; nothing is created."""
+    await report_refused(
+        plural, store, owner, condition, Reason.INVALID_SPEC,
+        f"The spec is invalid: {message}. Fix the spec; nothing was created.", now, extra,
+        event=message,
+    )  # fmt: skip
+
+
+async def report_refused(
+    plural: str,
+    store: Store,
+    owner: Obj,
+    condition: str,
+    reason: str,
+    message: str,
+    now: datetime,
+    extra: dict[str, Any] | None = None,
+    event: str | None = None,
+) -> None:
+    """A spec the operator will not run as it stands: `condition=False` with `reason`, one
+    Warning event when that is new, nothing created, no requeue (the spec's or the refusing
+    object's next watch event brings the next pass)."""
     status = dict(owner.get("status") or {})
     generation = owner["metadata"].get("generation")
     conditions, changed = set_condition(
-        status.get("conditions") or [], condition, False, Reason.INVALID_SPEC,
-        f"The spec is invalid: {message}. Fix the spec; nothing was created.", now, generation,
-    )  # fmt: skip
+        status.get("conditions") or [], condition, False, reason, message, now, generation
+    )
     new = {**status, "conditions": conditions, "observedGeneration": generation, **(extra or {})}
     if not changed and status_patch(status, new) == {}:
         return
-    await write_status(
-        plural, store, owner, status, new, [("Warning", Reason.INVALID_SPEC, message)]
-    )
+    await write_status(plural, store, owner, status, new, [("Warning", reason, event or message)])
 
 
 def requeue(queue: WorkQueue, key: Key, after: float | None) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 
 from phalanx import kube, metrics, observe
 from phalanx.api.inference import InferenceService, InferenceServiceSpec
+from phalanx.api.pod_security import refusal_message, refused
 from phalanx.api.trainjob import LLMTrainJob
 from phalanx.api.validate import SpecError
 from phalanx.constants import INFERENCE_PLURAL, Reason
@@ -32,12 +33,14 @@ from .apply import (
     delete_pods,
     record_rejection,
     report_invalid,
+    report_refused,
     write_status,
 )
 from .state import Key, Obj, Operator, run_reconcile
 
 log = logging.getLogger("phalanx.inference")
 CONTROLLER = "inferenceservice"
+AUTOSCALER_DIRECTIONS = ("up", "down")
 
 
 async def reconcile(op: Operator, key: Key) -> None:
@@ -51,7 +54,10 @@ def forget(op: Operator, key: Key, uid: str) -> None:
     op.forget_service(key, uid)
     for kind in ("desired", "ready"):
         with contextlib.suppress(KeyError):
-            metrics.INFERENCE_REPLICAS.remove(key[0], key[1], kind)
+            metrics.INFERENCE_REPLICAS.remove(*key, kind)
+    for direction in AUTOSCALER_DIRECTIONS:
+        with contextlib.suppress(KeyError):
+            metrics.AUTOSCALER_DECISIONS.remove(*key, direction)
 
 
 async def _reconcile(op: Operator, key: Key) -> None:
@@ -68,7 +74,17 @@ async def _reconcile(op: Operator, key: Key) -> None:
         await report_invalid(INFERENCE_PLURAL, op.cache.services, obj, READY, str(error), now)
         return
     spec = service.spec
-    ref = ServiceRef(meta["name"], meta["namespace"], meta["uid"])
+    ref = ServiceRef(meta["name"], meta["namespace"], meta["uid"], op.cache.pod_security(key[0]))
+    refusals = refused(spec.pod_template, ref.pod_security)
+    if refusals:
+        # Running pods are left as they are; none is created until the template or the
+        # namespace's label changes.
+        message = refusal_message(ref.namespace, ref.pod_security, refusals)
+        await report_refused(
+            INFERENCE_PLURAL, op.cache.services, obj, READY, Reason.POD_SECURITY_LEVEL,
+            message, now,
+        )  # fmt: skip
+        return
     source = spec.model.from_train_job
     job = op.cache.trainjobs.get((key[0], source.name)) if source is not None else None
     trainjob = op.parsed(job, LLMTrainJob) if job is not None else None
@@ -77,9 +93,10 @@ async def _reconcile(op: Operator, key: Key) -> None:
     decision = None
     if spec.autoscaling is not None:
         decision = recommend(op.samples.get(key, []), spec.autoscaling, spec.replicas, now)
+    pods = op.cache.pods_of_service(key)
     world = ServiceWorld(
-        pods=op.cache.pods_of_service(key),
-        ready_nodes=op.cache.ready_nodes(now),
+        pods=pods,
+        ready_nodes=op.cache.ready_nodes(now, pods=pods),
         model=model,
         verdict=op.service_verdicts.get(key),
         decision=decision,
@@ -98,9 +115,8 @@ async def _apply(
     spec: InferenceServiceSpec,
     now: datetime,
 ) -> None:
-    namespace, name = key
     await apply_children(op, obj, plan.children)
-    await delete_pods(op, namespace, plan.delete)
+    await delete_pods(op, key[0], plan.delete)
     created = await create_pods(op, plan.create)
     if plan.delete or any(observe.gated(p) for p in plan.create):
         op.wake_admission()
@@ -112,10 +128,10 @@ async def _apply(
     )
     if not written:
         return
-    metrics.INFERENCE_REPLICAS.labels(namespace, name, "desired").set(spec.replicas)
-    metrics.INFERENCE_REPLICAS.labels(namespace, name, "ready").set(
-        int(plan.status.get("readyReplicas") or 0)
-    )
+    metrics.INFERENCE_REPLICAS.labels(*key, "desired").set(spec.replicas)
+    metrics.INFERENCE_REPLICAS.labels(*key, "ready").set(int(plan.status.get("readyReplicas") or 0))
+    for direction in AUTOSCALER_DIRECTIONS:  # 0 until a decision: a series, not "no data"
+        metrics.AUTOSCALER_DECISIONS.labels(*key, direction)
     if plan.scale_to is not None:
         await _scale(op, key, obj, spec.replicas, plan)
     if plan.requeue_after is not None:
@@ -129,7 +145,7 @@ async def _scale(op: Operator, key: Key, obj: Obj, current: int, plan: ServicePl
     if updated is None:
         return
     direction = "up" if plan.scale_to > current else "down"
-    metrics.AUTOSCALER_DECISIONS.labels(direction=direction).inc()
+    metrics.AUTOSCALER_DECISIONS.labels(*key, direction).inc()
     message = next(
         (
             c.get("message", "")

@@ -1,13 +1,20 @@
-"""Poll rank 0's `GET /progress` of every running job (contract: docs/progress-contract.md).
+"""Poll `GET /progress` of every rank of every running gang (docs/progress-contract.md).
 
-Unreachable or malformed endpoints are ignored: progress is a courtesy, never a reason for a
-reconcile to fail.
+Each pod runs `processesPerNode` ranks, each serving on the metrics port plus its local rank.
+One poll folds every answer into the job's `GangProgress` (`plan.gang_progress`): rank 0's
+report feeds `status.progress`, every rank's step and step time feed hang and straggler
+detection and the goodput timeline. A job is reconciled when what it acts on changed (a step,
+an answer that appeared or vanished, a rank turning slow), not on every poll.
+
+Unreachable or malformed endpoints count as a rank that did not answer; they never make a
+reconcile fail.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -15,7 +22,7 @@ import aiohttp
 from phalanx import observe
 from phalanx.api.trainjob import LLMTrainJob
 from phalanx.api.validate import SpecError
-from phalanx.constants import LABEL_RANK
+from phalanx.plan.gang_progress import RankAnswer, observe_gang
 from phalanx.status import RUNNING, is_true
 
 from .state import Key, Operator
@@ -25,8 +32,24 @@ INTERVAL_SECONDS = 10.0
 TIMEOUT_SECONDS = 2.0
 
 
-def _targets(op: Operator) -> list[tuple[Key, str]]:
-    targets = []
+@dataclass(frozen=True)
+class Endpoint:
+    rank: int  # global rank
+    pod: str
+    node: str
+    url: str
+
+
+@dataclass(frozen=True)
+class Gang:
+    key: Key
+    generation: int
+    straggler_factor: float
+    endpoints: list[Endpoint]
+
+
+def _targets(op: Operator) -> list[Gang]:
+    gangs = []
     for key, job in list(op.cache.trainjobs.items.items()):
         status = job.get("status") or {}
         if not is_true(status.get("conditions") or [], RUNNING):
@@ -34,13 +57,26 @@ def _targets(op: Operator) -> list[tuple[Key, str]]:
         parsed = op.parsed(job, LLMTrainJob)
         if isinstance(parsed, SpecError):
             continue
-        port = parsed.spec.trainer.metrics_port
+        spec = parsed.spec
+        port, per_pod = spec.trainer.metrics_port, spec.nproc_per_node()
+        generation = int(status.get("gangGeneration") or 1)
+        endpoints = []
         for pod in op.cache.pods_of_job(key):
-            labels = pod["metadata"].get("labels") or {}
             ip = (pod.get("status") or {}).get("podIP")
-            if labels.get(LABEL_RANK) == "0" and ip and not observe.terminating(pod):
-                targets.append((key, f"http://{ip}:{port}/progress"))
-    return targets
+            if observe.generation(pod) != generation or not ip or observe.terminating(pod):
+                continue
+            first = observe.rank(pod) * per_pod
+            endpoints += [
+                Endpoint(
+                    first + local,
+                    observe.name(pod),
+                    observe.node_of(pod),
+                    f"http://{ip}:{port + local}/progress",
+                )
+                for local in range(per_pod)
+            ]
+        gangs.append(Gang(key, generation, spec.failure_policy.stragglers.factor, endpoints))
+    return gangs
 
 
 async def _fetch(session: aiohttp.ClientSession, url: str) -> dict[str, Any] | None:
@@ -55,12 +91,19 @@ async def _fetch(session: aiohttp.ClientSession, url: str) -> dict[str, Any] | N
 
 
 async def poll_once(op: Operator, session: aiohttp.ClientSession) -> None:
-    targets = _targets(op)
-    reports = await asyncio.gather(*(_fetch(session, url) for _, url in targets))
-    for (key, _), report in zip(targets, reports, strict=True):
-        if report is not None and op.progress.get(key) != report:
-            op.progress[key] = report
-            op.trainjobs.add(key)
+    gangs = _targets(op)
+    urls = [e.url for g in gangs for e in g.endpoints]
+    reports = iter(await asyncio.gather(*(_fetch(session, url) for url in urls)))
+    now = op.clock()
+    for gang in gangs:
+        answers = [RankAnswer(e.rank, e.pod, e.node, next(reports)) for e in gang.endpoints]
+        before = op.gangs.get(gang.key)
+        after = observe_gang(before, gang.generation, answers, now, gang.straggler_factor)
+        op.gangs[gang.key] = after
+        if after.leader is not None and op.progress.get(gang.key) != after.leader:
+            op.progress[gang.key] = dict(after.leader)
+        if before is None or before.signature() != after.signature():
+            op.trainjobs.add(gang.key)
 
 
 async def progress_loop(op: Operator, interval: float = INTERVAL_SECONDS) -> None:

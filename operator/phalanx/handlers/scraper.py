@@ -7,7 +7,8 @@ queues the service, whose reconcile asks the autoscaler. Unreachable endpoints a
 scraping is best effort and never fails a reconcile.
 
 PHALANX_SCRAPE_INTERVAL sets the period (0 turns scraping off); PHALANX_SCRAPE_LOOPBACK_ONLY=1
-dials loopback addresses only (the dev cluster's fake pods have 127.244.x.y addresses).
+dials loopback addresses only (for an operator outside a dev cluster whose fake pods have
+loopback addresses, on a machine that cannot give the cluster its own network namespace).
 """
 
 from __future__ import annotations

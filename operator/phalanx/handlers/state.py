@@ -19,10 +19,15 @@ from typing import Any, TypeVar, cast
 from pydantic import BaseModel
 
 from phalanx import metrics, observe
+from phalanx.api.pod_security import PodSecurityLevel, level_of
 from phalanx.api.validate import SpecError, parse
 from phalanx.constants import LABEL_JOB, LABEL_SERVICE
 from phalanx.observe import CreateRejection
+from phalanx.placement import Topology
+from phalanx.placement.filters import Taint, Toleration
 from phalanx.plan.autoscale import Sample
+from phalanx.plan.gang_progress import GangProgress
+from phalanx.plan.queue_wait import Wait
 
 log = logging.getLogger("phalanx")
 Key = tuple[str, str]  # (namespace, name)
@@ -89,6 +94,8 @@ class Store:
 @dataclass
 class Cache:
     nodes: Store = field(default_factory=Store)
+    # Namespaces, for the pod security level their label gives (keys: ("", name)).
+    namespaces: Store = field(default_factory=Store)
     pods: Store = field(default_factory=Store)
     trainjobs: Store = field(default_factory=Store)
     services: Store = field(default_factory=Store)
@@ -102,6 +109,11 @@ class Cache:
     # Pods by owning job key, kept in step with `pods`, so reconciles never scan every pod.
     _by_job: dict[Key, set[Key]] = field(default_factory=lambda: defaultdict(set))
     _by_service: dict[Key, set[Key]] = field(default_factory=lambda: defaultdict(set))
+
+    def pod_security(self, namespace: str) -> PodSecurityLevel:
+        """The level a namespace's pods are rendered for (restricted until it is seen)."""
+        found = self.namespaces.get(("", namespace)) or {}
+        return level_of(found.get("metadata", {}).get("labels"))
 
     def put_pod(self, pod: Obj) -> Key | None:
         """Store a pod; returns its owning job or service key, if it has one."""
@@ -143,27 +155,63 @@ class Cache:
             return None
         return frozenset(name for ns, name in self.claims.items if ns == namespace)
 
-    def seconds_until_lost(self, names: Iterable[str], now: datetime) -> float | None:
+    def seconds_until_lost(
+        self, names: Iterable[str], now: datetime, grace: float = NODE_LOST_GRACE_SECONDS
+    ) -> float | None:
         """For nodes NotReady but still within their grace, the time until the first counts as
         lost (when jobs on it must be looked at again); None if none is in that state."""
         waits = []
         for name in names:
             node = self.nodes.get(("", name))
             if node is not None and not observe.node_ready(node):
-                remaining = NODE_LOST_GRACE_SECONDS - observe.not_ready_for(node, now)
+                remaining = grace - observe.not_ready_for(node, now)
                 if remaining > 0:
                     waits.append(remaining)
         return min(waits) if waits else None
 
-    def ready_nodes(self, now: datetime) -> frozenset[str]:
-        """Nodes still trusted with running pods: Ready, or NotReady for less than
-        NODE_LOST_GRACE_SECONDS (one late heartbeat must not restart every gang on the node).
-        New placements use only Ready nodes (the capacity snapshot checks for itself)."""
+    def ready_nodes(
+        self, now: datetime, grace: float = NODE_LOST_GRACE_SECONDS, pods: Iterable[Obj] = ()
+    ) -> frozenset[str]:
+        """Nodes still trusted with running pods: Ready, or NotReady for less than `grace`
+        (a job's failurePolicy.nodeLostGraceSeconds; one late heartbeat must not restart every
+        gang on the node), and free of NoExecute taints that `pods` (a gang's) do not tolerate:
+        those evict the pods at once, so the gang hears it in the same pass, not from the
+        evictions one by one. New placements use only Ready nodes (the capacity snapshot checks
+        for itself)."""
+        tolerations = tolerations_of(pods)
         return frozenset(
             key_of(n)[1]
             for n in self.nodes.values()
-            if observe.node_ready(n) or observe.not_ready_for(n, now) < NODE_LOST_GRACE_SECONDS
+            if (observe.node_ready(n) or observe.not_ready_for(n, now) < grace)
+            and not evicting_taints(n, tolerations)
         )
+
+
+# The node lifecycle's own NoExecute taints follow the Ready condition, which the grace covers.
+LIFECYCLE_TAINTS = frozenset({"node.kubernetes.io/not-ready", "node.kubernetes.io/unreachable"})
+
+
+def tolerations_of(pods: Iterable[Obj]) -> tuple[Toleration, ...]:
+    """The tolerations every one of a gang's pods carries (its pods share one template)."""
+    common: set[Toleration] | None = None
+    for pod in pods:
+        own = {Toleration.of(t) for t in (pod.get("spec") or {}).get("tolerations") or []}
+        common = own if common is None else common & own
+    return tuple(common or ())
+
+
+def evicting_taints(node: Obj, tolerations: Iterable[Toleration]) -> list[Taint]:
+    """The node's NoExecute taints that `tolerations` do not tolerate (for any time: a bounded
+    toleration lets the pods stay until the taint manager's deadline)."""
+    tolerations = tuple(tolerations)
+    taints = [Taint.of(t) for t in (node.get("spec") or {}).get("taints") or []]
+    return [
+        t
+        for t in taints
+        if t.effect == "NoExecute"
+        and t.key not in LIFECYCLE_TAINTS
+        and not any(tol.tolerates(t) for tol in tolerations)
+    ]
 
 
 async def run_reconcile(
@@ -241,6 +289,8 @@ class Operator:
     # Latest admission verdict per waiting gang: (reason, message).
     verdicts: dict[Key, tuple[str, str]] = field(default_factory=dict)
     progress: dict[Key, dict[str, Any]] = field(default_factory=dict)
+    # Every rank's /progress of each running gang, and when its step last moved.
+    gangs: dict[Key, GangProgress] = field(default_factory=dict)
     # Latest admission verdict of a waiting multi-pod group, per InferenceService.
     service_verdicts: dict[Key, tuple[str, str]] = field(default_factory=dict)
     # Recent load samples per InferenceService, oldest first (the autoscaler's input).
@@ -256,11 +306,18 @@ class Operator:
     clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
     # When each gang's admission verdict was last written (rate limit).
     verdict_written: dict[Key, float] = field(default_factory=dict)
+    # Queue position and estimated start of each queued gang, by request key, and when they
+    # were last estimated (handlers/queue_wait.py).
+    waits: dict[str, Wait] = field(default_factory=dict)
+    waits_at: float = 0.0
+    waits_timer: asyncio.TimerHandle | None = None
     # Every parsed object (or why it does not parse) by (uid, generation): the one way specs
     # are read, once per generation, however many passes and loops look at them.
     specs: dict[tuple[str, int], Any] = field(default_factory=dict)
     admission_wanted: asyncio.Event = field(default_factory=asyncio.Event)
     started: float = field(default_factory=time.monotonic)
+    # The operator's topology (PHALANX_TOPOLOGY), set at startup.
+    topology: Topology | None = None
 
     def wake_admission(self) -> None:
         self.admission_wanted.set()
@@ -292,6 +349,7 @@ class Operator:
         """Drop everything held for a job that is gone (by key and by uid)."""
         self.verdicts.pop(key, None)
         self.progress.pop(key, None)
+        self.gangs.pop(key, None)
         self.rejections.pop(key, None)
         self.verdict_written.pop(key, None)
         self._forget_uid(uid)

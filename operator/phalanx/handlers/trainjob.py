@@ -8,16 +8,18 @@ that write succeeded (`handlers.apply`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
 from phalanx import kube, metrics, observe
+from phalanx.api.pod_security import refusal_message, refused
 from phalanx.api.trainjob import LLMTrainJob
 from phalanx.api.validate import SpecError
-from phalanx.constants import TRAINJOB_PLURAL
-from phalanx.plan.trainjob import Plan, World, plan_trainjob
+from phalanx.constants import LABEL_JOB, TRAINJOB_PLURAL, Reason
+from phalanx.plan.trainjob import Plan, World, lost_ranks, plan_trainjob
 from phalanx.render.trainjob import JobRef
 from phalanx.status import ADMITTED
 
@@ -27,6 +29,7 @@ from .apply import (
     delete_pods,
     record_rejection,
     report_invalid,
+    report_refused,
     requeue,
     write_status,
 )
@@ -34,6 +37,7 @@ from .state import Key, Obj, Operator, run_reconcile
 
 log = logging.getLogger("phalanx.trainjob")
 CONTROLLER = "llmtrainjob"
+FINISHED = ("Succeeded", "Failed")
 
 
 async def reconcile(op: Operator, key: Key) -> None:
@@ -44,7 +48,14 @@ async def _reconcile(op: Operator, key: Key) -> None:
     obj = op.cache.trainjobs.get(key)
     if obj is None or observe.terminating(obj):
         op.forget_trainjob(key, str((obj or {}).get("metadata", {}).get("uid") or ""))
+        with contextlib.suppress(KeyError):
+            metrics.RESTARTS.remove(*key)
+        metrics.forget_goodput(key)
         return
+    # Exported from the first pass at 0, so a job's restart panel and alert have a series
+    # before anything went wrong (an absent series reads as "no data", not as "none").
+    metrics.RESTARTS.labels(*key)
+    metrics.export_goodput(key)
     now = op.clock()
     meta = obj["metadata"]
     status = dict(obj.get("status") or {})
@@ -61,13 +72,32 @@ async def _reconcile(op: Operator, key: Key) -> None:
             {"phase": "Invalid"},
         )
         return
-    ref = JobRef(meta["name"], meta["namespace"], meta["uid"])
+    ref = JobRef(meta["name"], meta["namespace"], meta["uid"], op.cache.pod_security(key[0]))
+    refusals = refused(job.spec.pod_template, ref.pod_security)
+    if refusals and status.get("phase") not in FINISHED:
+        # Pods already running keep running, as under a tightened Pod Security Admission
+        # label; none is created or restarted until the template or the label changes.
+        message = refusal_message(ref.namespace, ref.pod_security, refusals)
+        await report_refused(
+            TRAINJOB_PLURAL, op.cache.trainjobs, obj, ADMITTED, Reason.POD_SECURITY_LEVEL,
+            message, now,
+        )  # fmt: skip
+        return
+    grace = float(job.spec.failure_policy.node_lost_grace_seconds)
+    pods = op.cache.pods_of_job(key)
+    if lost_ranks(job.spec.nodes, int(status.get("gangGeneration") or 1), pods):
+        # The cache says a rank of a running gang is gone; restarting costs the whole gang's
+        # work, so the API server confirms it first (a late watch event, a create's 409).
+        pods = await _confirm_pods(op, key)
     world = World(
-        pods=op.cache.pods_of_job(key),
-        ready_nodes=op.cache.ready_nodes(now),
+        pods=pods,
+        ready_nodes=op.cache.ready_nodes(now, grace, pods),
         verdict=op.verdicts.get(key),
         progress=op.progress.get(key),
         rejection=op.rejections.get(key),
+        topology=op.topology,
+        gang=op.gangs.get(key),
+        wait=op.waits.get(f"{key[0]}/{key[1]}"),
     )
     plan = plan_trainjob(ref, job.spec, meta.get("generation"), status, world, now)
     log.debug(
@@ -77,15 +107,37 @@ async def _reconcile(op: Operator, key: Key) -> None:
     await _apply(op, key, obj, status, plan, now)
     # A rank on a node that just went NotReady is judged once the node's grace has run out.
     nodes = (str(p["spec"].get("nodeName") or "") for p in world.pods)
-    wait = op.cache.seconds_until_lost(nodes, now)
+    wait = op.cache.seconds_until_lost(nodes, now, grace)
     if wait is not None:
         op.trainjobs.add_after(key, wait + 0.5)
+
+
+async def _confirm_pods(op: Operator, key: Key) -> list[Obj]:
+    listed = await asyncio.to_thread(kube.list_pods, key[0], f"{LABEL_JOB}={key[1]}")
+    for pod in listed:
+        op.cache.put_pod(pod)
+    return op.cache.pods_of_job(key)
+
+
+def _new_gang(old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
+    return int(new.get("gangGeneration") or 1) != int(old.get("gangGeneration") or 1)
 
 
 async def _apply(
     op: Operator, key: Key, obj: Obj, old_status: dict[str, Any], plan: Plan, now: datetime
 ) -> None:
     await apply_children(op, obj, plan.children)
+    status_from: Mapping[str, Any] = old_status
+    events = plan.events
+    if _new_gang(old_status, plan.status):
+        # The intent (new generation, restart count) is written before any pod is deleted: an
+        # operator killed in between then finds the old gang to remove, never a half-deleted
+        # gang of the current generation to complete (mixing incarnations, the restart lost).
+        if not await write_status(
+            TRAINJOB_PLURAL, op.cache.trainjobs, obj, old_status, plan.status, plan.events
+        ):
+            return
+        status_from, events = plan.status, []
     await delete_pods(op, key[0], plan.delete, plan.force_delete)
     created = await create_pods(op, plan.create)
     if plan.create:
@@ -95,11 +147,11 @@ async def _apply(
         op.trainjobs.add(key)
         return
     written = await write_status(
-        TRAINJOB_PLURAL, op.cache.trainjobs, obj, old_status, plan.status, plan.events
+        TRAINJOB_PLURAL, op.cache.trainjobs, obj, status_from, plan.status, events
     )
     if not written:
         return
-    _count_transitions(old_status, plan.status)
+    _count_transitions(key, old_status, plan.status)
     if plan.delete_job:
         await asyncio.to_thread(kube.delete_custom, TRAINJOB_PLURAL, key[0], key[1])
         return
@@ -108,9 +160,12 @@ async def _apply(
         op.wake_admission()  # freed capacity may admit a waiting gang
 
 
-def _count_transitions(old: Mapping[str, Any], new: Mapping[str, Any]) -> None:
-    if int(new.get("restarts") or 0) > int(old.get("restarts") or 0):
-        metrics.RESTARTS.inc(int(new.get("restarts") or 0) - int(old.get("restarts") or 0))
+def _count_transitions(key: Key, old: Mapping[str, Any], new: Mapping[str, Any]) -> None:
+    added = int(new.get("restarts") or 0) - int(old.get("restarts") or 0)
+    if added > 0:
+        metrics.RESTARTS.labels(*key).inc(added)
+    metrics.count_goodput(key, old.get("goodput") or {}, new.get("goodput") or {})
+    metrics.STRAGGLERS.labels(*key).set(len(new.get("stragglers") or []))
 
 
 def phase_counts(op: Operator) -> dict[str, int]:

@@ -6,6 +6,7 @@ loop in ``phalanx.handlers`` can call it on every change and tests can call it o
 
 from __future__ import annotations
 
+from phalanx.placement.filters import PodConstraints
 from phalanx.placement.gang import (
     GANG_EXCEEDS_DOMAIN,
     INSUFFICIENT_CAPACITY,
@@ -17,7 +18,7 @@ from phalanx.placement.gang import (
     Unplaceable,
 )
 from phalanx.placement.place import describe_placement, domains, place_gang
-from phalanx.placement.preferred import WAITING_FOR_PREFERRED, hold_for_preferred
+from phalanx.placement.preferred import WAITING_FOR_PREFERRED, preferred_hold, recheck_after
 from phalanx.placement.queue import (
     Decision,
     admission_window,
@@ -25,7 +26,22 @@ from phalanx.placement.queue import (
     queue_order,
     waiting_domain,
 )
-from phalanx.placement.snapshot import CapacitySnapshot, NodeInfo, pod_demand, pod_requests
+from phalanx.placement.snapshot import (
+    CapacitySnapshot,
+    NodeInfo,
+    holding_node,
+    pod_demand,
+    pod_requests,
+)
+from phalanx.placement.spares import (
+    SPARES_ENV,
+    SparePolicy,
+    Spares,
+    is_preemptible_pod,
+    recovery_domain,
+    spare_nodes,
+    untouched,
+)
 from phalanx.placement.topology import (
     CLUSTER,
     DEFAULT_TOPOLOGY,
@@ -46,6 +62,7 @@ __all__ = [
     "POD_EXCEEDS_NODE",
     "PRESETS",
     "QUEUED_BEHIND",
+    "SPARES_ENV",
     "UNKNOWN_LEVEL",
     "WAITING_FOR_PREFERRED",
     "CapacitySnapshot",
@@ -53,6 +70,9 @@ __all__ = [
     "GangRequest",
     "NodeInfo",
     "Placement",
+    "PodConstraints",
+    "SparePolicy",
+    "Spares",
     "Topology",
     "TopologyLevel",
     "Unplaceable",
@@ -60,10 +80,16 @@ __all__ = [
     "admit",
     "describe_placement",
     "domains",
-    "hold_for_preferred",
+    "holding_node",
+    "is_preemptible_pod",
     "place_gang",
     "pod_demand",
     "pod_requests",
+    "preferred_hold",
     "queue_order",
+    "recheck_after",
+    "recovery_domain",
+    "spare_nodes",
+    "untouched",
     "waiting_domain",
 ]

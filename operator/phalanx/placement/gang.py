@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from phalanx.constants import Reason
+from phalanx.placement.filters import PodConstraints
 
 
 @dataclass(frozen=True)
@@ -17,7 +18,14 @@ class GangRequest:
     ``required`` confines the gang to one domain of that level or a finer one. Placement always
     tries the finest level first; ``preferred`` names the level the gang waits up to
     ``preferred_wait`` seconds (since ``created``) for, before it is spread wider
-    (``placement.preferred``).
+    (``placement.preferred``). ``constraints`` are the pods' own node selector, required node
+    affinity and tolerations: a node kube-scheduler would refuse them is never chosen.
+    ``avoid_nodes`` are nodes the gang's earlier pods failed on; they are not used while
+    other capacity exists, and they still count as capacity when judging "never fits".
+    ``preemptible`` gangs may run on spare nodes (`placement.spares`) and yield them to a
+    recovery; ``recover`` is the (level, domain) a gang recovering from failures ran in, where
+    its replacement looks first. ``spares`` more pods' room is kept beside the gang, in its
+    domain, for its own recovery.
     """
 
     key: str
@@ -29,6 +37,10 @@ class GangRequest:
     created: float = 0.0
     preferred_wait: float = 0.0
     avoid_nodes: frozenset[str] = frozenset()
+    constraints: PodConstraints = field(default_factory=PodConstraints)
+    preemptible: bool = False
+    recover: tuple[str, str] | None = None
+    spares: int = 0  # room for this many more pods kept free in its domain (its own spares)
 
     def __post_init__(self) -> None:
         if self.pods < 1:
@@ -50,6 +62,12 @@ class Placement:
     level: str
     domain: str
     nodes: tuple[str, ...]
+    # A recovery placed inside the domain it ran in, and the nodes whose preemptible filler
+    # must leave first.
+    recovered: bool = False
+    displaced: tuple[str, ...] = ()
+    # The room kept for the gang's own spares (GangRequest.spares), one node per spare pod.
+    spare_nodes: tuple[str, ...] = ()
 
 
 # Reasons, PascalCase as they appear in the Admitted condition.

@@ -1,18 +1,22 @@
 """Placing one gang: the finest topology domain that holds every pod, with ranks laid out in order.
 
 The search is polynomial: per-node slot counts (how many pods of the gang's shape fit) are
-computed once, then summed per domain at each level, finest level first. The first level with a
-fitting domain wins; among its fitting domains the best fit (least leftover of the gang's dominant
-resource) is chosen. Inside that domain ranks are assigned recursively through the finer levels,
-so consecutive ranks share a rack, then a block, and so on.
+computed once, then summed per domain at each level, finest level first (the gang's
+`pool.Pool`, over the snapshot's label indexes). The first level with a fitting domain wins;
+among its fitting domains the best fit (least leftover of the gang's dominant resource) is
+chosen. Inside that domain ranks are assigned recursively through the finer levels, so
+consecutive ranks share a rack, then a block, and so on. Answers are memoized on the snapshot:
+a gang asking what another asked of the same snapshot gets the same answer without a search.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from fractions import Fraction
+from typing import NamedTuple
 
+from phalanx.constants import Reason
+from phalanx.placement.filters import summarize_refusals
 from phalanx.placement.gang import (
     GANG_EXCEEDS_DOMAIN,
     INSUFFICIENT_CAPACITY,
@@ -22,7 +26,8 @@ from phalanx.placement.gang import (
     Placement,
     Unplaceable,
 )
-from phalanx.placement.snapshot import PODS, CapacitySnapshot, NodeInfo, pod_demand, slots_on
+from phalanx.placement.pool import Pool, gang_key, pool_of, refusals, snapshot_key
+from phalanx.placement.snapshot import PODS, CapacitySnapshot, NodeInfo
 from phalanx.placement.topology import CLUSTER, HOST, Topology
 from phalanx.quantity import format_amount
 
@@ -41,48 +46,26 @@ def place_gang(
     ``total`` is the same cluster with no pods on it; without it no capacity shortage is
     reported as permanent, since only the empty cluster can tell "never" from "not now".
     """
+    key = ("place", topology, gang_key(request), snapshot_key(total))
+    return snapshot.memo(key, lambda: _place(snapshot, request, topology, total))
+
+
+def _place(
+    snapshot: CapacitySnapshot,
+    request: GangRequest,
+    topology: Topology,
+    total: CapacitySnapshot | None,
+) -> Placement | Unplaceable:
     invalid = check_levels(request, topology)
     if invalid is not None:
         return invalid
-    demand = pod_demand(request.per_pod)
-    eligible = eligible_nodes(snapshot, request, topology)
-    slots = {node.name: slots_on(node.free, demand, request.pods) for node in eligible}
-    fit = _Fit.of(topology, request.pods, slots, demand, eligible)
+    pool = pool_of(snapshot, request, topology)
     for level in topology.finest_first(request.required or CLUSTER):
-        best: _Group | None = None
-        # A host is its own domain: only the nodes that hold the whole gang are candidates.
-        candidates = (
-            [node for node in eligible if slots[node.name] >= request.pods]
-            if level == HOST
-            else eligible
-        )
-        for group in _groups(candidates, level, topology, fit):
-            if group.slots >= request.pods and (best is None or fit.key(group) < fit.key(best)):
-                best = group
+        best = pool.best(level)
         if best is not None:
-            ranks = _assign(best.nodes, _child_depth(level, topology), request.pods, fit)
-            return Placement(level=level, domain=best.name or CLUSTER, nodes=tuple(ranks))
-    avoided = len(snapshot.nodes) - len(eligible)
-    return _unplaceable(request, topology, eligible, slots, demand, total, avoided)
-
-
-def eligible_nodes(
-    snapshot: CapacitySnapshot, request: GangRequest, topology: Topology, *, avoid: bool = True
-) -> list[NodeInfo]:
-    """Nodes the gang may use: labelled for its ``required`` level and, with ``avoid``, not avoided.
-
-    A node without the required level's label is in no domain of that level, so a gang confined
-    to one such domain cannot use it, not even at a finer level.
-    """
-    label = None
-    if request.required not in (None, CLUSTER, HOST):
-        label = topology.label(request.required)
-    skip = request.avoid_nodes if avoid else frozenset()
-    return [
-        node
-        for node in snapshot.nodes
-        if node.name not in skip and (label is None or node.labels.get(label))
-    ]
+            ranks = _assign(best.members, _child_depth(level, topology), request.pods, _Fit(pool))
+            return Placement(level=level, domain=best.name, nodes=tuple(ranks))
+    return _unplaceable(request, topology, snapshot, pool, total)
 
 
 def check_levels(request: GangRequest, topology: Topology) -> Unplaceable | None:
@@ -98,21 +81,6 @@ def check_levels(request: GangRequest, topology: Topology) -> Unplaceable | None
                 permanent=True,
             )
     return None
-
-
-def dominant_resource(demand: Mapping[str, int], pods: int, nodes: Sequence[NodeInfo]) -> str:
-    """The resource the gang takes the largest share of (as in dominant resource fairness).
-
-    Ties go to the alphabetically first name; ``pods`` counts only when nothing else is asked.
-    """
-    candidates = sorted(resource for resource in demand if resource != PODS) or [PODS]
-    best, best_share = candidates[0], Fraction(-1)
-    for resource in candidates:
-        available = sum(max(node.free.get(resource, 0), 0) for node in nodes)
-        share = Fraction(10**18) if available == 0 else Fraction(demand[resource] * pods, available)
-        if share > best_share:
-            best, best_share = resource, share
-    return best
 
 
 def describe_placement(placement: Placement, request: GangRequest, topology: Topology) -> str:
@@ -135,12 +103,11 @@ def describe_placement(placement: Placement, request: GangRequest, topology: Top
     return f"{text}, within the preferred {preferred}"
 
 
-@dataclass(frozen=True)
-class _Group:
+class _Group(NamedTuple):
     """Nodes sharing one label value at some level (a domain), or the nodes lacking that label."""
 
     name: str | None  # None: nodes without the level's label (or the whole cluster)
-    nodes: tuple[NodeInfo, ...]
+    members: tuple[int, ...]  # positions in the snapshot
     slots: int
     dominant_free: int
 
@@ -152,40 +119,20 @@ class _Group:
 
 @dataclass(frozen=True)
 class _Fit:
-    """What one placement call measures groups by: slots and free dominant resource per node."""
+    """What ranks are laid out by inside the chosen domain: the gang's pool (slots and free
+    dominant resource per node) and its size."""
 
-    topology: Topology
-    pods: int
-    slots: Mapping[str, int]
-    dominant: str
-    demand: Mapping[str, int]
-    dominant_free: Mapping[str, int]
+    pool: Pool
 
-    @classmethod
-    def of(
-        cls,
-        topology: Topology,
-        pods: int,
-        slots: Mapping[str, int],
-        demand: Mapping[str, int],
-        nodes: Sequence[NodeInfo],
-    ) -> _Fit:
-        dominant = dominant_resource(demand, pods, nodes)
-        free = {node.name: max(node.free.get(dominant, 0), 0) for node in nodes}
-        return cls(topology, pods, slots, dominant, demand, free)
-
-    def group(self, name: str | None, nodes: Sequence[NodeInfo]) -> _Group:
-        return _Group(
-            name=name,
-            nodes=tuple(nodes),
-            slots=sum(self.slots[node.name] for node in nodes),
-            dominant_free=sum(self.dominant_free[node.name] for node in nodes),
-        )
+    def group(self, name: str | None, members: tuple[int, ...]) -> _Group:
+        slots = sum(map(self.pool.slots.__getitem__, members))
+        return _Group(name, members, slots, sum(map(self.pool.dominant_free.__getitem__, members)))
 
     def key(self, group: _Group, count: int | None = None) -> tuple[int, int, bool, str]:
         """Best fit: least of the dominant resource left over, then fewest spare slots, then name."""
-        count = self.pods if count is None else count
-        leftover = group.dominant_free - count * self.demand[self.dominant]
+        pool = self.pool
+        count = pool.pods if count is None else count
+        leftover = group.dominant_free - count * pool.demand[pool.dominant]
         return (leftover, group.slots - count, *group.order)
 
 
@@ -209,34 +156,34 @@ def domains(nodes: Sequence[NodeInfo], level: str, topology: Topology) -> dict[s
     return members
 
 
-def _groups(nodes: Sequence[NodeInfo], level: str, topology: Topology, fit: _Fit) -> list[_Group]:
-    return [fit.group(name, members) for name, members in domains(nodes, level, topology).items()]
-
-
 def _child_depth(level: str, topology: Topology) -> int:
     return topology.level_index(level) + 1
 
 
-def _assign(nodes: Sequence[NodeInfo], depth: int, count: int, fit: _Fit) -> list[str]:
-    """Node names in rank order for ``count`` pods, splitting by the level at ``depth``.
+def _assign(members: Sequence[int], depth: int, count: int, fit: _Fit) -> list[str]:
+    """Node names in rank order for ``count`` pods on the nodes at ``members``, splitting by the
+    level at ``depth``.
 
     Each sub-domain gets one contiguous run of ranks and each node is filled before the next.
     """
-    host_depth = len(fit.topology.levels) - 1
+    pool = fit.pool
+    nodes, levels = pool.snapshot.nodes, pool.topology.levels
+    host_depth = len(levels) - 1
     if depth > host_depth:  # the domain is a single node
-        return [nodes[0].name] * count
+        return [nodes[members[0]].name] * count
     if depth == host_depth:
-        children = [fit.group(node.name, (node,)) for node in nodes if fit.slots[node.name]]
+        slots, free = pool.slots, pool.dominant_free
+        children = [_Group(nodes[i].name, (i,), slots[i], free[i]) for i in members if slots[i]]
     else:
-        label = fit.topology.levels[depth].label
-        split: dict[str | None, list[NodeInfo]] = {}
-        for node in nodes:
-            split.setdefault(node.labels.get(label) or None, []).append(node)
-        children = [fit.group(value, members) for value, members in split.items()]
+        label = levels[depth].label
+        split: dict[str | None, list[int]] = {}
+        for i in members:
+            split.setdefault(nodes[i].labels.get(label) or None, []).append(i)
+        children = [fit.group(value, tuple(positions)) for value, positions in split.items()]
     chosen = _choose([child for child in children if child.slots > 0], count, fit)
     ranks: list[str] = []
     for child, share in sorted(chosen, key=lambda pair: pair[0].order):
-        ranks.extend(_assign(child.nodes, depth + 1, share, fit))
+        ranks.extend(_assign(child.members, depth + 1, share, fit))
     return ranks
 
 
@@ -263,20 +210,22 @@ def _choose(groups: Sequence[_Group], count: int, fit: _Fit) -> list[tuple[_Grou
 def _unplaceable(
     request: GangRequest,
     topology: Topology,
-    eligible: Sequence[NodeInfo],
-    slots: Mapping[str, int],
-    demand: Mapping[str, int],
+    snapshot: CapacitySnapshot,
+    pool: Pool,
     total: CapacitySnapshot | None,
-    avoided: int,
 ) -> Unplaceable:
     scope = request.required or CLUSTER
-    shape = _shape(request)
     within = "" if scope == CLUSTER else f" inside one {scope}"
     if total is not None and total.nodes:
-        permanent = _never_fits(request, topology, total, demand, shape, within)
+        key = ("never-fits", topology, gang_key(request))
+        permanent = total.memo(key, lambda: _never_fits(request, topology, total, within))
         if permanent is not None:
             return permanent
-    message = f"needs {shape}{within}; " + _shortage(scope, topology, eligible, slots)
+    message = f"needs {_shape(request)}{within}; " + _shortage(scope, pool)
+    refused = refusals(snapshot, request.constraints)
+    if refused:
+        message += f"; refused by the pods' scheduling constraints: {summarize_refusals(refused)}"
+    avoided = sum(1 for name in request.avoid_nodes if name in snapshot)
     if avoided:
         message += f"; {_count(avoided, 'node')} avoided after failures"
     return Unplaceable(reason=INSUFFICIENT_CAPACITY, message=message, permanent=False)
@@ -286,16 +235,27 @@ def _never_fits(
     request: GangRequest,
     topology: Topology,
     total: CapacitySnapshot,
-    demand: Mapping[str, int],
-    shape: str,
     within: str,
 ) -> Unplaceable | None:
     """A permanent Unplaceable if the gang could not fit even in the empty cluster.
 
     Avoided nodes count here: they are avoided after failures and may recover.
     """
-    nodes = eligible_nodes(total, request, topology, avoid=False)
+    pool = pool_of(total, request, topology, avoid=False)
+    nodes = pool.nodes(pool.eligible)
+    shape = _shape(request)
     scope = request.required or CLUSTER
+    refused = refusals(total, request.constraints)
+    if len(refused) == len(total.nodes):
+        return Unplaceable(
+            reason=Reason.NO_MATCHING_NODES,
+            message=(
+                f"needs {shape}{within}, but kube-scheduler would refuse the pods every node: "
+                f"{summarize_refusals(refused)}; fix spec.accelerator.product or the nodeSelector, "
+                "affinity or tolerations of spec.podTemplate, or label or untaint the nodes"
+            ),
+            permanent=True,
+        )
     if not nodes:
         return Unplaceable(
             reason=GANG_EXCEEDS_DOMAIN,
@@ -305,10 +265,9 @@ def _never_fits(
             ),
             permanent=True,
         )
-    empty_slots = {node.name: slots_on(node.free, demand, request.pods) for node in nodes}
-    if not any(empty_slots.values()):
+    if not any(pool.slots):
         too_big = []
-        for resource, amount in sorted(demand.items()):
+        for resource, amount in sorted(pool.demand.items()):
             largest = max((node.free.get(resource, 0) for node in nodes), default=0)
             if resource != PODS and amount > largest:
                 too_big.append(
@@ -320,13 +279,18 @@ def _never_fits(
             if too_big
             else f"no node can hold even one pod of {_pod_shape(request)} when empty"
         )
+        if refused:
+            # The big nodes may be exactly the ones the pods' own constraints rule out.
+            detail += (
+                f" ({_count(len(refused), 'other node')} refused by the pods' scheduling "
+                f"constraints: {summarize_refusals(refused)})"
+            )
         return Unplaceable(
             reason=POD_EXCEEDS_NODE,
             message=f"needs {shape}{within}; {detail}; lower the per-pod request",
             permanent=True,
         )
-    fit = _Fit.of(topology, request.pods, empty_slots, demand, nodes)
-    largest = max((group.slots for group in _groups(nodes, scope, topology, fit)), default=0)
+    largest = max((domain.slots for domain in pool.domains(scope)), default=0)
     if largest >= request.pods:
         return None
     where = "the whole cluster holds" if scope == CLUSTER else f"the largest {scope} holds"
@@ -344,22 +308,15 @@ def _never_fits(
     )
 
 
-def _shortage(
-    scope: str, topology: Topology, eligible: Sequence[NodeInfo], slots: Mapping[str, int]
-) -> str:
-    if not eligible:
+def _shortage(scope: str, pool: Pool) -> str:
+    if not pool.eligible:
         return "no schedulable node is available"
     if scope == CLUSTER:
-        used = sum(1 for node in eligible if slots[node.name])
-        return (
-            f"the cluster has {_count(sum(slots.values()), 'free slot')} on {_count(used, 'node')}"
-        )
-    counts = {
-        name: sum(slots[node.name] for node in members)
-        for name, members in domains(eligible, scope, topology).items()
-    }
+        used = sum(1 for slots in pool.slots if slots)
+        return f"the cluster has {_count(sum(pool.slots), 'free slot')} on {_count(used, 'node')}"
+    counts = {domain.name: domain.slots for domain in pool.domains(scope)}
     if not counts:
-        return f"no schedulable node carries the {scope} label {topology.label(scope)}"
+        return f"no schedulable node carries the {scope} label {pool.topology.label(scope)}"
     largest = max(counts.values())
     text = f"the largest {scope} has {_count(largest, 'free slot')}"
     full = sorted(name for name, free in counts.items() if free == 0)
@@ -378,7 +335,12 @@ def _shape(request: GangRequest) -> str:
 def _pod_shape(request: GangRequest) -> str:
     # Extended resources (accelerators) first: they are what a reader looks for.
     parts = sorted(
-        ((resource, amount) for resource, amount in request.per_pod.items() if amount > 0),
+        # The pod slot every pod takes is implied; only what the pod asks for is shown.
+        (
+            (resource, amount)
+            for resource, amount in request.per_pod.items()
+            if amount > 0 and resource != PODS
+        ),
         key=lambda item: ("/" not in item[0], item[0]),
     )
     if not parts:

@@ -4,6 +4,7 @@ it needs. Pure: the clock (`now`) and each gang's wait come in with the requests
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from phalanx.constants import Reason
 from phalanx.placement.gang import GangRequest, Placement, Unplaceable
@@ -15,43 +16,55 @@ WAITING_FOR_PREFERRED = Reason.WAITING_FOR_PREFERRED_DOMAIN
 Decided = tuple[GangRequest, Placement | Unplaceable]
 
 
-def hold_for_preferred(
-    decisions: Sequence[Decided],
+@dataclass(frozen=True)
+class PreferredHold:
+    """A gang waiting for one domain of `level` instead of taking `placement` now."""
+
+    level: str
+    remaining: float
+    verdict: Unplaceable
+
+
+def preferred_hold(
+    request: GangRequest,
+    placement: Placement,
     topology: Topology,
     total: CapacitySnapshot,
     now: float,
-) -> tuple[list[Decided], float | None]:
+) -> PreferredHold | None:
     """Like Slurm's `--switches=1@timeout`: a gang that one domain of its preferred level could
     hold (one rack, say) waits up to `request.preferred_wait` seconds since it was queued for
     such a domain to free up before it is placed in a coarser one. The preferred level
     defaults to the tightest level that holds the gang in the empty cluster (`total`).
 
-    Returns the decisions (held placements turned into `WaitingForPreferredDomain`) and, if
-    any gang is held, the seconds until the first wait runs out (when to look again).
+    None when the gang should take `placement` now.
     """
-    recheck: float | None = None
-    held: list[Decided] = []
-    for request, result in decisions:
-        wait = request.preferred_wait
-        waited = now - request.created
-        if not isinstance(result, Placement) or wait <= 0 or waited >= wait:
-            held.append((request, result))
-            continue
-        target = request.preferred
-        if target is None or not topology.has_level(target):
-            ideal = place_gang(total, request, topology)
-            target = ideal.level if isinstance(ideal, Placement) else None
-        if target is None or not topology.is_coarser(result.level, target):
-            held.append((request, result))
-            continue
-        remaining = wait - waited
-        recheck = remaining if recheck is None else min(recheck, remaining)
-        verdict = Unplaceable(
-            WAITING_FOR_PREFERRED,
-            f"one {target} would hold the gang but none is free now; waiting up to "
-            f"{remaining:.0f}s more for one before placing it in {result.level} "
-            f"{result.domain} (spec.topology.preferredWaitSeconds)",
-            permanent=False,
-        )
-        held.append((request, verdict))
-    return held, recheck
+    wait = request.preferred_wait
+    waited = now - request.created
+    if wait <= 0 or waited >= wait:
+        return None
+    target = request.preferred
+    if target is None or not topology.has_level(target):
+        ideal = place_gang(total, request, topology)
+        target = ideal.level if isinstance(ideal, Placement) else None
+    if target is None or not topology.is_coarser(placement.level, target):
+        return None
+    remaining = wait - waited
+    verdict = Unplaceable(
+        WAITING_FOR_PREFERRED,
+        f"one {target} would hold the gang but none is free now; waiting up to "
+        f"{remaining:.0f}s more for one before placing it in {placement.level} "
+        f"{placement.domain} (spec.topology.preferredWaitSeconds)",
+        permanent=False,
+    )
+    return PreferredHold(target, remaining, verdict)
+
+
+def recheck_after(decisions: Sequence[Decided], now: float) -> float | None:
+    """Seconds until the first preferred-domain wait among `decisions` runs out, if any."""
+    waits = [
+        request.preferred_wait - (now - request.created)
+        for request, result in decisions
+        if isinstance(result, Unplaceable) and result.reason == WAITING_FOR_PREFERRED
+    ]
+    return max(0.0, min(waits)) if waits else None

@@ -173,8 +173,11 @@ PRESETS: Mapping[str, Topology] = MappingProxyType(
             ("rack", "phalanx.dev/rack"),
             (HOST, HOST_LABEL),
         ),
+        # A rack (Phalanx's own label, as in generic) holding NVLink cliques (GPU Feature
+        # Discovery's label on GB200/GB300 NVL systems): jobs may ask for either.
         "nvidia": _preset(
             ("zone", ZONE_LABEL),
+            ("rack", "phalanx.dev/rack"),
             ("clique", "nvidia.com/gpu.clique"),
             (HOST, HOST_LABEL),
         ),

@@ -318,7 +318,7 @@ def _ready_condition(
         reason, message = Reason.POD_CREATE_REJECTED, world.rejection.describe()
     elif problem is not None:
         reason = problem.condition_reason
-        message = f"{problem.describe()}. Fix spec.image, the pull secret or the referenced ConfigMap/Secret."
+        message = f"{problem.describe()}. {problem.remedy}"
     elif looping is not None:
         reason = Reason.CRASH_LOOP_BACK_OFF
         message = f"{looping.describe()}. See the server's log (kubectl logs --previous)."

@@ -22,8 +22,15 @@ def _left(since: Any, seconds: int | None, now: datetime) -> float | None:
 
 
 def deadline_left(spec: LLMTrainJobSpec, status: Mapping[str, Any], now: datetime) -> float | None:
-    """Seconds until activeDeadlineSeconds runs out (<= 0: exceeded), None without one."""
-    return _left(status.get("startTime"), spec.run_policy.active_deadline_seconds, now)
+    """Seconds until activeDeadlineSeconds runs out (<= 0: exceeded), None without one or
+    while the clock is not running.
+
+    Job semantics, as for a Job that a queue (Kueue) admits by resuming it: the clock starts
+    when the job becomes active, its gang first admitted (`status.activeSince`), so time queued
+    for capacity is not counted; it keeps running through gang restarts and re-queues; a
+    suspension stops it and a resume starts it afresh (a Job's startTime is reset on resume).
+    """
+    return _left(status.get("activeSince"), spec.run_policy.active_deadline_seconds, now)
 
 
 def ttl_left(spec: LLMTrainJobSpec, status: Mapping[str, Any], now: datetime) -> float | None:

@@ -17,18 +17,26 @@ from typing import Any
 
 from phalanx import observe
 from phalanx.api.trainjob import FailureRule, LLMTrainJobSpec, LLMTrainJobStatusFields
-from phalanx.constants import Reason
+from phalanx.constants import (
+    KUEUE_PREFERRED_TOPOLOGY_ANNOTATION,
+    KUEUE_REQUIRED_TOPOLOGY_ANNOTATION,
+    LABEL_PREEMPTIBLE,
+    Reason,
+)
 from phalanx.observe import CreateRejection
+from phalanx.placement import CLUSTER, Topology
 from phalanx.render.trainjob import CONTAINER, JobRef, render_children, render_pod
 from phalanx.status import (
     ADMITTED,
     FAILED,
     RESTARTING,
     RUNNING,
+    STRAGGLING,
     SUCCEEDED,
     SUSPENDED,
     StatusDraft,
     progress_status,
+    set_condition,
     timestamp,
     trainjob_phase,
 )
@@ -40,7 +48,12 @@ from .failure_policy import (
     rank_failure,
     start_failure,
 )
+from .gang_progress import GangProgress, report_int
+from .goodput import account_goodput
+from .hang import find_hang, hang_failure
 from .lifetime import deadline_left, stuck_terminating, ttl_left
+from .queue_wait import Wait
+from .straggler import avoid_nodes, describe_all, find_stragglers
 
 
 @dataclass(frozen=True)
@@ -52,6 +65,10 @@ class World:
     verdict: tuple[str, str] | None = None  # (reason, message) from the admission loop
     progress: Mapping[str, Any] | None = None
     rejection: CreateRejection | None = None  # the API server's last refusal of a pod
+    # The operator's topology: level names to node labels (Kueue's topology annotations).
+    topology: Topology | None = None
+    gang: GangProgress | None = None  # every rank's /progress, as last polled
+    wait: Wait | None = None  # queue position and estimated start, while queued
 
 
 @dataclass
@@ -67,6 +84,9 @@ class Plan:
     children: list[dict[str, Any]] = field(default_factory=list)
     requeue_after: float | None = None
     delete_job: bool = False
+    # Seconds the gang's step had stalled when this pass restarted it for a hang: lost work
+    # the goodput timeline books at least (plan/goodput.py).
+    hang_seconds: float | None = None
 
     def later(self, seconds: float) -> None:
         seconds = max(seconds, 0.5)
@@ -85,6 +105,11 @@ def plan_trainjob(
 ) -> Plan:
     """Decide the next step of a job from its spec, its status and the observed world."""
     plan = _decide(ref, spec, metadata_generation, current_status, world, now)
+    if plan.create and spec.run_policy.gang_scheduler == "kueue":
+        _kueue_topology(spec, world.topology, plan, now, metadata_generation)
+    plan.status["goodput"] = dict(
+        account_goodput(current_status, plan.status, world.gang, now, plan.hang_seconds)
+    )
     # The rank table describes the gang the status now names (initializing until every
     # rank's devices are known, so a new gang starts from a fresh table).
     generation = int(plan.status.get("gangGeneration") or 1)
@@ -128,6 +153,7 @@ def _decide(
         st.clear(ADMITTED, Reason.SUSPENDED, "The job is suspended.")
         st.data.pop("placement", None)
         st.data["accelerators"] = 0
+        st.data.pop("activeSince", None)  # the deadline's clock stops; a resume restarts it
         return _finish(plan, st, pods)
     if st.is_true(SUSPENDED):
         st.set(SUSPENDED, False, Reason.RESUMED, "The job was resumed; a new gang is queued.")
@@ -145,8 +171,20 @@ def _decide(
     old = [p for p in pods if observe.generation(p) != generation]
     current = {observe.rank(p): p for p in pods if observe.generation(p) == generation}
 
+    if preempted(st.data, generation):
+        # The admission loop took this filler's spare nodes for a recovering gang and deleted
+        # its pods: the gang is queued again, as after a suspension, not failed or restarted.
+        _requeue_preempted(st, plan, pods, generation)
+        _force_stuck(pods, world.ready_nodes, now, plan)
+        return _finish(plan, st, pods)
+    # Nodes of the previous gang lost after its restart are kept off too: a gang that lost
+    # several nodes at once is replaced away from all of them, in one restart.
+    _avoid(st, [observe.node_of(p) for p in old if _on_lost_node(p, world.ready_nodes)])
+
     # A rank that can no longer finish decides the fate of the whole gang.
     failures = [f for f in (rank_failure(p, world.ready_nodes) for p in current.values()) if f]
+    # A node that failed its rank (rather than the workload failing) is kept off next time.
+    _avoid(st, [f.node for f in failures if _node_failure(f)])
     rules = spec.failure_policy.rules
     ignored = {f.rank for f in failures if failure_action(f, rules) == "Ignore"}
     fatal = [f for f in failures if failure_action(f, rules) == "FailJob"]
@@ -154,15 +192,15 @@ def _decide(
     if fatal:
         _fail_permanently(st, plan, pods, fatal[0], rules)
         return _finish(plan, st, pods)
-    admitted_pods = [p for p in current.values() if not observe.gated(p)]
     missing = [r for r in range(spec.nodes) if r not in current]
-    if missing and admitted_pods and not old:
+    lost = lost_ranks(spec.nodes, generation, pods)
+    if lost:
         # A rank vanished from an admitted gang: its peers cannot finish without it.
         restart.append(
-            RankFailure(missing[0], f"{ref.name}-{missing[0]}", "", None, (Reason.POD_MISSING,))
+            RankFailure(lost[0], f"{ref.name}-{lost[0]}", "", None, (Reason.POD_MISSING,))
         )
     if restart:
-        _restart(spec, st, plan, pods, restart[0], generation)
+        _restart(spec, st, plan, pods, restart[0], generation, what=_lost_together(restart))
         _force_stuck(pods, world.ready_nodes, now, plan)
         return _finish(plan, st, pods)
 
@@ -201,11 +239,24 @@ def _decide(
         plan.later((rejected.retry_at() - now).total_seconds())
         return _finish(plan, st, pods)
     if missing:
-        plan.create += [render_pod(ref, spec, rank, generation) for rank in missing]
+        avoided = st.data.get("avoidedNodes") or []
+        plan.create += [
+            _mark_preemptible(spec, avoid_nodes(render_pod(ref, spec, rank, generation), avoided))
+            for rank in missing
+        ]
         st.data.setdefault("startTime", timestamp(now))
         st.data.setdefault("queuedAt", timestamp(now))
 
     _admission(spec, st, plan, list(current.values()), world, now, missing, set(finished))
+    if st.is_true(ADMITTED) and "activeSince" not in st.data:
+        # The job became active: activeDeadlineSeconds counts from here (plan/lifetime.py).
+        st.data["activeSince"] = st.data.get("admittedAt") or timestamp(now)
+        remaining = deadline_left(spec, st.data, now)
+        if remaining is not None:
+            plan.later(max(remaining, 0))
+    gang = world.gang if world.gang is not None and world.gang.generation == generation else None
+    if gang is not None and st.is_true(RUNNING) and _watch_gang(spec, st, plan, pods, gang, now):
+        return _finish(plan, st, pods)
     if world.progress is not None and st.is_true(RUNNING):
         st.data["progress"] = progress_status(world.progress)
         _copy_exports(
@@ -214,6 +265,17 @@ def _decide(
             observe.export_steps(world.progress.get("exportSteps")),
         )
     return _finish(plan, st, pods)
+
+
+def lost_ranks(nodes: int, generation: int, pods: Sequence[Mapping[str, Any]]) -> list[int]:
+    """Ranks missing from gang `generation` after it was admitted (some of its pods ungated)
+    while no older gang is left: each is a `PodMissing` failure that restarts the whole gang,
+    so the shell confirms the absence with the API server before planning on it."""
+    current = [p for p in pods if observe.generation(p) == generation]
+    if len(current) < len(pods) or all(observe.gated(p) for p in current):
+        return []
+    present = {observe.rank(p) for p in current}
+    return [rank for rank in range(nodes) if rank not in present]
 
 
 def _copy_exports(
@@ -253,7 +315,7 @@ def _admission(
     builtin = spec.run_policy.gang_scheduler == "builtin"
     complete = not missing and len(pods) == spec.nodes
     gated = [p for p in pods if observe.gated(p)]
-    if complete and not gated:
+    if complete and not gated and _scheduler_admitted(spec, pods):
         placement = st.data.get("placement") or {}
         where = (
             f" in {placement.get('level')} {placement.get('domain')}"
@@ -263,31 +325,38 @@ def _admission(
         reason = Reason.GANG_ADMITTED if builtin else Reason.SCHEDULER_MANAGED
         st.set(ADMITTED, True, reason, f"{spec.nodes} pods placed{where}.")
         st.data["accelerators"] = spec.nodes * spec.accelerator.count()
+        st.data.pop("queue", None)
     elif world.verdict is not None:
         reason, message = world.verdict
         st.set(ADMITTED, False, reason, message, warn=True)
+        if world.wait is not None:
+            st.data["queue"] = world.wait.wire()
     else:
-        st.set(
-            ADMITTED,
-            False,
-            Reason.QUEUED,
-            f"Waiting for capacity for {spec.nodes} pods in one domain.",
+        waiting = (
+            f"Waiting for capacity for {spec.nodes} pods in one domain."
+            if builtin
+            else f"Waiting for {SCHEDULER_WORDS[spec.run_policy.gang_scheduler]} "
+            f"all {spec.nodes} pods."
         )
+        st.set(ADMITTED, False, Reason.QUEUED, waiting)
 
     running = [p for p in pods if observe.running(p) or observe.rank(p) in finished]
     if complete and len(running) == spec.nodes:
         st.set(RUNNING, True, Reason.ALL_RANKS_RUNNING, f"All {spec.nodes} ranks are running.")
         st.clear(RESTARTING, Reason.GANG_RUNNING, "The restarted gang is running.")
+        st.data.pop("gangTimeouts", None)
         return
     timeout = spec.failure_policy.gang_timeout_seconds
     stuck = [p for p in pods if p not in running]
+    if builtin and complete and not gated and _placed_on_lost(st, plan, stuck, world.ready_nodes):
+        plan.delete += [p["metadata"]["name"] for p in pods if not observe.terminating(p)]
+        return
     problems = [found for p in stuck if (found := observe.start_problem(p)) is not None]
     if complete and not gated and problems:
         st.set(
             RUNNING, False, problems[0].condition_reason,
-            f"{problems[0].describe()}. Fix spec.image, the pull secret or the referenced "
-            f"ConfigMap/Secret; unless it clears, the gang restarts {timeout}s after placement "
-            "(counted against failurePolicy.maxRestarts).",
+            f"{problems[0].describe()}. {problems[0].remedy} Unless it clears, the gang "
+            f"restarts {timeout}s after placement (counted against failurePolicy.maxRestarts).",
             warn=True,
         )  # fmt: skip
     admitted_at = observe.parse_time(st.data.get("admittedAt"))
@@ -306,17 +375,190 @@ def _admission(
             return
         if waited >= timeout:
             names = ", ".join(f"{p['metadata']['name']} ({_pending_reason(p)})" for p in stuck[:5])
+            timeouts = int(st.data.get("gangTimeouts") or 0) + 1
+            if timeouts >= MAX_GANG_TIMEOUTS:
+                _fail(
+                    st, plan, pods, Reason.GANG_TIMEOUT_LIMIT_EXCEEDED,
+                    f"Not all pods were running {timeout}s after placement, {timeouts} times in "
+                    f"a row (last: {names}); kube-scheduler keeps refusing the nodes placed on. "
+                    "Check the pods' constraints and the nodes, then recreate the job.",
+                )  # fmt: skip
+                return
+            st.data["gangTimeouts"] = timeouts
+            # kube-scheduler would not bind these pods to the nodes they were placed on: the
+            # next gang keeps off them, rather than being placed there again.
+            placed = (st.data.get("placement") or {}).get("nodes") or []
+            _avoid(
+                st,
+                [
+                    placed[observe.rank(p)]
+                    for p in stuck
+                    if not observe.node_of(p) and 0 <= observe.rank(p) < len(placed)
+                ],
+            )
             plan.delete += [p["metadata"]["name"] for p in pods if not observe.terminating(p)]
             st.set(
                 ADMITTED,
                 False,
                 Reason.GANG_TIMEOUT,
-                f"Not all pods were running {timeout}s after placement: {names}; the gang was re-queued.",
+                f"Not all pods were running {timeout}s after placement: {names}; the gang was "
+                f"re-queued (gang timeout {timeouts} of {MAX_GANG_TIMEOUTS} in a row).",
                 warn=True,
             )
             _next_generation(st, int(st.data["gangGeneration"]))
             return
         plan.later(timeout - waited)
+
+
+def _watch_gang(
+    spec: LLMTrainJobSpec,
+    st: StatusDraft[LLMTrainJobStatusFields],
+    plan: Plan,
+    pods: list[Mapping[str, Any]],
+    gang: GangProgress,
+    now: datetime,
+) -> bool:
+    """Hangs and stragglers of a running gang (plan/hang.py, plan/straggler.py); True when the
+    gang was restarted or the job failed."""
+    policy = spec.failure_policy
+    generation = int(st.data["gangGeneration"])
+    hung, wait = find_hang(gang, policy.hang_timeout_seconds, now)
+    if wait is not None:
+        plan.later(wait)
+    if hung is not None:
+        failure = hang_failure(hung, gang, spec.nproc_per_node())
+        action = failure_action(failure, policy.rules)
+        if action == "FailJob":
+            _fail_permanently(st, plan, pods, failure, policy.rules)
+            return True
+        if action == "RestartGang":
+            what = f"Hang: {hung.describe(gang)}"
+            _restart(spec, st, plan, pods, failure, generation, Reason.HANG, what)
+            plan.hang_seconds = hung.stalled_seconds
+            return True
+    found, wait = find_stragglers(gang, policy.stragglers.window_seconds, now)
+    if wait is not None:
+        plan.later(wait)
+    if not found:
+        st.data.pop("stragglers", None)
+        st.clear(STRAGGLING, Reason.NO_STRAGGLERS, "Every rank keeps pace with the gang.")
+        return False
+    checkpoint = report_int((gang.leader or {}).get("lastCheckpointStep"))
+    known = {int(s.get("rank", -1)): s for s in st.data.get("stragglers") or []}
+    # The checkpoint when each was first found: a Replace waits for a newer one.
+    listed = [
+        {**s.wire(), "checkpointStep": known.get(s.rank, {}).get("checkpointStep", checkpoint)}
+        for s in found
+    ]
+    st.data["stragglers"] = listed
+    replace = policy.stragglers.action == "Replace"
+    then = (
+        "its node is avoided and the gang restarts from the next checkpoint"
+        if replace
+        else "set failurePolicy.stragglers.action: Replace to move the gang off its node"
+    )
+    st.set(STRAGGLING, True, Reason.STRAGGLER_DETECTED, f"{describe_all(found)}; {then}.", True)
+    if not replace:
+        return False
+    avoided = list(st.data.get("avoidedNodes") or [])
+    avoided += [n for n in dict.fromkeys(s.node for s in found) if n and n not in avoided]
+    st.data["avoidedNodes"] = avoided
+    due = []
+    for s, wire in zip(found, listed, strict=True):
+        found_at = report_int(wire["checkpointStep"])
+        if checkpoint is not None and checkpoint > (-1 if found_at is None else found_at):
+            due.append(s)
+    if not due:
+        return False
+    first = due[0]
+    failure = RankFailure(
+        first.rank // spec.nproc_per_node(),
+        first.pod,
+        first.node,
+        None,
+        (Reason.STRAGGLER_REPLACED,),
+    )
+    what = f"Straggler replaced at checkpoint {checkpoint}: {describe_all(due)}"
+    _restart(spec, st, plan, pods, failure, generation, Reason.STRAGGLER_REPLACED, what)
+    return True
+
+
+# What a gang handed to another scheduler waits for before it counts as admitted.
+SCHEDULER_WORDS = {
+    "kueue": "Kueue to admit (lift its scheduling gate from)",
+    "none": "kube-scheduler to bind",
+    "volcano": "Volcano to bind",
+    "coscheduling": "the coscheduling plugin to bind",
+}
+
+
+def _scheduler_admitted(spec: LLMTrainJobSpec, pods: Sequence[Mapping[str, Any]]) -> bool:
+    """Whether the scheduler in charge has taken the whole gang: for builtin the lifted gate
+    says so; Kueue admits a pod group by lifting its own scheduling gate from every pod; any
+    other scheduler has admitted a pod once it bound it. Until then the gang holds nothing."""
+    scheduler = spec.run_policy.gang_scheduler
+    if scheduler == "builtin":
+        return True
+    if scheduler == "kueue":
+        return not any((p.get("spec") or {}).get("schedulingGates") for p in pods)
+    return all(observe.node_of(p) for p in pods)
+
+
+def _kueue_topology(
+    spec: LLMTrainJobSpec,
+    topology: Topology | None,
+    plan: Plan,
+    now: datetime,
+    generation: int | None,
+) -> None:
+    """spec.topology as Kueue's topology-aware scheduling request on every pod created: the
+    node label of the required level (or else the preferred one). A level the operator's
+    topology does not define creates nothing and says so."""
+    level = spec.topology.required or spec.topology.preferred
+    if level is None or level == CLUSTER:
+        return  # anywhere in the cluster: nothing to ask of Kueue
+    annotation = (
+        KUEUE_REQUIRED_TOPOLOGY_ANNOTATION
+        if spec.topology.required
+        else KUEUE_PREFERRED_TOPOLOGY_ANNOTATION
+    )
+    if topology is None or not topology.has_level(level):
+        known = ", ".join(topology.names) if topology is not None else "none known"
+        plan.create = []
+        plan.status["conditions"], _ = set_condition(
+            plan.status.get("conditions") or [], ADMITTED, False, Reason.UNKNOWN_TOPOLOGY_LEVEL,
+            f"spec.topology names level {level!r}, but the operator's topology has only "
+            f"{known}; Kueue needs its node label. Fix spec.topology.",
+            now, generation,
+        )  # fmt: skip
+        return
+    label = topology.label(level)
+    for pod in plan.create:
+        pod["metadata"].setdefault("annotations", {})[annotation] = label
+
+
+# Consecutive gang timeouts after which the job fails: placement and kube-scheduler disagree
+# for a reason no re-queue fixes (without a bound nothing would stop the loop).
+MAX_GANG_TIMEOUTS = 3
+# Why a rank ended that blames its node, not the workload (kubelet and node-lifecycle reasons).
+NODE_FAILURE_REASONS = frozenset(
+    {Reason.NODE_LOST, "Evicted", "NodeShutdown", "Terminated", "UnexpectedAdmissionError"}
+)
+
+
+def _node_failure(failure: RankFailure) -> bool:
+    return bool(failure.node) and any(
+        r in NODE_FAILURE_REASONS or r.startswith("OutOf") for r in failure.reasons
+    )
+
+
+def _avoid(st: StatusDraft[LLMTrainJobStatusFields], nodes: Sequence[str]) -> None:
+    """Add nodes to status.avoidedNodes: the job's new pods carry a node affinity keeping them
+    off these, which placement and kube-scheduler both honour."""
+    avoided = list(st.data.get("avoidedNodes") or [])
+    added = [node for node in dict.fromkeys(nodes) if node and node not in avoided]
+    if added:
+        st.data["avoidedNodes"] = avoided + added
 
 
 def _pending_reason(pod: Mapping[str, Any]) -> str:
@@ -329,6 +571,9 @@ def _next_generation(st: StatusDraft[LLMTrainJobStatusFields], generation: int) 
     st.data.pop("admittedAt", None)
     st.data.pop("queuedAt", None)
     st.data["accelerators"] = 0
+    # Stragglers are judged per gang: the next one starts with a clean slate.
+    st.data.pop("stragglers", None)
+    st.clear(STRAGGLING, Reason.GANG_RESTARTING, "A new gang is starting.")
     return generation + 1
 
 
@@ -339,7 +584,10 @@ def _restart(
     pods: list[Mapping[str, Any]],
     failure: RankFailure,
     generation: int,
+    reason: str = Reason.RANK_FAILED,
+    what: str | None = None,
 ) -> None:
+    what = what or failure.describe()
     restarts = int(st.data.get("restarts") or 0)
     limit = spec.failure_policy.max_restarts
     if restarts >= limit:
@@ -348,21 +596,108 @@ def _restart(
             plan,
             pods,
             Reason.RESTART_LIMIT_EXCEEDED,
-            f"{failure.describe()}; the gang already restarted {restarts} times (maxRestarts {limit}).",
+            f"{what}; the gang already restarted {restarts} times (maxRestarts {limit}).",
         )
         return
     st.data["restarts"] = restarts + 1
     plan.delete += [p["metadata"]["name"] for p in pods if not observe.terminating(p)]
+    placement = st.data.get("placement")
+    if placement and placement.get("domain"):
+        # Where the replacement looks first under a spare policy (handlers.admission).
+        st.data["recoverFrom"] = placement
     st.set(
         RESTARTING,
         True,
-        Reason.RANK_FAILED,
-        f"{failure.describe()}; restarting the whole gang from the newest checkpoint (restart {restarts + 1} of {limit}).",
+        reason,
+        f"{what}; restarting the whole gang from the newest checkpoint (restart {restarts + 1} of {limit}).",
         warn=True,
     )
-    st.clear(RUNNING, Reason.RANK_FAILED, failure.describe())
+    st.clear(RUNNING, reason, what)
     st.clear(ADMITTED, Reason.GANG_RESTARTING, "The gang is being recreated.")
     _next_generation(st, generation)
+
+
+def _placed_on_lost(
+    st: StatusDraft[LLMTrainJobStatusFields],
+    plan: Plan,
+    stuck: Sequence[Mapping[str, Any]],
+    ready_nodes: frozenset[str],
+) -> bool:
+    """A placed gang whose unbound pods are pinned to a node lost since placement (several
+    nodes failing one after another, the gang placed in between) can never start there: it is
+    placed again at once, off those nodes, without waiting for the gang timeout and without
+    counting a restart (no rank ever ran). True when that happened."""
+    placed = (st.data.get("placement") or {}).get("nodes") or []
+    lost = [
+        placed[observe.rank(p)]
+        for p in stuck
+        if not observe.node_of(p)
+        and 0 <= observe.rank(p) < len(placed)
+        and placed[observe.rank(p)] not in ready_nodes
+    ]
+    if not lost:
+        return False
+    _avoid(st, lost)
+    names = ", ".join(dict.fromkeys(lost))
+    st.set(
+        ADMITTED, False, Reason.NODE_LOST,
+        f"Placed on {names}, lost before the pods were bound; the gang is placed again "
+        "(no restart counted).",
+        warn=True,
+    )  # fmt: skip
+    _next_generation(st, int(st.data["gangGeneration"]))
+    plan.later(1)
+    return True
+
+
+def preempted(status: Mapping[str, Any], generation: int) -> bool:
+    """Whether the admission loop preempted this generation of the gang from spare nodes."""
+    record = status.get("preemption") or {}
+    return record.get("generation") == generation
+
+
+def _requeue_preempted(
+    st: StatusDraft[LLMTrainJobStatusFields],
+    plan: Plan,
+    pods: list[Mapping[str, Any]],
+    generation: int,
+) -> None:
+    record = st.data.get("preemption") or {}
+    nodes = ", ".join(record.get("nodes") or []) or "its spare nodes"
+    message = (
+        f"Preempted from spare nodes ({nodes}) for the recovery of {record.get('by')}; "
+        "the gang is queued again (no restart counted)."
+    )
+    plan.delete += [p["metadata"]["name"] for p in pods if not observe.terminating(p)]
+    st.set(ADMITTED, False, Reason.PREEMPTED, message, warn=True)
+    st.clear(RUNNING, Reason.PREEMPTED, message)
+    st.data.pop("recoverFrom", None)
+    _next_generation(st, generation)
+
+
+def _on_lost_node(pod: Mapping[str, Any], ready_nodes: frozenset[str]) -> bool:
+    node = observe.node_of(pod)
+    return bool(node) and node not in ready_nodes and observe.phase(pod) != "Succeeded"
+
+
+def _lost_together(failures: Sequence[RankFailure]) -> str | None:
+    """The restart's account when ranks on several lost nodes fail in one pass: one restart
+    replaces all of them."""
+    lost = list(dict.fromkeys(f.node for f in failures if f.node and Reason.NODE_LOST in f.reasons))
+    if len(lost) < 2:
+        return None
+    ranks = sorted(f.rank for f in failures if f.node in lost)
+    return (
+        f"{len(lost)} nodes lost together ({', '.join(lost)}; ranks "
+        f"{', '.join(map(str, ranks))}); {failures[0].describe()}"
+    )
+
+
+def _mark_preemptible(spec: LLMTrainJobSpec, pod: dict[str, Any]) -> dict[str, Any]:
+    """Pods of a preemptible job carry the label the admission loop tells fillers by."""
+    if spec.run_policy.preemptible:
+        pod["metadata"].setdefault("labels", {})[LABEL_PREEMPTIBLE] = "true"
+    return pod
 
 
 def _fail(

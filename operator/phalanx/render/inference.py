@@ -243,7 +243,7 @@ def render_group_pod(
         volumes=volumes,
         scheduling=_scheduling(spec),
     )
-    return apply_overlay(pod, spec.pod_template, labels)
+    return apply_overlay(pod, spec.pod_template, labels, ref.pod_security)
 
 
 def render_group(

@@ -5,17 +5,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from phalanx.api.pod_security import DEFAULT_LEVEL, PodSecurityLevel
 from phalanx.constants import API_VERSION
 
 
 @dataclass(frozen=True)
 class OwnerRef:
-    """Name, namespace and uid of the owner; subclasses fix its kind."""
+    """Name, namespace and uid of the owner, and the pod security level of its namespace
+    (what its pods are rendered for); subclasses fix its kind."""
 
     kind: ClassVar[str] = ""
     name: str
     namespace: str
     uid: str
+    pod_security: PodSecurityLevel = DEFAULT_LEVEL
 
     def owner_reference(self) -> dict[str, Any]:
         # A controller reference: deleting the owner cascades to the child.

@@ -4,12 +4,18 @@ checkpoint claim and, for HCCL, the rank-table ConfigMap. Pure: spec in, dicts o
 from __future__ import annotations
 
 import json
+import posixpath
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from phalanx.api.pod_security import DEFAULT_LEVEL, PodSecurityLevel
 from phalanx.api.trainjob import LLMTrainJobSpec
 from phalanx.constants import (
     GANG_GATE,
+    KUEUE_POD_GROUP_COUNT_ANNOTATION,
+    KUEUE_POD_GROUP_LABEL,
+    KUEUE_QUEUE_LABEL,
+    KUEUE_RETRIABLE_IN_GROUP_ANNOTATION,
     LABEL_GENERATION,
     LABEL_JOB,
     LABEL_RANK,
@@ -71,6 +77,12 @@ def _metadata(ref: JobRef, name: str, labels: dict[str, str] | None = None) -> d
 TRAINER_DEVICE = {"nvidia": "cuda", "ascend": "npu", "cpu": "cpu"}
 
 
+def data_path(spec: LLMTrainJobSpec) -> str:
+    """spec.trainer.data as the trainer must see it: a relative path is under the checkpoint
+    volume (as documented), not under the container's working directory."""
+    return posixpath.join(spec.checkpoint.mount_path, spec.trainer.data)
+
+
 def trainer_args(spec: LLMTrainJobSpec) -> list[str]:
     """Flags of the Phalanx trainer derived from spec.trainer."""
     t = spec.trainer
@@ -94,7 +106,7 @@ def trainer_args(spec: LLMTrainJobSpec) -> list[str]:
     if t.tensor_parallel > 1:
         args += ["--tensor-parallel", str(t.tensor_parallel)]
     if t.data != "builtin":
-        args += ["--data", t.data]
+        args += ["--data", data_path(spec)]
     if t.compile:
         args.append("--compile")
     return [*args, *t.extra_args]
@@ -135,20 +147,49 @@ def _scheduling(spec: LLMTrainJobSpec) -> dict[str, Any]:
     return {**pod, **accelerator_scheduling(spec.accelerator)}
 
 
-def _gang_labels(ref: JobRef, spec: LLMTrainJobSpec) -> dict[str, str]:
+def kueue_pod_group(job: str, generation: int) -> str:
+    """The Kueue pod group of one gang generation: Kueue admits the group as one Workload, and
+    a restarted gang is a new group rather than replacements inside a finished one."""
+    return f"{job}-{generation}"
+
+
+def _gang_labels(ref: JobRef, spec: LLMTrainJobSpec, generation: int) -> dict[str, str]:
     """Labels external gang schedulers key on."""
     policy = spec.run_policy
     if policy.gang_scheduler == "coscheduling":
         return {"scheduling.x-k8s.io/pod-group": ref.name}
-    if policy.gang_scheduler == "kueue" and policy.queue_name:
-        return {"kueue.x-k8s.io/queue-name": policy.queue_name}
+    if policy.gang_scheduler == "kueue":
+        labels = {KUEUE_POD_GROUP_LABEL: kueue_pod_group(ref.name, generation)}
+        if policy.queue_name:
+            labels[KUEUE_QUEUE_LABEL] = policy.queue_name
+        return labels
     return {}
 
 
 def _gang_annotations(ref: JobRef, spec: LLMTrainJobSpec) -> dict[str, str]:
     if spec.run_policy.gang_scheduler == "volcano":
         return {"scheduling.k8s.io/group-name": ref.name}
+    if spec.run_policy.gang_scheduler == "kueue":
+        # Kueue admits the pod group once this many pods of it exist, as one Workload. The
+        # operator restarts a gang as a new group (of the next generation), so a group whose
+        # pods all ended is finished, not waiting for replacements: Kueue then releases its
+        # quota and the finalizers it keeps on the pods.
+        return {
+            KUEUE_POD_GROUP_COUNT_ANNOTATION: str(spec.nodes),
+            KUEUE_RETRIABLE_IN_GROUP_ANNOTATION: "false",
+        }
     return {}
+
+
+def metrics_ports(spec: LLMTrainJobSpec) -> list[dict[str, Any]]:
+    """One declared port per local rank (`metrics`, `metrics-1`, ...): every rank serves
+    /metrics and /progress on the base port plus its local rank, and a pod scrape finds only
+    declared ports."""
+    base = spec.trainer.metrics_port
+    return [
+        {"name": "metrics" if local == 0 else f"metrics-{local}", "containerPort": base + local}
+        for local in range(spec.nproc_per_node())
+    ]
 
 
 def render_pod(ref: JobRef, spec: LLMTrainJobSpec, rank: int, generation: int) -> dict[str, Any]:
@@ -157,7 +198,7 @@ def render_pod(ref: JobRef, spec: LLMTrainJobSpec, rank: int, generation: int) -
         **job_labels(ref.name),
         LABEL_RANK: str(rank),
         LABEL_GENERATION: str(generation),
-        **_gang_labels(ref, spec),
+        **_gang_labels(ref, spec, generation),
     }
     volumes, mounts = _volumes(ref, spec)
     container: dict[str, Any] = {
@@ -173,7 +214,7 @@ def render_pod(ref: JobRef, spec: LLMTrainJobSpec, rank: int, generation: int) -
         "env": training_env(ref.name, ref.namespace, spec, rank, generation),
         "ports": [
             {"name": "rendezvous", "containerPort": spec.communication.master_port},
-            {"name": "metrics", "containerPort": spec.trainer.metrics_port},
+            *metrics_ports(spec),
         ],
         "resources": accelerator_resources(spec.accelerator),
         "volumeMounts": mounts,
@@ -196,7 +237,7 @@ def render_pod(ref: JobRef, spec: LLMTrainJobSpec, rank: int, generation: int) -
         volumes=volumes,
         scheduling=_scheduling(spec),
     )
-    return apply_overlay(pod, spec.pod_template, labels)
+    return apply_overlay(pod, spec.pod_template, labels, ref.pod_security)
 
 
 def render_pods(ref: JobRef, spec: LLMTrainJobSpec, generation: int) -> list[dict[str, Any]]:
@@ -305,12 +346,17 @@ def render_children(
     return [child for child in children if child is not None]
 
 
-def render_job_objects(obj: dict[str, Any], generation: int = 1) -> list[dict[str, Any]]:
-    """Everything a job manifest leads to, for `phalanx render` and reviews."""
+def render_job_objects(
+    obj: dict[str, Any], generation: int = 1, pod_security: PodSecurityLevel = DEFAULT_LEVEL
+) -> list[dict[str, Any]]:
+    """Everything a job manifest leads to in a namespace of level `pod_security`, for
+    `phalanx render` and reviews."""
     from phalanx.api.trainjob import LLMTrainJob
     from phalanx.api.validate import parse
 
     job: LLMTrainJob = parse(obj, LLMTrainJob)
     meta = obj["metadata"]
-    ref = JobRef(meta["name"], meta.get("namespace") or "default", meta.get("uid") or "<uid>")
+    ref = JobRef(
+        meta["name"], meta.get("namespace") or "default", meta.get("uid") or "<uid>", pod_security
+    )
     return render_children(ref, job.spec) + render_pods(ref, job.spec, generation)
