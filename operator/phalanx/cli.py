@@ -179,6 +179,7 @@ def operator_run(
     ] = False,
 ) -> None:
     """Run the operator (wraps `kopf run --standalone -m phalanx.handlers`)."""
+    import json
     import os
 
     from kopf.cli import main as kopf_main
@@ -192,6 +193,8 @@ def operator_run(
         raise typer.Exit(2) from None
     os.environ["PHALANX_TOPOLOGY"] = topology
     os.environ["PHALANX_METRICS_PORT"] = str(metrics_port)
+    # kopf watches only these; the cache's cluster-wide first lists are cut to them too.
+    os.environ["PHALANX_WATCH_NAMESPACES"] = json.dumps(namespace or [])
     args = ["run", "--standalone", "-m", "phalanx.handlers", "--liveness", liveness]
     args += [f"--namespace={n}" for n in namespace] if namespace else ["--all-namespaces"]
     args += kopf_log_flags(LogLevel.debug if verbose else log_level)

@@ -300,6 +300,15 @@ CLUSTER_READS = {
     # Each namespace's pod security label (and kopf's namespace discovery).
     "namespaces": {"list", "watch"},
 }
+# Outside the watched namespaces: only the caches' cluster-wide first lists, and kopf's
+# namespace discovery.
+OUTSIDE_WATCHED = {
+    **CLUSTER_READS,
+    "pods": {"list"},
+    "persistentvolumeclaims": {"list"},
+    "llmtrainjobs.phalanx.dev": {"list"},
+    "inferenceservices.phalanx.dev": {"list"},
+}
 
 
 def listed(chart: Chart, namespace: str, account: str) -> dict[str, set[str]]:
@@ -358,15 +367,7 @@ def test_watch_namespaces_grants_writes_only_there(chart: Chart, release: str) -
     account = service_account(release)
 
     assert granted(chart, watched, account) == RESOURCES
-    # Outside the watched namespace: only the caches' cluster-wide first lists, and kopf's
-    # namespace discovery.
-    assert granted(chart, other, account) == {
-        **CLUSTER_READS,
-        "pods": {"list"},
-        "persistentvolumeclaims": {"list"},
-        "llmtrainjobs.phalanx.dev": {"list"},
-        "inferenceservices.phalanx.dev": {"list"},
-    }
+    assert granted(chart, other, account) == OUTSIDE_WATCHED
     assert chart.can_i("list", "pods", "*", account)
     assert not chart.can_i("watch", "pods", "*", account)
     assert chart.can_i("list", "namespaces", "*", account)
@@ -496,12 +497,17 @@ def test_operator_reconciles_under_its_service_account(
     )
     install(chart, release, *operator_sets(**values))
     # RBAC is eventually consistent: the API server's authorizer sees new or replaced bindings
-    # (here, an upgrade from cluster-wide to per-namespace grants) a moment after helm returns.
-    # A pod's start hides that moment on a real cluster; this operator starts at once.
+    # a moment after helm returns. A pod's start hides that moment on a real cluster; this
+    # operator starts at once.
     account = service_account(release)
     wait_for(
         lambda: granted(chart, namespace, account) == RESOURCES, 60, "the chart's grants in effect"
     )
+    # A job the operator does not watch, there before it starts: the cache's cluster-wide
+    # first list sees it, yet the operator leaves it alone (it may not write there).
+    other = new_namespace(chart, "sa-other") if watch else None
+    if other is not None:
+        chart.kubectl.create(other, gpu_job("elsewhere"))
     kubeconfig = service_account_kubeconfig(cluster, release, tmp_path / "operator.kubeconfig")
     log_path = tmp_path / "operator.log"
     with chart_operator(chart, release, kubeconfig, log_path):
@@ -510,6 +516,10 @@ def test_operator_reconciles_under_its_service_account(
     output = log_path.read_text()
     assert "Forbidden" not in output, output[-3000:]
     assert " 403" not in output, output[-3000:]
+    if other is not None:
+        assert phase(chart, other, "elsewhere") == ""
+        assert chart.kubectl.json("get", "pods", "-n", other)["items"] == []
+        chart.kubectl("delete", "namespace", other, "--wait=false")
     # The log level is the chart's: INFO lines only at info.
     assert ("phalanx operator started" in output) is (level == "info"), output[-3000:]
     chart.kubectl("delete", "namespace", namespace, "--wait=false")

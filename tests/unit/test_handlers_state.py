@@ -5,13 +5,14 @@ admission shell's rate limit and spec memo."""
 from __future__ import annotations
 
 import asyncio
+import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 from builders import make_job, node, pod
 
-from phalanx.handlers import admission
+from phalanx.handlers import WATCH_NAMESPACES_ENV, admission, watched_from_env
 from phalanx.handlers.apply import APPLIED_HASH, with_hash
 from phalanx.handlers.state import Operator, Store, WorkQueue
 from phalanx.observe import CreateRejection
@@ -229,3 +230,23 @@ def test_the_pod_index_forgets_a_job_whose_last_pod_is_gone() -> None:
     op.cache.drop_pod(second)
     assert op.cache.pods_of_job(("ml", "j")) == []
     assert ("ml", "j") not in op.cache._by_job
+
+
+@pytest.mark.parametrize(
+    ("patterns", "watched", "not_watched"),
+    [
+        ([], ["ml", "kube-system"], []),
+        (["ml"], ["ml"], ["ml-dev", "other"]),
+        (["ml", "team-*"], ["ml", "team-a"], ["other"]),
+        (["!*-pr-*"], ["ml", "team-a"], ["app-pr-7"]),
+        (["app-*,!*-pr-*,*-pr-123"], ["app-live", "app-pr-123"], ["app-pr-7", "other-pr-123"]),
+    ],
+)
+def test_the_watched_namespaces_are_kopfs_own_patterns(
+    monkeypatch: pytest.MonkeyPatch, patterns: list[str], watched: list[str], not_watched: list[str]
+) -> None:
+    """The cache's cluster-wide first list keeps only the jobs of namespaces kopf watches."""
+    monkeypatch.setenv(WATCH_NAMESPACES_ENV, json.dumps(patterns))
+    in_scope = watched_from_env()
+    assert [n for n in watched if in_scope(n)] == watched
+    assert [n for n in not_watched if in_scope(n)] == []

@@ -8,7 +8,8 @@ PHALANX_SCRAPE_INTERVAL (0 disables the autoscaler's metrics scraping) and
 PHALANX_SCRAPE_LOOPBACK_ONLY (1: scrape loopback pod addresses only) and PHALANX_LEADER_ELECTION
 (1: replicas elect one leader over a Lease, see `leader`) and PHALANX_SPARES (``level=count``:
 whole nodes per domain kept free for recovery, see `placement.spares`; a bad value stops the
-operator at startup with the setting named).
+operator at startup with the setting named) and PHALANX_WATCH_NAMESPACES (the CLI's
+``--namespace`` patterns, comma-separated; empty: every namespace).
 """
 
 from __future__ import annotations
@@ -16,12 +17,14 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import itertools
+import json
 import logging
 import os
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import kopf
+from kopf._cogs.structs.references import NamespaceName, match_namespace
 
 from phalanx import kube, metrics
 from phalanx.constants import (
@@ -50,6 +53,21 @@ def topology_from_env() -> Topology:
 
 def spares_from_env(topology: Topology) -> SparePolicy | None:
     return SparePolicy.parse(os.environ.get(SPARES_ENV, ""), topology)
+
+
+WATCH_NAMESPACES_ENV = "PHALANX_WATCH_NAMESPACES"
+
+
+def watched_from_env() -> Callable[[str], bool]:
+    """Whether kopf watches a namespace under the `--namespace` patterns (a JSON list in
+    PHALANX_WATCH_NAMESPACES; none: every namespace), judged by kopf's own matcher so the
+    answer is kopf's: globs, ``!`` exclusions, comma-separated parts."""
+    patterns = json.loads(os.environ.get(WATCH_NAMESPACES_ENV) or "[]")
+    if not patterns:
+        return lambda _: True
+    return lambda namespace: any(
+        match_namespace(NamespaceName(namespace), pattern) for pattern in patterns
+    )
 
 
 @kopf.on.login()
@@ -162,7 +180,12 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
         return started
 
     # Every replica fills its cache; with leader election only the Lease holder decides.
-    tasks.extend([asyncio.create_task(_mark_synced(op)), asyncio.create_task(_export_gauges(op))])
+    tasks.extend(
+        [
+            asyncio.create_task(_mark_synced(op, watched_from_env())),
+            asyncio.create_task(_export_gauges(op)),
+        ]
+    )
     election = memo["election"] = leader.LeaderElection.from_env()
     if election is None:
         metrics.LEADER.set(1)
@@ -212,10 +235,14 @@ async def _list_until_answered(kind: str) -> list[dict[str, Any]]:
     raise AssertionError("unreachable")
 
 
-async def _mark_synced(op: Operator) -> None:
+async def _mark_synced(op: Operator, in_scope: Callable[[str], bool]) -> None:
     """Decide nothing before the world is known. Until nodes, pods and both custom resources
     have been listed once, a Ready node would read as lost, a live pod as missing, a recorded
-    placement as free capacity: no reconcile, creation, restart or admission happens before."""
+    placement as free capacity: no reconcile, creation, restart or admission happens before.
+
+    The lists are cluster-wide (pods of every namespace hold capacity), but only the jobs and
+    services of watched namespaces are this operator's: kopf sends no events about the others,
+    and the operator may not write there."""
     nodes, namespaces, pods, jobs, services = await asyncio.gather(
         *(
             _list_until_answered(kind)
@@ -229,9 +256,11 @@ async def _mark_synced(op: Operator) -> None:
     for pod in pods:
         op.cache.put_pod(pod)
     for job in jobs:
-        op.cache.trainjobs.put(job)
+        if in_scope(key_of(job)[0]):
+            op.cache.trainjobs.put(job)
     for service in services:
-        op.cache.services.put(service)
+        if in_scope(key_of(service)[0]):
+            op.cache.services.put(service)
     op.cache.synced.set()
     for key in list(op.cache.trainjobs.items):
         op.trainjobs.add(key)
