@@ -268,14 +268,15 @@ def test_replace_moves_the_gang_off_a_stragglers_node_at_the_next_checkpoint(
         jobs.wait_phase("moved", "Running", timeout=60)
         pods = running_pods(jobs, "moved", 4)
         served = ranks(pods, port, {2: 0.4})
-        for rank in served:
-            rank.checkpoint_every = 50  # rank 0 checkpoints every 10 s
         slow_node = next(p["spec"]["nodeName"] for p in pods if p["metadata"]["name"] == "moved-2")
+        # No checkpoint yet: the straggler is found, its node avoided, and the gang trains on.
         found = wait_for(
             lambda: (s := jobs.status("moved")).get("stragglers") and s, 60, "the straggler"
         )
         assert found["avoidedNodes"] == [slow_node]
         assert found["restarts"] == 0, "the gang trains on until its next checkpoint"
+        for rank in served:
+            rank.checkpoint_every = 50  # from now, rank 0 checkpoints every 10 s
         status = jobs.wait_restarts("moved", 1, timeout=60)
         events = wait_for(lambda: jobs.events("moved", "StragglerReplaced"), 30, "an event")
         new = jobs.wait_pods(

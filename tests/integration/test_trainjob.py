@@ -260,6 +260,24 @@ def _next_attempt(message: str) -> datetime:
     return datetime.fromisoformat(stamp.replace("Z", "+00:00"))
 
 
+def _restarted_off(jobs: Jobs, name: str, lost: str) -> None:
+    """The 2-pod gang of `name` was restarted for a lost node: a NodeLost RankFailed event, and
+    the next generation bound elsewhere."""
+    events = wait_for(lambda: jobs.events(name, "RankFailed"), 30, "a RankFailed event")
+    assert "NodeLost" in events[0], events
+    pods = jobs.wait_pods(
+        name,
+        lambda pods: (
+            len(pods) == 2
+            and bound(pods)
+            and all(p["metadata"]["labels"]["phalanx.dev/generation"] == "2" for p in pods)
+        ),
+        120,
+        "the new gang bound",
+    )
+    assert lost not in {p["spec"]["nodeName"] for p in pods}
+
+
 def test_node_not_ready_reschedules_the_gang_on_healthy_nodes(
     kubectl: Kubectl, jobs: Jobs, operator: Any
 ) -> None:
@@ -275,19 +293,7 @@ def test_node_not_ready_reschedules_the_gang_on_healthy_nodes(
     kubectl("annotate", "node", lost, f"{NOT_READY}=false", "--overwrite")
     try:
         jobs.wait_restarts("resilient", 1, timeout=90)
-        events = wait_for(lambda: jobs.events("resilient", "RankFailed"), 30, "a RankFailed event")
-        assert "NodeLost" in events[0]
-        pods = jobs.wait_pods(
-            "resilient",
-            lambda pods: (
-                len(pods) == 2
-                and bound(pods)
-                and all(p["metadata"]["labels"]["phalanx.dev/generation"] == "2" for p in pods)
-            ),
-            120,
-            "the new gang bound",
-        )
-        assert lost not in {p["spec"]["nodeName"] for p in pods}
+        _restarted_off(jobs, "resilient", lost)
         jobs.wait_phase("resilient", "Running", timeout=60)
     finally:
         kubectl("annotate", "node", lost, f"{NOT_READY}-", check=False)
@@ -313,19 +319,7 @@ def test_a_no_execute_taint_restarts_the_gang_off_the_node_at_once(
         # Well within the 300 s grace a NotReady node would get.
         status = jobs.wait_restarts("tainted", 1, timeout=30)
         assert sick in status["avoidedNodes"], status
-        events = wait_for(lambda: jobs.events("tainted", "RankFailed"), 30, "a RankFailed event")
-        assert "NodeLost" in events[0], events
-        pods = jobs.wait_pods(
-            "tainted",
-            lambda pods: (
-                len(pods) == 2
-                and bound(pods)
-                and all(p["metadata"]["labels"]["phalanx.dev/generation"] == "2" for p in pods)
-            ),
-            120,
-            "the new gang bound",
-        )
-        assert sick not in {p["spec"]["nodeName"] for p in pods}
+        _restarted_off(jobs, "tainted", sick)
     finally:
         kubectl("taint", "node", sick, f"{taint}-", check=False)
 

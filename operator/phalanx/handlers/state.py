@@ -187,8 +187,10 @@ class Cache:
         )
 
 
-# The node lifecycle's own NoExecute taints follow the Ready condition, which the grace covers.
-LIFECYCLE_TAINTS = frozenset({"node.kubernetes.io/not-ready", "node.kubernetes.io/unreachable"})
+# The node lifecycle's NoExecute taints that follow the Ready condition: the node-lost grace
+# judges those, not this check (the wider placement.filters.LIFECYCLE_TAINTS also has NoSchedule
+# ones).
+READINESS_TAINTS = frozenset({"node.kubernetes.io/not-ready", "node.kubernetes.io/unreachable"})
 
 
 def tolerations_of(pods: Iterable[Obj]) -> tuple[Toleration, ...]:
@@ -209,7 +211,7 @@ def evicting_taints(node: Obj, tolerations: Iterable[Toleration]) -> list[Taint]
         t
         for t in taints
         if t.effect == "NoExecute"
-        and t.key not in LIFECYCLE_TAINTS
+        and t.key not in READINESS_TAINTS
         and not any(tol.tolerates(t) for tol in tolerations)
     ]
 
