@@ -276,16 +276,25 @@ def delete(api_version: str, kind: str, namespace: str, name: str) -> None:
         _absent_ok(error)
 
 
-def delete_pod(namespace: str, name: str, force: bool = False) -> dict[str, Any] | None:
-    """Delete a pod (gracefully, or at once for pods on dead nodes); the pod as it is now, if any."""
-    body = {"kind": "DeleteOptions", "apiVersion": "v1"} | (
-        {"gracePeriodSeconds": 0} if force else {}
-    )
+def delete_pod(
+    namespace: str, name: str, force: bool = False, uid: str | None = None
+) -> dict[str, Any] | None:
+    """Delete a pod (gracefully, or at once for pods on dead nodes); the pod as it is now, if any.
+
+    With `uid`, only that pod: a newer pod of the same name (pods are named by rank, so every
+    generation reuses the names) is left alone, and the answer is None as for a pod gone."""
+    body: dict[str, Any] = {"kind": "DeleteOptions", "apiVersion": "v1"}
+    if force:
+        body["gracePeriodSeconds"] = 0
+    if uid:
+        body["preconditions"] = {"uid": uid}
     try:
         result = _rest(
             "delete", "pod", "DELETE", f"{_collection('v1', namespace, 'pods')}/{name}", body
         )
     except ApiException as error:
+        if uid and error.status == 409:  # the precondition failed: that pod is gone
+            return None
         _absent_ok(error)
         return None
     return result if result.get("kind") == "Pod" else None

@@ -32,6 +32,7 @@ import pytest
 from jobkit import Jobs, outcome
 from kubernetes import client, config, watch
 
+from phalanx import kube
 from phalanx.devcluster.testing import Kubectl, wait_for
 
 GPU = "nvidia.com/gpu"
@@ -534,3 +535,35 @@ def test_a_rank_missing_only_from_the_cache_restarts_nothing(
     assert int(status.get("gangGeneration") or 1) == 1
     assert all(not p["metadata"].get("deletionTimestamp") for p in jobs.pods("cached"))
     assert len(op.cache.pods_of_job((namespace, "cached"))) == 2
+
+
+def test_a_delete_meant_for_an_earlier_pod_leaves_its_successor(
+    kubectl: Kubectl, namespace: str
+) -> None:
+    """Pods are named by rank, so every generation reuses the names. A delete decided about the
+    previous gang's pod, by an operator whose cache has not yet seen the new one (its
+    predecessor created it, then was killed), must not remove the pod now bearing that name."""
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "rank-0"},
+        "spec": {
+            "schedulingGates": [{"name": "phalanx.dev/test"}],
+            "containers": [{"name": "main", "image": "trainer:test"}],
+        },
+    }
+
+    def uid() -> str:
+        return str(kubectl.json("get", "pod", "rank-0", "-n", namespace)["metadata"]["uid"])
+
+    kubectl.create(namespace, pod)
+    earlier = uid()
+    kubectl("delete", "pod", "rank-0", "-n", namespace, "--grace-period=0", "--force")
+    kubectl.create(namespace, pod)
+    successor = uid()
+    assert successor != earlier
+
+    assert kube.delete_pod(namespace, "rank-0", force=True, uid=earlier) is None
+    assert uid() == successor
+    kube.delete_pod(namespace, "rank-0", force=True, uid=successor)
+    wait_for(lambda: not kubectl.exists("pod", "rank-0", "-n", namespace), 30, "the pod gone")

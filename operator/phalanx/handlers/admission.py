@@ -470,11 +470,11 @@ async def _preempt_job(op: Operator, key: Key, on: list[str], by: str, now: str)
         return
     op.cache.trainjobs.put(updated)
     victims = [
-        observe.name(p)
+        p
         for p in op.cache.pods_of_job(key)
         if observe.generation(p) == generation and not observe.terminating(p)
     ]
-    await delete_pods(op, key[0], victims)
+    await delete_pods(op, key[0], [observe.name(p) for p in victims], seen=victims)
     metrics.SPARE_PREEMPTIONS.labels(kind="LLMTrainJob").inc()
     message = (
         f"Preempted from spare node{'s' if len(on) > 1 else ''} {', '.join(on)} "
@@ -487,7 +487,7 @@ async def _preempt_job(op: Operator, key: Key, on: list[str], by: str, now: str)
 
 async def _preempt_pod(op: Operator, pod: Obj, by: str) -> None:
     """Delete a preemptible pod of another controller, with its grace period."""
-    await delete_pods(op, pod["metadata"]["namespace"], [observe.name(pod)])
+    await delete_pods(op, pod["metadata"]["namespace"], [observe.name(pod)], seen=[pod])
     metrics.SPARE_PREEMPTIONS.labels(kind="Pod").inc()
     message = f"Preempted from spare node {holding_node(pod)} for the recovery of LLMTrainJob {by}."
     await asyncio.to_thread(kube.event, pod, "Warning", Reason.PREEMPTED, message)

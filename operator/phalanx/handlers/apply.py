@@ -18,7 +18,7 @@ from collections.abc import Iterable, Mapping
 from datetime import datetime
 from typing import Any
 
-from phalanx import kube
+from phalanx import kube, observe
 from phalanx.constants import Reason
 from phalanx.observe import CreateRejection
 from phalanx.status import set_condition, status_patch
@@ -109,13 +109,30 @@ async def apply_children(op: Operator, owner: Obj, children: Iterable[Obj]) -> N
 
 
 async def delete_pods(
-    op: Operator, namespace: str, graceful: Iterable[str], forced: Iterable[str] = ()
+    op: Operator,
+    namespace: str,
+    graceful: Iterable[str],
+    forced: Iterable[str] = (),
+    seen: Iterable[Mapping[str, Any]] = (),
 ) -> None:
+    """Delete pods by name, each only as the pod the decision was made about: its uid from
+    `seen` (the pods the plan looked at), else from the cache now. An operator killed after
+    creating a pod leaves its successor a cache that may not know the pod yet; a delete meant
+    for the previous gang's pod of that name must not remove the new one."""
+    meant = {observe.name(p): str(p["metadata"].get("uid") or "") for p in seen}
+
+    def uid_of(name: str) -> str:
+        cached = op.cache.pods.get((namespace, name)) or {}
+        return meant.get(name) or str((cached.get("metadata") or {}).get("uid") or "")
+
     async def delete(name: str, force: bool) -> None:
-        pod = await asyncio.to_thread(kube.delete_pod, namespace, name, force)
+        uid = uid_of(name)
+        pod = await asyncio.to_thread(kube.delete_pod, namespace, name, force, uid or None)
         if pod is not None and pod["metadata"].get("deletionTimestamp") and not force:
             op.cache.put_pod(pod)  # terminating gracefully: it still holds its node and name
-        elif (stale := op.cache.pods.get((namespace, name))) is not None:
+        elif (stale := op.cache.pods.get((namespace, name))) is not None and (
+            not uid or stale["metadata"].get("uid") == uid
+        ):
             op.cache.drop_pod(stale)  # gone at once: forget it now
 
     # Side by side: a 64-pod gang's restart waits for the slowest delete, not for the sum.

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -103,7 +104,7 @@ async def _reconcile(op: Operator, key: Key) -> None:
         rejection=op.service_rejections.get(key),
     )
     plan = plan_service(ref, spec, meta.get("generation"), status, world, now)
-    await _apply(op, key, obj, status, plan, spec, now)
+    await _apply(op, key, obj, status, plan, spec, now, world.pods)
 
 
 async def _apply(
@@ -114,9 +115,10 @@ async def _apply(
     plan: ServicePlan,
     spec: InferenceServiceSpec,
     now: datetime,
+    pods: Sequence[Mapping[str, Any]],
 ) -> None:
     await apply_children(op, obj, plan.children)
-    await delete_pods(op, key[0], plan.delete)
+    await delete_pods(op, key[0], plan.delete, seen=pods)
     created = await create_pods(op, plan.create)
     if plan.delete or any(observe.gated(p) for p in plan.create):
         op.wake_admission()

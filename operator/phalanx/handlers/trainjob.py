@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -104,7 +104,7 @@ async def _reconcile(op: Operator, key: Key) -> None:
         "%s/%s: phase %s, create %d, delete %d, requeue %s",
         *key, plan.status.get("phase"), len(plan.create), len(plan.delete), plan.requeue_after,
     )  # fmt: skip
-    await _apply(op, key, obj, status, plan, now)
+    await _apply(op, key, obj, status, plan, now, world.pods)
     # A rank on a node that just went NotReady is judged once the node's grace has run out.
     nodes = (str(p["spec"].get("nodeName") or "") for p in world.pods)
     wait = op.cache.seconds_until_lost(nodes, now, grace)
@@ -124,7 +124,13 @@ def _new_gang(old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
 
 
 async def _apply(
-    op: Operator, key: Key, obj: Obj, old_status: dict[str, Any], plan: Plan, now: datetime
+    op: Operator,
+    key: Key,
+    obj: Obj,
+    old_status: dict[str, Any],
+    plan: Plan,
+    now: datetime,
+    seen: Sequence[Mapping[str, Any]],
 ) -> None:
     await apply_children(op, obj, plan.children)
     status_from: Mapping[str, Any] = old_status
@@ -138,7 +144,7 @@ async def _apply(
         ):
             return
         status_from, events = plan.status, []
-    await delete_pods(op, key[0], plan.delete, plan.force_delete)
+    await delete_pods(op, key[0], plan.delete, plan.force_delete, seen)
     created = await create_pods(op, plan.create)
     if plan.create:
         op.wake_admission()
