@@ -9,7 +9,7 @@ PHALANX_SCRAPE_LOOPBACK_ONLY (1: scrape loopback pod addresses only) and PHALANX
 (1: replicas elect one leader over a Lease, see `leader`) and PHALANX_SPARES (``level=count``:
 whole nodes per domain kept free for recovery, see `placement.spares`; a bad value stops the
 operator at startup with the setting named) and PHALANX_WATCH_NAMESPACES (the CLI's
-``--namespace`` patterns, comma-separated; empty: every namespace).
+``--namespace`` patterns as a JSON list, set by `phalanx operator run`; empty: every namespace).
 """
 
 from __future__ import annotations
