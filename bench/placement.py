@@ -187,6 +187,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--nodes", type=int, default=1000)
     parser.add_argument("--queue", type=int, default=300)
+    parser.add_argument("--deep-queue", type=int, default=5000, help="deepest queue timed")
     parser.add_argument("--large-nodes", type=int, default=5000)
     parser.add_argument("--running-pods", type=int, default=20000)
     parser.add_argument("--large-reps", type=int, default=50)
@@ -200,7 +201,7 @@ def main() -> None:
     # How a pass grows with the depth of the queue it looks at.
     depths = {
         str(depth): summary(admit_runs(snapshot, total, queue_of(depth), topology, 3), 1)["p50"]
-        for depth in (100, args.queue, 3 * args.queue)
+        for depth in (100, args.queue, 3 * args.queue, args.deep_queue)
     }
     # A 512-pod gang of one-GPU pods that must share a rack and prefers one NVLink clique,
     # on a large, busy cluster.

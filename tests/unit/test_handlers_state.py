@@ -17,6 +17,7 @@ from phalanx.handlers.apply import APPLIED_HASH, with_hash
 from phalanx.handlers.state import Operator, Store, WorkQueue
 from phalanx.observe import CreateRejection
 from phalanx.placement import SparePolicy, Unplaceable
+from phalanx.plan.queue_wait import Wait
 
 NOW = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
 
@@ -186,6 +187,27 @@ def test_admission_queues_whole_gated_gangs_and_finishes_recorded_ones_first() -
     request = admission.request_for(queued[0])
     assert (request.key, request.pods, request.preferred_wait) == ("ml/wait", 2, 30.0)
     assert request.created == datetime(2026, 1, 1, 11, 59, tzinfo=UTC).timestamp()
+
+
+@pytest.mark.parametrize(
+    ("wait", "holds"),
+    [
+        pytest.param(None, True, id="not-estimated-yet-holds"),
+        pytest.param(Wait(3), False, id="no-start-estimate-holds-nothing"),
+        pytest.param(Wait(3, datetime(2026, 1, 1, tzinfo=UTC), "ml/other"), True, id="estimated"),
+    ],
+)
+def test_a_gang_holds_its_domain_unless_nobody_is_known_to_free_it(
+    wait: Wait | None, holds: bool
+) -> None:
+    op = Operator()
+    op.cache.trainjobs.put(make_job("wait", nodes=2).manifest())
+    for p in (pod("wait", 0, gated=True), pod("wait", 1, gated=True)):
+        op.cache.put_pod(p)
+    if wait is not None:
+        op.waits["ml/wait"] = wait
+    queued, _ = admission.queued_gangs(op)
+    assert admission.request_for(queued[0], op=op).holds is holds
 
 
 @pytest.mark.parametrize(

@@ -465,6 +465,26 @@ def test_a_blocked_gang_holds_the_domain_closest_to_fitting() -> None:
     )
 
 
+def test_a_blocked_gang_that_does_not_hold_leaves_its_domain_to_gangs_behind() -> None:
+    # As above, but nothing is known to free h0 and h2: the head's estimated start is unknown,
+    # so it holds nothing and the 4-GPU gang takes h1's free half now.
+    builder = cluster().hosts(3).busy("z0b0r0h0", "z0b0r0h2").busy("z0b0r0h1", gpus=4)
+    head = replace(gang(1, key="head", created=1), holds=False)
+    decisions = _decisions(builder, [head, gang(1, gpus=4, key="half", created=2)])
+    assert isinstance(decisions["head"], Unplaceable)
+    assert decisions["head"].reason == INSUFFICIENT_CAPACITY
+    assert decisions["half"] == Placement(HOST, "z0b0r0h1", ("z0b0r0h1",))
+
+
+def test_a_fitting_gang_behind_thousands_that_do_not_fit_is_placed_in_one_pass() -> None:
+    # 4 of 8 hosts free; 5,000 five-host gangs wait, holding nothing (no known start).
+    builder = cluster().racks(2).hosts(4).busy(*hosts("z0b0r0", 0, 1, 2, 3))
+    blocked = [replace(gang(5, key=f"q{i:05d}", created=i), holds=False) for i in range(5000)]
+    decisions = _decisions(builder, [*blocked, gang(2, key="fits", created=9999)])
+    assert sum(isinstance(decisions[r.key], Unplaceable) for r in blocked) == 5000
+    assert decisions["fits"] == Placement("rack", "z0b0r1", hosts("z0b0r1", 0, 1))
+
+
 def test_without_total_a_blocked_unconstrained_gang_blocks_everything_behind_it() -> None:
     decisions = _decisions(
         cluster().racks(2).hosts(2).busy("z0b0r0h0"),
@@ -752,6 +772,13 @@ def test_a_gang_waiting_for_its_preferred_rack_leaves_other_capacity_to_gangs_be
     # The wide gang holds one rack, the one closest to fitting (z0b0r0 by name); the small gang
     # fits in the other.
     assert decisions[small] == Placement(HOST, "z0b0r1h1", ("z0b0r1h1",))
+
+
+def test_an_admission_window_of_zero_considers_the_whole_queue() -> None:
+    requests = [gang(1, key=f"ns/j{i}", created=float(i)) for i in range(100)]
+    head, behind = admission_window(requests, 0)
+    assert [r.key for r in head] == [f"ns/j{i}" for i in range(100)]
+    assert behind == []
 
 
 def test_admission_window_takes_the_head_and_queues_the_rest_with_their_position() -> None:

@@ -140,7 +140,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     except ValueError as error:  # refused, never ignored: the operator does not start
         raise kopf.PermanentError(str(error)) from error
     workers = int(os.environ.get("PHALANX_WORKERS", "8"))
-    window = int(os.environ.get("PHALANX_ADMISSION_WINDOW", "32"))
+    window = int(os.environ.get("PHALANX_ADMISSION_WINDOW", "0"))
     interval = float(os.environ.get("PHALANX_PROGRESS_INTERVAL", str(progress.INTERVAL_SECONDS)))
     scrape = float(os.environ.get("PHALANX_SCRAPE_INTERVAL", str(scraper.INTERVAL_SECONDS)))
     loopback = os.environ.get("PHALANX_SCRAPE_LOOPBACK_ONLY") == "1"

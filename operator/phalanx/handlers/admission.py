@@ -196,7 +196,11 @@ def request_for(
             recover = _recover_from(op, gang.job, spares, op.topology)
     else:
         priority, created = 0, _created(gang.leader())
+    # Waiting on capacity no running job is known to release (an estimate was made and found
+    # no start): holding a domain for it would idle those nodes for an unknown time.
+    wait = op.waits.get(gang.request_key) if op is not None else None
     return GangRequest(
+        holds=wait is None or wait.start is not None,
         preemptible=preemptible,
         recover=recover,
         spares=own,
@@ -311,7 +315,7 @@ def _ended(job: Obj) -> bool:
 
 
 async def admission_pass(
-    op: Operator, topology: Topology, window: int = 32, spare_policy: SparePolicy | None = None
+    op: Operator, topology: Topology, window: int = 0, spare_policy: SparePolicy | None = None
 ) -> None:
     nodes = list(op.cache.nodes.values())
     pods = list(op.cache.pods.values())
@@ -533,7 +537,7 @@ async def _record_and_release(op: Operator, gang: Gang, placement: Placement) ->
 
 
 async def admission_loop(
-    op: Operator, topology: Topology, window: int = 32, spares: SparePolicy | None = None
+    op: Operator, topology: Topology, window: int = 0, spares: SparePolicy | None = None
 ) -> None:
     await op.cache.synced.wait()
     while True:

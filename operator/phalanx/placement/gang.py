@@ -25,7 +25,9 @@ class GangRequest:
     ``preemptible`` gangs may run on spare nodes (`placement.spares`) and yield them to a
     recovery; ``recover`` is the (level, domain) a gang recovering from failures ran in, where
     its replacement looks first. ``spares`` more pods' room is kept beside the gang, in its
-    domain, for its own recovery.
+    domain, for its own recovery. A blocked gang ``holds`` the domain it waits on against gangs
+    behind it (`placement.queue`); the admission loop clears it for a gang that waits on
+    capacity nobody is known to release, so it never idles nodes for an unknown time.
     """
 
     key: str
@@ -41,6 +43,7 @@ class GangRequest:
     preemptible: bool = False
     recover: tuple[str, str] | None = None
     spares: int = 0  # room for this many more pods kept free in its domain (its own spares)
+    holds: bool = True
 
     def __post_init__(self) -> None:
         if self.pods < 1:

@@ -9,7 +9,12 @@ fitting now (most free slots, then most of the gang's dominant resource free). G
 small gangs cannot starve a large one by nibbling at the capacity it is waiting for. Without the
 empty-cluster snapshot the held domain is the one with the most free slots at the gang's
 ``required`` level, which without ``required`` is the whole cluster: strict order.
-A permanently unplaceable gang holds nothing.
+A permanently unplaceable gang holds nothing, and neither does one that does not ``hold``
+(`GangRequest.holds`): the admission loop clears it for a gang whose estimated start is
+unknown because no running job that reports an end frees enough for it (`plan.queue_wait`).
+Holding capacity for such a gang would idle it for as long as work of unknown length runs, so
+gangs behind it that fit now start now, as under Kueue's BestEffortFIFO; a gang that can tell
+when it would start keeps the conservative guarantee.
 
 A gang that fits now but waits for its preferred level (`preferred.preferred_hold`, given
 ``now``) reserves nothing of the placement it declined: like a gang that does not fit, it
@@ -60,10 +65,12 @@ def admission_window(
     requests: Iterable[GangRequest], size: int
 ) -> tuple[list[GangRequest], list[Decision]]:
     """The head of the queue that one admission pass considers, and a `Queued` verdict for
-    each gang behind it. Each gang placed and each new gang shape still costs a pass over the
-    nodes, and admissions happen at the head, so a pass looks at a bounded window and the rest
-    wait their turn."""
+    each gang behind it; ``size`` 0 considers the whole queue. A pass costs little per gang
+    (gangs of one shape share every answer on an unchanged snapshot), so the whole queue is
+    the default: a bounded window makes a gang that fits wait behind gangs that do not."""
     ordered = queue_order(requests)
+    if size <= 0:
+        return ordered, []
     head, tail = ordered[:size], ordered[size:]
     waiting: list[Decision] = [
         (
@@ -171,8 +178,9 @@ def admit(
                     ),
                     permanent=False,
                 )
-            held |= waiting_domain(usable, _widened(request), topology, request_total)
-            waiting.append(request.key)
+            if request.holds:
+                held |= waiting_domain(usable, _widened(request), topology, request_total)
+                waiting.append(request.key)
         policy = spares.policy if spares is not None else None
         if isinstance(result, Unplaceable) and policy is not None and ordinary and reserved:
             result = replace(
