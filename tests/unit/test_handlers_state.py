@@ -68,7 +68,10 @@ def test_ready_nodes_include_a_node_within_its_grace_and_say_when_it_runs_out() 
     op.cache.nodes.put(node("up", True, NOW - timedelta(hours=1)))
     op.cache.nodes.put(node("late", False, NOW - timedelta(seconds=10)))
     op.cache.nodes.put(node("gone", False, NOW - timedelta(seconds=31)))
-    assert op.cache.ready_nodes(NOW) == frozenset({"up", "late"})
+    assert op.cache.ready_nodes(NOW, also=["up", "late", "gone"]) == frozenset({"up", "late"})
+    # Only the gang's own nodes are judged: those its pods are bound to and those named.
+    assert op.cache.ready_nodes(NOW, pods=[pod("j", 0, node="late")]) == {"late"}
+    assert op.cache.ready_nodes(NOW, also=["missing"]) == frozenset()
     assert op.cache.seconds_until_lost(["up", "late", "gone"], NOW) == pytest.approx(20)
 
 
@@ -86,14 +89,19 @@ def test_a_no_execute_taint_the_gang_does_not_tolerate_loses_the_node_at_once() 
         up["spec"] = {"taints": taints}
         op.cache.nodes.put(up)
     rank = pod("j", 0, node="healthy")
-    assert op.cache.ready_nodes(NOW, pods=[rank]) == {"healthy", "cordoned", "lifecycle"}
+    every = ["healthy", "sick", "cordoned", "lifecycle"]
+    assert op.cache.ready_nodes(NOW, pods=[rank], also=every) == {
+        "healthy",
+        "cordoned",
+        "lifecycle",
+    }
     tolerant = pod("j", 1, node="healthy")
     tolerant["spec"]["tolerations"] = [
         {"key": "gpu-health", "operator": "Exists", "effect": "NoExecute"}
     ]
-    assert "sick" in op.cache.ready_nodes(NOW, pods=[tolerant])
+    assert "sick" in op.cache.ready_nodes(NOW, pods=[tolerant], also=every)
     # Only what every pod of the gang tolerates counts.
-    assert "sick" not in op.cache.ready_nodes(NOW, pods=[tolerant, rank])
+    assert "sick" not in op.cache.ready_nodes(NOW, pods=[tolerant, rank], also=every)
 
 
 def test_forgetting_a_job_drops_everything_kept_for_it() -> None:

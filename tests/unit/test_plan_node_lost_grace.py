@@ -34,7 +34,7 @@ def test_a_not_ready_node_is_trusted_for_the_jobs_grace(
     not_ready_for: float, grace: float, trusted: set[str], wait: float | None
 ) -> None:
     c = cache(not_ready_for)
-    assert c.ready_nodes(NOW, grace) == frozenset(trusted)
+    assert c.ready_nodes(NOW, grace, also=["up", "down"]) == frozenset(trusted)
     assert c.seconds_until_lost(["up", "down"], NOW, grace) == wait
 
 

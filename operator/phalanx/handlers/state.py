@@ -11,7 +11,7 @@ import asyncio
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar, cast
@@ -170,21 +170,32 @@ class Cache:
         return min(waits) if waits else None
 
     def ready_nodes(
-        self, now: datetime, grace: float = NODE_LOST_GRACE_SECONDS, pods: Iterable[Obj] = ()
+        self,
+        now: datetime,
+        grace: float = NODE_LOST_GRACE_SECONDS,
+        pods: Sequence[Obj] = (),
+        also: Iterable[str] = (),
     ) -> frozenset[str]:
-        """Nodes still trusted with running pods: Ready, or NotReady for less than `grace`
-        (a job's failurePolicy.nodeLostGraceSeconds; one late heartbeat must not restart every
-        gang on the node), and free of NoExecute taints that `pods` (a gang's) do not tolerate:
-        those evict the pods at once, so the gang hears it in the same pass, not from the
-        evictions one by one. New placements use only Ready nodes (the capacity snapshot checks
-        for itself)."""
+        """Of the nodes `pods` (a gang's) are bound to, and the nodes named in `also` (its
+        placement), those still trusted with running pods: Ready, or NotReady for less than
+        `grace` (a job's failurePolicy.nodeLostGraceSeconds; one late heartbeat must not
+        restart every gang on the node), and free of NoExecute taints that `pods` do not
+        tolerate: those evict the pods at once, so the gang hears it in the same pass, not from
+        the evictions one by one. Only the gang's own nodes are judged: a reconcile then costs
+        what its gang holds, not what the cluster holds. New placements use only Ready nodes
+        (the capacity snapshot checks for itself)."""
         tolerations = tolerations_of(pods)
-        return frozenset(
-            key_of(n)[1]
-            for n in self.nodes.values()
-            if (observe.node_ready(n) or observe.not_ready_for(n, now) < grace)
-            and not evicting_taints(n, tolerations)
-        )
+        names = {observe.node_of(p) for p in pods} | set(also)
+        trusted = []
+        for name in names:
+            node = self.nodes.get(("", name)) if name else None
+            if (
+                node is not None
+                and (observe.node_ready(node) or observe.not_ready_for(node, now) < grace)
+                and not evicting_taints(node, tolerations)
+            ):
+                trusted.append(name)
+        return frozenset(trusted)
 
 
 # The node lifecycle's NoExecute taints that follow the Ready condition: the node-lost grace

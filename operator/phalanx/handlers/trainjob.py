@@ -91,7 +91,9 @@ async def _reconcile(op: Operator, key: Key) -> None:
         pods = await _confirm_pods(op, key)
     world = World(
         pods=pods,
-        ready_nodes=op.cache.ready_nodes(now, grace, pods),
+        ready_nodes=op.cache.ready_nodes(
+            now, grace, pods, (status.get("placement") or {}).get("nodes") or ()
+        ),
         verdict=op.verdicts.get(key),
         progress=op.progress.get(key),
         rejection=op.rejections.get(key),
