@@ -149,6 +149,32 @@ def test_admission_verdict_rewording_is_rate_limited_by_the_injected_clock() -> 
     assert op.verdicts[("ml", "j")] == ("InsufficientCapacity", "1 free")
 
 
+def test_a_deep_queue_rewords_each_verdict_less_often() -> None:
+    assert admission.verdict_refresh_seconds(10) == admission.VERDICT_REFRESH_SECONDS
+    # 5,000 waiting gangs: each is reworded every 2,500 s, 2 writes a second in all.
+    assert admission.verdict_refresh_seconds(5000) == 5000 / admission.VERDICT_REWORDS_PER_SECOND
+    now = [NOW]
+    op = Operator(clock=lambda: now[0])
+    gang = admission.Gang(("ml", "j"), make_job("j").manifest(), make_job("j").build(), 1, [])
+    refresh = admission.verdict_refresh_seconds(5000)
+
+    def verdict(message: str) -> None:
+        admission._remember_verdict(
+            op, gang, Unplaceable("InsufficientCapacity", message, False), refresh
+        )
+
+    verdict("3 free")
+    asyncio.run(_drain(op.trainjobs))
+    now[0] = NOW + timedelta(seconds=admission.VERDICT_REFRESH_SECONDS)
+    verdict("2 free")
+    assert len(op.trainjobs) == 0, "30 s is not enough at this depth"
+    now[0] = NOW + timedelta(seconds=refresh)
+    verdict("1 free")
+    assert len(op.trainjobs) == 1
+    admission._remember_verdict(op, gang, Unplaceable("QueuedBehindHigherPriority", "x", False))
+    assert op.verdicts[("ml", "j")][0] == "QueuedBehindHigherPriority", "a new reason: at once"
+
+
 def test_admission_parses_a_spec_once_per_generation_and_drops_old_ones() -> None:
     op = Operator()
     job = make_job("j", nodes=2).manifest()

@@ -71,6 +71,9 @@ log = logging.getLogger("phalanx.admission")
 # Changes arriving in a burst (a 64-pod gang being created) are handled in one pass.
 DEBOUNCE_SECONDS = 0.05
 VERDICT_REFRESH_SECONDS = 30.0
+# Reworded verdicts written per second across the whole queue, at most: a deep queue refreshes
+# each gang's message less often instead of writing (and re-reconciling) more.
+VERDICT_REWORDS_PER_SECOND = 2.0
 
 
 @dataclass(frozen=True)
@@ -356,9 +359,10 @@ async def admission_pass(
     )
     by_key = {g.request_key: g for g in waiting}
     head, behind = admission_window((request_for(g, spare_policy, op) for g in waiting), window)
+    refresh = verdict_refresh_seconds(len(waiting))
     for request, verdict in behind:
         assert isinstance(verdict, Unplaceable)
-        _remember_verdict(op, by_key[request.key], verdict)
+        _remember_verdict(op, by_key[request.key], verdict, refresh)
     now = op.clock().timestamp()
     decisions = await asyncio.to_thread(admit, snapshot, head, topology, total, now, spares)
     unplaced = [request for request, result in decisions if not isinstance(result, Placement)]
@@ -381,11 +385,18 @@ async def admission_pass(
                 op.service_verdicts.pop(gang.key, None)
                 placed.append(_record_and_release_group(op, gang, result))
         else:
-            _remember_verdict(op, gang, result)
+            _remember_verdict(op, gang, result, refresh)
     await asyncio.gather(*placed)
 
 
-def _remember_verdict(op: Operator, gang: Gang, verdict: Unplaceable) -> None:
+def verdict_refresh_seconds(queued: int) -> float:
+    """How often one gang's reworded verdict may be written with `queued` gangs waiting."""
+    return max(VERDICT_REFRESH_SECONDS, queued / VERDICT_REWORDS_PER_SECOND)
+
+
+def _remember_verdict(
+    op: Operator, gang: Gang, verdict: Unplaceable, refresh: float = VERDICT_REFRESH_SECONDS
+) -> None:
     text = (
         verdict.reason,
         verdict.message
@@ -398,12 +409,11 @@ def _remember_verdict(op: Operator, gang: Gang, verdict: Unplaceable) -> None:
     previous = verdicts.get(gang.key)
     verdicts[gang.key] = text
     # A new reason is news at once; a reworded message (free slots change on every pass) is
-    # written at most every VERDICT_REFRESH_SECONDS, or status writes would swamp the API.
+    # written at most every `refresh` seconds, or status writes (and the reconciles each one
+    # sets off) would swamp the API and the operator.
     now = op.clock().timestamp()
     news = previous is None or previous[0] != text[0]
-    stale = (
-        previous != text and now - op.verdict_written.get(gang.key, 0.0) >= VERDICT_REFRESH_SECONDS
-    )
+    stale = previous != text and now - op.verdict_written.get(gang.key, 0.0) >= refresh
     if news or stale:
         op.verdict_written[gang.key] = now
         queue.add(gang.key)
