@@ -181,3 +181,38 @@ def test_serving_forward_in_float32_matches_hf_llama(tmp_path: Path) -> None:
         got = serving(tokens, positions=view.positions(), kv_cache=view)
         expected = hf(tokens).logits
     torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
+
+
+def test_decode_steps_reusing_gathered_keys_equal_gathering_every_step(tmp_path: Path) -> None:
+    """Decode steps that append to the previous step's gathered keys (same sequences, one token
+    longer) give bit for bit the logits of steps that gather every key from the blocks, also
+    across a regrowth of the gathered batch and a change of the batch's sequences."""
+    model, _ = load_pretrained(_tiny_llama(tmp_path, tie=False), dtype=torch.float64)
+    serving = ServingModel(model)
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 97, (n,), generator=gen).tolist() for n in (5, 11, 2)]
+    steps = 40  # past the gathered batch's headroom, so it is gathered again
+    tokens = [torch.randint(0, 97, (steps,), generator=gen).tolist() for _ in prompts]
+    tables = [[9, 2, 14, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29], [0, 13, 5, 7, 1, 30, 31, 32,
+              33, 34, 35, 36, 37, 38], [11, 3, 39, 40, 41, 42, 43, 44, 45, 46, 47, 48]]  # fmt: skip
+
+    def run(with_ids: bool) -> list[torch.Tensor]:
+        cache = _cache_for(model, blocks=64)
+        out = []
+        with torch.no_grad():
+            for i, p in enumerate(prompts):
+                view = PackedPrefillView(cache, [Chunk(tuple(tables[i]), 0, len(p))])
+                serving(torch.tensor([p]), positions=view.positions(), kv_cache=view)
+            for step in range(steps):
+                # The last sequence leaves after 25 steps.
+                live = [0, 1, 2] if step < 25 else [0, 1]
+                lengths = [len(prompts[i]) + step for i in live]
+                ids = tuple(i + 1 for i in live) if with_ids else None
+                view = DecodeView(cache, [tables[i] for i in live], lengths, ids)
+                step_tokens = torch.tensor([[tokens[i][step]] for i in live])
+                out.append(serving(step_tokens, positions=view.positions(), kv_cache=view)[:, 0])
+        return out
+
+    reused, gathered = run(True), run(False)
+    for a, b in zip(reused, gathered, strict=True):
+        assert torch.equal(a, b)

@@ -19,6 +19,7 @@ into an asyncio queue); the engine never blocks on a client.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -144,6 +145,8 @@ class Sequence:
     cumulative_logprob: float = 0.0
     counted_prompt: bool = False
     group: RequestGroup | None = None
+    # Unique within the engine: a decode step recognises the previous step's sequences by it.
+    serial: int = 0
 
     def __post_init__(self) -> None:
         self.matcher = StopStringMatcher(self.params.stop)
@@ -213,6 +216,7 @@ class Engine:
         # Admitted sequences (prefilling or decoding), oldest first; preemption takes the last.
         self._running: list[Sequence] = []
         self._stopping = False
+        self._serials = itertools.count(1)
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None
         # Called on the engine thread after every iteration (and once after the last): the
@@ -272,6 +276,7 @@ class Engine:
                 IncrementalDetokenizer(self.decoder),
                 stop_ids=() if r.params.ignore_eos else (*stop_ids, *r.params.stop_token_ids),
                 group=group,
+                serial=next(self._serials),
             )
             for r in requests
         ]
@@ -486,7 +491,12 @@ class Engine:
 
     def _decode(self, seqs: list[Sequence]) -> None:
         tokens = torch.tensor([[s.token(s.num_computed)] for s in seqs], device=self.device)
-        view = DecodeView(self.cache, [s.table for s in seqs], [s.num_computed for s in seqs])
+        view = DecodeView(
+            self.cache,
+            [s.table for s in seqs],
+            [s.num_computed for s in seqs],
+            tuple(s.serial for s in seqs),
+        )
         logits = self.model(tokens, positions=view.positions(), kv_cache=view)[:, -1]
         for seq in seqs:
             self._computed(seq, seq.num_computed + 1)

@@ -162,6 +162,8 @@ class PagedKVCache:
         self.blocks = BlockManager(num_blocks, block_size, prefix_caching=prefix_caching)
         self.block_size = block_size
         self.device = device
+        # The last decode step's gathered keys and values (see ``DecodeView``).
+        self.decode_batch: DecodeBatch | None = None
 
     @property
     def nbytes(self) -> int:
@@ -240,32 +242,90 @@ class PackedPrefillView:
         return k_all, v_all, self.mask
 
 
+# Positions of room a decode batch's gathered keys get beyond its longest sequence, so that
+# it is gathered again from the blocks only once every so many steps.
+DECODE_HEADROOM = 32
+
+
+@dataclass
+class DecodeBatch:
+    """The keys and values of one decode step's sequences, gathered from their blocks into
+    ``[B, capacity, kv_heads, head_dim]`` per layer and kept for the next step.
+
+    While the same sequences decode step after step, each step appends one row per sequence
+    here (as it does to the blocks) instead of gathering every live key and value again. The
+    rows past a sequence's end are finite leftovers (row 0 of the cache, or older keys), which
+    the step's mask hides.
+    """
+
+    ids: tuple[int, ...]
+    lengths: list[int]  # tokens each sequence has here after the step that built or last grew it
+    capacity: int
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+
+
 class DecodeView:
     """One new token per sequence, each at its own position, batched as ``[B, 1]``.
 
     Keys are gathered from each sequence's blocks into ``[B, kv_heads, longest, head_dim]``;
-    positions past a sequence's end point at row 0 and are masked out.
+    positions past a sequence's end point at row 0 and are masked out. With ``ids`` (one per
+    sequence, never reused), a step whose sequences are the previous step's, each one token
+    longer, reuses that step's gathered keys (``DecodeBatch``) and only appends the new ones.
     """
 
-    def __init__(self, cache: PagedKVCache, tables: list[list[int]], lengths: list[int]) -> None:
+    def __init__(
+        self,
+        cache: PagedKVCache,
+        tables: list[list[int]],
+        lengths: list[int],
+        ids: tuple[int, ...] | None = None,
+    ) -> None:
         """``lengths[i]``: tokens of sequence ``i`` already cached; the new one goes after."""
         self.cache = cache
-        self.tables, self.lengths = tables, lengths
+        self.tables, self.lengths, self.ids = tables, lengths, ids
         dev = cache.device
         bs = cache.block_size
         self.batch = len(tables)
         self.span = max(lengths) + 1
-        width = -(-self.span // bs)
-        padded = [t[:width] + [0] * (width - len(t[:width])) for t in tables]
-        # Rows of every (sequence, position) from the block tables, computed as tensors.
-        table_t = torch.tensor(padded, dtype=torch.int64)
-        pos = torch.arange(self.span)
-        read = table_t[:, pos // bs] * bs + pos % bs
+        last = cache.decode_batch
+        self.reuse = (
+            ids is not None
+            and last is not None
+            and last.ids == ids
+            and self.span <= last.capacity
+            and all(a == b + 1 for a, b in zip(lengths, last.lengths, strict=True))
+        )
         length_t = torch.tensor(lengths, dtype=torch.int64)
-        valid = pos[None, :] <= length_t[:, None]
-        self.read = read.masked_fill(~valid, 0).flatten().to(dev)
-        self.write = read.gather(1, length_t[:, None])[:, 0].to(dev)
         self.pos = length_t.to(dev)
+        if self.reuse:
+            assert last is not None
+            self.gathered = last
+            self.write = torch.tensor(
+                [t[n // bs] * bs + n % bs for t, n in zip(tables, lengths, strict=True)],
+                dtype=torch.int64,
+                device=dev,
+            )
+            valid = torch.arange(self.span)[None, :] <= length_t[:, None]
+            # Where each sequence's new key goes in the gathered batch.
+            self.append = torch.arange(self.batch, device=dev) * last.capacity + self.pos
+            last.lengths = lengths
+        else:
+            # Gathered with room to grow: the next steps append instead of gathering again.
+            capacity = self.span if ids is None else self.span + DECODE_HEADROOM
+            width = -(-capacity // bs)
+            padded = [t[:width] + [0] * (width - len(t[:width])) for t in tables]
+            # Rows of every (sequence, position) from the block tables, computed as tensors.
+            table_t = torch.tensor(padded, dtype=torch.int64)
+            pos = torch.arange(capacity)
+            read = table_t[:, pos // bs] * bs + pos % bs
+            live = pos[None, :] <= length_t[:, None]
+            self.read = read.masked_fill(~live, 0).flatten().to(dev)
+            self.write = read.gather(1, length_t[:, None])[:, 0].to(dev)
+            valid = live[:, : self.span]
+            self.gathered = DecodeBatch(ids or (), lengths, capacity, [], [])
+            if ids is not None:
+                cache.decode_batch = self.gathered
         # Equal lengths (a common case under load) need no mask: every gathered key is live.
         self.mask = None if min(lengths) == max(lengths) else valid[:, None, None, :].to(dev)
 
@@ -273,19 +333,30 @@ class DecodeView:
         return self.pos[:, None]
 
     def spec(self) -> tuple[object, ...]:
-        return ("decode", self.tables, self.lengths)
+        return ("decode", self.tables, self.lengths, self.ids)
 
     def update(
         self, layer: int, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         keys, values = self.cache.keys[layer], self.cache.values[layer]
-        keys.index_copy_(0, self.write, k[:, :, 0])
-        values.index_copy_(0, self.write, v[:, :, 0])
-        shape = (self.batch, self.span, keys.shape[1], keys.shape[2])
-        # [B * S, kv_heads, D] -> [B, kv_heads, S, D]
-        k_all = keys.index_select(0, self.read).view(shape).transpose(1, 2)
-        v_all = values.index_select(0, self.read).view(shape).transpose(1, 2)
-        return k_all, v_all, self.mask
+        k_new, v_new = k[:, :, 0], v[:, :, 0]
+        keys.index_copy_(0, self.write, k_new)
+        values.index_copy_(0, self.write, v_new)
+        batch = self.gathered
+        shape = (self.batch, batch.capacity, keys.shape[1], keys.shape[2])
+        if self.reuse:
+            k_all, v_all = batch.keys[layer], batch.values[layer]
+            k_all.view(-1, *shape[2:]).index_copy_(0, self.append, k_new)
+            v_all.view(-1, *shape[2:]).index_copy_(0, self.append, v_new)
+        else:
+            # [B * capacity, kv_heads, D] -> [B, capacity, kv_heads, D]
+            k_all = keys.index_select(0, self.read).view(shape)
+            v_all = values.index_select(0, self.read).view(shape)
+            batch.keys.append(k_all)
+            batch.values.append(v_all)
+        # -> [B, kv_heads, span, D]
+        span = self.span
+        return k_all[:, :span].transpose(1, 2), v_all[:, :span].transpose(1, 2), self.mask
 
 
 def view_from_spec(cache: PagedKVCache, spec: tuple[object, ...]) -> PackedPrefillView | DecodeView:
@@ -294,5 +365,6 @@ def view_from_spec(cache: PagedKVCache, spec: tuple[object, ...]) -> PackedPrefi
         chunks = [Chunk(tuple(t), s, e) for t, s, e in spec[1]]  # type: ignore[attr-defined]
         return PackedPrefillView(cache, chunks, spec[2])  # type: ignore[arg-type]
     if kind == "decode":
-        return DecodeView(cache, spec[1], spec[2])  # type: ignore[arg-type]
+        ids = spec[3] if len(spec) > 3 else None
+        return DecodeView(cache, spec[1], spec[2], ids)  # type: ignore[arg-type]
     raise ValueError(f"unknown step kind {kind!r}")
