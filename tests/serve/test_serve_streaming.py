@@ -10,7 +10,7 @@ import pytest
 from conftest import LiveServer
 
 from phalanx_serve.protocol import CompletionChoice, CompletionChunk
-from phalanx_serve.responses import ResponseHeader, StreamChunks
+from phalanx_serve.responses import ResponseHeader, StreamChunks, sse_event
 
 
 def _events(url: str, path: str, body: dict[str, Any]) -> list[str]:
@@ -129,3 +129,17 @@ def test_text_chunks_are_what_the_protocol_models_dump(
     assert chunks.completion(index, text, None, finish_reason) is not model
     assert chunks.completion(7, "x", None, None)["choices"][0]["index"] == 7
     assert chunks.completion(index, text, None, finish_reason) == model
+
+
+@pytest.mark.parametrize("include_usage", [True, False], ids=["with-usage", "without-usage"])
+@pytest.mark.parametrize(
+    ("index", "text", "finish_reason"),
+    [(0, "Hello", None), (12, ' "quoted" \u00e9\n\\ \x00 \U0001f600', "length"), (1, "", "stop")],
+    ids=["first", "escapes-and-finish", "empty-stop"],
+)
+def test_text_events_are_the_chunks_written_as_events(
+    include_usage: bool, index: int, text: str, finish_reason: str | None
+) -> None:
+    chunks = StreamChunks(ResponseHeader('cmpl-"1"', 1700000000, "tiny\u00e9"), include_usage)
+    expected = sse_event(chunks.completion(index, text, None, finish_reason))
+    assert chunks.completion_event(index, text, finish_reason) == expected

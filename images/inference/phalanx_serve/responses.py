@@ -6,8 +6,10 @@ a completion, a chat completion and their stream chunks is written in one place.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from json.encoder import encode_basestring_ascii
 from typing import Any
 
 from phalanx_serve.protocol import (
@@ -181,15 +183,38 @@ class StreamChunks:
 
     A text-only completion chunk (no logprobs), one per sequence and engine step, is by far the
     most frequent; it is filled into a dict laid out once per stream by the same ``protocol``
-    models, instead of validating and dumping two models per token."""
+    models, instead of validating and dumping two models per token, and ``completion_event``
+    writes it straight into its server-sent event from a byte template of that layout."""
 
     head: ResponseHeader
     include_usage: bool
     _text_chunk: dict[str, Any] = field(init=False, repr=False, compare=False)
+    _text_event: tuple[bytes, bytes, bytes, bytes] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         laid_out = self._completion([completion_choice(0, "", None, None)])
         object.__setattr__(self, "_text_chunk", laid_out)
+        # The event of the laid-out chunk, cut where the index, text and finish reason go.
+        marks = ("\x00index", "\x00text", "\x00finish")
+        marked = {**laid_out["choices"][0]}
+        marked["index"], marked["text"], marked["finish_reason"] = marks
+        wire = sse_event({**laid_out, "choices": [marked]})
+        parts: list[bytes] = []
+        for mark in marks:
+            before, wire = wire.split(json.dumps(mark).encode(), 1)
+            parts.append(before)
+        object.__setattr__(self, "_text_event", (*parts, wire))
+
+    def completion_event(self, index: int, text: str, finish_reason: str | None) -> bytes:
+        """``sse_event(self.completion(index, text, None, finish_reason))``, without the dict."""
+        head, after_index, after_text, tail = self._text_event
+        reason = (
+            b"null" if finish_reason is None else encode_basestring_ascii(finish_reason).encode()
+        )
+        return b"".join(
+            (head, str(index).encode(), after_index, encode_basestring_ascii(text).encode(),
+             after_text, reason, tail)
+        )  # fmt: skip
 
     def completion(
         self,
@@ -240,6 +265,11 @@ class StreamChunks:
 
     def _dump(self, chunk: CompletionChunk | ChatCompletionChunk) -> dict[str, Any]:
         return chunk.model_dump(exclude=None if self.include_usage else {"usage"})
+
+
+def sse_event(chunk: dict[str, Any]) -> bytes:
+    """One server-sent event carrying ``chunk`` as compact JSON."""
+    return f"data: {json.dumps(chunk, separators=(',', ':'))}\n\n".encode()
 
 
 def stream_error(message: str) -> dict[str, Any]:

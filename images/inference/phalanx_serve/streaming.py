@@ -4,7 +4,6 @@ that disconnects has its sequences aborted."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -19,21 +18,24 @@ from phalanx_serve.responses import (
     StreamChunks,
     generated_entries,
     prompt_entries,
+    sse_event,
     stream_error,
 )
 from phalanx_serve.runtime import ServerRuntime
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+DONE_EVENT = b"data: [DONE]\n\n"
+
+# A chunk, or an event already written (``StreamChunks.completion_event``).
+Chunk = dict[str, Any] | bytes
 
 
-def sse(
-    chunks: AsyncIterator[dict[str, Any]], rt: ServerRuntime, gen: Generation
-) -> StreamingResponse:
-    async def events() -> AsyncIterator[str]:
+def sse(chunks: AsyncIterator[Chunk], rt: ServerRuntime, gen: Generation) -> StreamingResponse:
+    async def events() -> AsyncIterator[bytes]:
         try:
             async for chunk in chunks:
-                yield f"data: {json.dumps(chunk, separators=(',', ':'))}\n\n"
-            yield "data: [DONE]\n\n"
+                yield chunk if isinstance(chunk, bytes) else sse_event(chunk)
+            yield DONE_EVENT
         finally:
             # Runs when the client disconnects too (the response task is cancelled).
             abort(rt, gen)
@@ -99,7 +101,7 @@ async def completion_chunks(
     echoes: list[str],
     prompts: list[tuple[list[int], str]],
     fmt: LogprobFormatter,
-) -> AsyncIterator[dict[str, Any]]:
+) -> AsyncIterator[Chunk]:
     chunks = _stream_chunks(gen, model, body)
     n = body.n  # streaming requires best_of == n, so sequence k is choice k
     offsets = [0] * len(gen.seqs)
@@ -114,18 +116,19 @@ async def completion_chunks(
             yield _stream_error(out)
             return
         tokens[k] = out.completion_tokens
-        lp = None
         text = out.text
-        if want_logprobs:
-            entries: list[Entry] = []
-            if out.prompt_logprobs is not None and body.echo:
-                entries = prompt_entries(prompts[k // n][0], out.prompt_logprobs)
-                text = echoes[k // n] + text
-            entries += generated_entries(out.logprobs or [])
-            lp = fmt.completion(entries, offsets[k])
-            offsets[k] += sum(len(t) for t in lp.tokens)
-        if text or out.finished or lp is not None:
-            yield chunks.completion(k, text, lp, out.finish_reason if out.finished else None)
+        if not want_logprobs:
+            if text or out.finished:
+                yield chunks.completion_event(k, text, out.finish_reason if out.finished else None)
+            continue
+        entries: list[Entry] = []
+        if out.prompt_logprobs is not None and body.echo:
+            entries = prompt_entries(prompts[k // n][0], out.prompt_logprobs)
+            text = echoes[k // n] + text
+        entries += generated_entries(out.logprobs or [])
+        lp = fmt.completion(entries, offsets[k])
+        offsets[k] += sum(len(t) for t in lp.tokens)
+        yield chunks.completion(k, text, lp, out.finish_reason if out.finished else None)
     if chunks.include_usage:
         yield chunks.completion_usage(sum(len(ids) for ids, _ in prompts), sum(tokens))
 
