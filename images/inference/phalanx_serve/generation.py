@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -84,7 +83,7 @@ def submit(
         )
     loop = asyncio.get_running_loop()
     outputs: asyncio.Queue[tuple[int, RequestOutput] | None] = asyncio.Queue()
-    request_id = f"{prefix}-{uuid.uuid4().hex}"
+    request_id = rt.request_id(prefix)
 
     relay = relays.get(loop)
     if relay is None:

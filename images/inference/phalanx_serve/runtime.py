@@ -7,8 +7,11 @@ The HTTP server starts listening at once so probes get an answer (503) while wei
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import threading
+import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
@@ -46,6 +49,10 @@ class ServerRuntime:
     chat_template: ChatTemplate | None = None
     max_model_len: int = 0
     _token_texts: dict[int, str] = field(default_factory=dict, repr=False)
+    # Request ids: a random stem drawn once and a counter, so that a request costs no system
+    # call for its id (in the engine-thread mode every one is a chance to lose the GIL).
+    _id_stem: str = field(default_factory=lambda: uuid.uuid4().hex[:16], repr=False)
+    _id_count: Iterator[int] = field(default_factory=itertools.count, repr=False)
     _thread: threading.Thread | None = field(default=None, repr=False)
     _comm: GroupComm | None = field(default=None, repr=False)
 
@@ -57,6 +64,10 @@ class ServerRuntime:
         if self.status == "ready" and not self.ready:
             return "engine stopped"
         return self.status
+
+    def request_id(self, prefix: str) -> str:
+        """A new id, unique to this server, such as ``cmpl-<32 hex digits>``."""
+        return f"{prefix}-{self._id_stem}{next(self._id_count):016x}"
 
     def token_text(self, token: int) -> str:
         """One token's text, as logprobs report it (special tokens included)."""
