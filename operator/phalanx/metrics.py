@@ -71,6 +71,13 @@ STRAGGLERS = Gauge(
     TRAINJOB_LABELS,
     registry=REGISTRY,
 )
+PROGRESS_CYCLE = Gauge(
+    "phalanx_progress_cycle_seconds",
+    "Seconds in which every rank of every running gang is polled once: the poll interval, "
+    "or a multiple of it while the ranks exceed PHALANX_PROGRESS_BUDGET x interval (each "
+    "gang's rank 0 is still polled every interval).",
+    registry=REGISTRY,
+)
 # Hot spares (docs/placement.md#hot-spares): nodes kept free per domain for recovery.
 SPARE_NODES = Gauge(
     "phalanx_spare_nodes",

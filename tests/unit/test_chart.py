@@ -306,6 +306,7 @@ def test_default_values_match_the_schema() -> None:
             "operator.metricsPort and operator.livenessPort are both 8080",
         ),
         (["operator.metricsPort=80"], "operator/metricsPort"),
+        (["operator.progressBudgetPerSecond=0"], "operator/progressBudgetPerSecond"),
         (["resources=null"], "resources"),
         (["resources.limits=null"], "limits"),
         (["resources.limits.memory=lots"], "resources/limits/memory"),
@@ -354,6 +355,20 @@ def test_log_level_reaches_the_operator() -> None:
             if o["kind"] == "ConfigMap" and "PHALANX_TOPOLOGY" in o["data"]
         )
         assert config["data"]["PHALANX_LOG_LEVEL"] == level
+
+
+def test_progress_budget_reaches_the_operator_and_parses() -> None:
+    from phalanx.handlers import PROGRESS_BUDGET_ENV, progress_budget_from_env
+
+    config = next(
+        o
+        for o in render("operator.progressBudgetPerSecond=250")
+        if o["kind"] == "ConfigMap" and "PHALANX_TOPOLOGY" in o["data"]
+    )
+    value = config["data"][PROGRESS_BUDGET_ENV]
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv(PROGRESS_BUDGET_ENV, value)
+        assert progress_budget_from_env() == 250.0  # what the operator reads at startup
 
 
 def test_replicas_elect_a_leader_through_a_lease() -> None:

@@ -3,14 +3,16 @@ plan/hang.py, plan/straggler.py) and what the planner does about them."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 from builders import make_job, pod
 
-from phalanx.plan.gang_progress import GangProgress, RankAnswer, observe_gang
+from phalanx.plan.gang_progress import GangProgress, RankAnswer, observe_gang, vanished
 from phalanx.plan.hang import HANG_FLOOR_SECONDS, find_hang, hang_timeout
+from phalanx.plan.poll_budget import PollTarget, cycle_rounds, plan_round
 from phalanx.plan.straggler import avoid_nodes, find_stragglers, slow_ranks
 from phalanx.plan.trainjob import Plan, World, plan_trainjob
 from phalanx.render.trainjob import JobRef
@@ -360,3 +362,69 @@ def test_every_nested_status_field_the_planner_writes_is_in_the_schema() -> None
     g = account(g, Observation(generation=2, running=True, step=9, advanced=True), at(20))
     assert set(g) <= aliases(Goodput)
     assert set(Wait(1, at(0) + td(seconds=5), "ml/a").wire()) <= aliases(QueueStatus)
+
+
+# --- a stretched poll cycle (plan/poll_budget.py): ranks asked over several rounds -----------
+
+
+def stretched(
+    steps_at: Callable[[int, float], int | None], until: float, ranks: int = 8, capacity: int = 4
+) -> GangProgress:
+    """Rounds every 10 s in which only the ranks `plan_round` picks are asked (rank 0 and the
+    ranks asked longest ago, `capacity` a round); `steps_at(rank, t)` is what a rank answers
+    at `t` (None: it does not answer)."""
+    key = ("ml", "j")
+    gang: GangProgress | None = None
+    for t in range(0, int(until) + 1, 10):
+        known = gang.ranks if gang is not None else {}
+        targets = [
+            PollTarget(key, r, known[r].polled_at if r in known else None) for r in range(ranks)
+        ]
+        asked = {x.rank: steps_at(x.rank, t) for x in plan_round(targets, capacity)}
+        gang = observe_gang(gang, 1, answers(asked), at(t), 1.5)
+    assert gang is not None
+    return gang
+
+
+def test_a_rank_not_yet_asked_again_in_a_stretched_cycle_is_not_silent() -> None:
+    # Eight ranks, four asked a round: ranks 1..7 answer every third round (cycle_rounds 3).
+    assert cycle_rounds(8, 1, 4) == 3
+    gang = stretched(lambda rank, t: int(t), 200)
+    assert gang.polled_at is not None
+    assert any(
+        p.answered_at is not None and p.answered_at < gang.polled_at for p in gang.ranks.values()
+    ), "the case must leave ranks whose newest answer is older than the newest round"
+    assert not any(gang.silent(r) for r in gang.ranks)
+    # Training: rank 0 is asked every round, so the gang's step never reads as stalled.
+    assert find_hang(gang, 45, at(200)) == (None, pytest.approx(45.0))
+    # The whole gang stops at step 200, every rank still answering: everyone is named, not
+    # the ranks merely waiting for their turn.
+    hung = stretched(lambda rank, t: int(min(t, 200)), 300)
+    found, _ = find_hang(hung, 45, at(300))
+    assert found is not None
+    assert found.everyone
+    assert found.silent == tuple(range(8))
+
+
+def test_a_rank_that_stops_answering_in_a_stretched_cycle_is_the_silent_one() -> None:
+    # Rank 5 stops answering at 200 s; the others block in a collective at step 200.
+    def steps(rank: int, t: float) -> int | None:
+        if rank == 5 and t > 200:
+            return None
+        return int(min(t, 200))
+
+    gang = stretched(steps, 300)
+    assert [r for r in gang.ranks if gang.silent(r)] == [5]
+    found, _ = find_hang(gang, 45, at(300))
+    assert found is not None
+    assert (found.step, found.silent, found.everyone) == (200, (5,), False)
+    assert found.describe(gang).endswith("silent ranks 5 (pod j-5 on node n6)")
+
+
+def test_a_rank_whose_pod_went_is_silent_though_nothing_is_sent_to_it() -> None:
+    gang = poll(steady(40))
+    gone = vanished(gang, 1, present=[0, 1, 3])
+    assert gone == [RankAnswer(2, "j-2", "n3", None)]
+    after = observe_gang(gang, 1, [*answers({0: 40, 1: 40, 3: 40}), *gone], at(50), 1.5)
+    assert [r for r in after.ranks if after.silent(r)] == [2]
+    assert vanished(gang, 2, present=[0]) == [], "a new gang starts from nothing"

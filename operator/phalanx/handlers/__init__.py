@@ -4,6 +4,7 @@ Run with `phalanx operator run` (or `kopf run --standalone -m phalanx.handlers`)
 from the environment (set by the CLI flags or the Helm chart's ConfigMap):
 PHALANX_TOPOLOGY (preset or explicit levels), PHALANX_METRICS_PORT (0 disables /metrics),
 PHALANX_WORKERS, PHALANX_ADMISSION_WINDOW, PHALANX_PROGRESS_INTERVAL (0 disables polling),
+PHALANX_PROGRESS_BUDGET (progress poll requests per second over every gang, see `progress`),
 PHALANX_SCRAPE_INTERVAL (0 disables the autoscaler's metrics scraping) and
 PHALANX_SCRAPE_LOOPBACK_ONLY (1: scrape loopback pod addresses only) and PHALANX_LEADER_ELECTION
 (1: replicas elect one leader over a Lease, see `leader`) and PHALANX_SPARES (``level=count``:
@@ -19,6 +20,7 @@ import concurrent.futures
 import itertools
 import json
 import logging
+import math
 import os
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -53,6 +55,24 @@ def topology_from_env() -> Topology:
 
 def spares_from_env(topology: Topology) -> SparePolicy | None:
     return SparePolicy.parse(os.environ.get(SPARES_ENV, ""), topology)
+
+
+PROGRESS_BUDGET_ENV = "PHALANX_PROGRESS_BUDGET"
+
+
+def progress_budget_from_env() -> float:
+    """Progress poll requests per second; a value that is not a positive number is refused
+    with the setting named (a budget of none would never poll)."""
+    raw = os.environ.get(PROGRESS_BUDGET_ENV, str(progress.BUDGET_PER_SECOND))
+    try:
+        budget = float(raw)
+    except ValueError:
+        budget = math.nan
+    if not budget > 0 or math.isinf(budget):
+        raise ValueError(
+            f"{PROGRESS_BUDGET_ENV}={raw!r}: expected a positive number of requests per second"
+        )
+    return budget
 
 
 WATCH_NAMESPACES_ENV = "PHALANX_WATCH_NAMESPACES"
@@ -137,6 +157,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     topology = op.topology = topology_from_env()
     try:
         spares = spares_from_env(topology)
+        budget = progress_budget_from_env()
     except ValueError as error:  # refused, never ignored: the operator does not start
         raise kopf.PermanentError(str(error)) from error
     workers = int(os.environ.get("PHALANX_WORKERS", "8"))
@@ -174,7 +195,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
             asyncio.create_task(admission.admission_loop(op, topology, window, spares)),
         ]
         if interval > 0:
-            started.append(asyncio.create_task(progress.progress_loop(op, interval)))
+            started.append(asyncio.create_task(progress.progress_loop(op, interval, budget)))
         if scrape > 0:
             started.append(asyncio.create_task(scraper.scraper_loop(op, scrape, loopback)))
         return started

@@ -2,6 +2,11 @@
 moved: the input of hang and straggler detection and of the goodput timeline. Pure: the
 shell polls, this module folds one poll into the previous picture.
 
+A poll round need not ask every rank: under the poll budget (`plan.poll_budget`) a large gang's
+ranks are asked over several rounds. Each rank therefore keeps when it was last asked
+(`polled_at`) beside when it last answered (`answered_at`): a rank is silent when it did not
+answer its own newest poll, never merely because another rank was asked more recently.
+
 A pod runs `processesPerNode` ranks, each serving its own endpoint on the metrics port plus
 its local rank (docs/progress-contract.md); rank `r` of pod `p` is global rank
 `p * processesPerNode + r`.
@@ -42,6 +47,9 @@ class RankProgress:
     # rank of a synchronous gang waits for the slowest.
     step_seconds: float | None = None
     answered_at: datetime | None = None
+    # When this rank was last asked (answered or not); None: not yet asked. With the poll
+    # cycle stretched over several rounds this is older than the gang's newest poll.
+    polled_at: datetime | None = None
     # Since when this rank's step time has been above the straggler bound (None: it is not).
     slow_since: datetime | None = None
 
@@ -56,7 +64,7 @@ class GangProgress:
     advanced: bool = False
     intervals: tuple[float, ...] = ()
     leader: Mapping[str, Any] | None = None  # rank 0's latest report
-    polled_at: datetime | None = None  # the newest poll
+    polled_at: datetime | None = None  # the newest poll of any of its ranks
 
     @property
     def step(self) -> int | None:
@@ -73,6 +81,12 @@ class GangProgress:
                 for r in sorted(self.ranks.values(), key=lambda r: r.rank)
             ),
         )
+
+    def silent(self, rank: int) -> bool:
+        """Whether `rank` did not answer the newest poll it was asked in (or was never
+        heard from). A rank not asked since its last answer is not silent."""
+        p = self.ranks[rank]
+        return p.answered_at is None or (p.polled_at is not None and p.answered_at < p.polled_at)
 
 
 def report_int(value: Any) -> int | None:
@@ -91,6 +105,22 @@ def report_seconds(value: Any) -> float | None:
     return None
 
 
+def vanished(
+    previous: GangProgress | None, generation: int, present: Iterable[int]
+) -> list[RankAnswer]:
+    """Known ranks of the gang with no endpoint now (their pod went, or lost its address),
+    as answers of ranks that were asked and did not answer: nothing is sent to them, yet they
+    are silent, not merely waiting for their turn."""
+    if previous is None or previous.generation != generation:
+        return []
+    here = set(present)
+    return [
+        RankAnswer(rank, p.pod, p.node, None)
+        for rank, p in sorted(previous.ranks.items())
+        if rank not in here
+    ]
+
+
 def observe_gang(
     previous: GangProgress | None,
     generation: int,
@@ -98,14 +128,16 @@ def observe_gang(
     now: datetime,
     straggler_factor: float,
 ) -> GangProgress:
-    """The gang's picture after one poll of every rank."""
+    """The gang's picture after one poll round: `answers` holds the ranks asked in it (every
+    rank, or a share of them when the cycle is stretched); the others keep what they last
+    reported, and when."""
     if previous is None or previous.generation != generation:
         previous = GangProgress(generation)
     ranks = dict(previous.ranks)
     leader = previous.leader
     for answer in answers:
         known = ranks.get(answer.rank) or RankProgress(answer.rank, answer.pod, answer.node)
-        known = replace(known, pod=answer.pod, node=answer.node)
+        known = replace(known, pod=answer.pod, node=answer.node, polled_at=now)
         report = answer.report
         if report is not None:
             step = report_int(report.get("step"))

@@ -42,7 +42,7 @@ class Hang:
     stalled_seconds: float
     timeout_seconds: float
     explicit: bool
-    # Ranks that did not answer the newest poll, or are behind the gang's newest step.
+    # Ranks that did not answer their newest poll, or are behind the gang's newest step.
     silent: tuple[int, ...]
     everyone: bool  # every rank answers, stopped at the same step
 
@@ -82,10 +82,9 @@ def find_hang(
     silent = tuple(
         rank
         for rank, p in sorted(gang.ranks.items())
-        if p.answered_at is None
-        or (gang.polled_at is not None and p.answered_at < gang.polled_at)
-        or p.step is None
-        or p.step < step
+        # Silent by the rank's own newest poll: in a stretched cycle a rank not yet asked
+        # again keeps its last answer and is not silent for it.
+        if gang.silent(rank) or p.step is None or p.step < step
     )
     everyone = not silent
     return Hang(
