@@ -527,6 +527,9 @@ def test_a_rank_missing_only_from_the_cache_restarts_nothing(
     for node in kubectl.json("get", "nodes")["items"]:
         op.cache.nodes.put(node)
     op.cache.put_pod(pods[0])  # rank 1's watch event has not arrived
+    # As the operator wrote it once the whole gang existed: only then is a missing rank lost.
+    admitted = {"type": "Admitted", "status": "True", "reason": "GangAdmitted"}
+    obj["status"] = {"gangGeneration": 1, "conditions": [admitted]}
     op.cache.trainjobs.put(obj)
     op.cache.synced.set()
     asyncio.run(handler.reconcile(op, (namespace, "cached")))

@@ -1,6 +1,7 @@
-"""A placed pod is pinned to its node by the node's name (a `matchFields metadata.name` node
-affinity), so a node whose `kubernetes.io/hostname` label differs from its name (as on some
-providers) still gets the pods placed on it."""
+"""A placed pod reaches its node by the node's name, so a node whose `kubernetes.io/hostname`
+label differs from its name (as on some providers) still gets the pods placed on it: a gated
+pod is pinned by a `matchFields metadata.name` node affinity for kube-scheduler to bind, a pod
+placed before it exists is created bound (`spec.nodeName`)."""
 
 from __future__ import annotations
 
@@ -49,6 +50,8 @@ def test_a_gang_runs_on_a_node_whose_hostname_label_is_not_its_name(
         jobs.apply(
             "pinned",
             accelerator={"type": "cpu", "cpu": "100m"},
+            # A scheduler named by the job binds: the pods take the gated path.
+            runPolicy={"schedulerName": "default-scheduler"},
             podTemplate={
                 **outcome("Succeeded", "2s"),
                 "spec": {"containers": [{"name": "trainer", "resources": slot}]},
@@ -65,3 +68,31 @@ def test_a_gang_runs_on_a_node_whose_hostname_label_is_not_its_name(
     assert required["nodeSelectorTerms"] == [
         {"matchFields": [{"key": "metadata.name", "operator": "In", "values": [renamed_node]}]}
     ]
+
+
+def test_a_gang_placed_before_its_pods_exist_is_created_bound_to_that_node(
+    kubectl: Kubectl, run_operator: Callable[..., Any], namespace: str, renamed_node: str
+) -> None:
+    jobs = Jobs(kubectl, namespace)
+    slot = {"requests": {SLOT: 1}, "limits": {SLOT: 1}}
+    # Placeable at the admission loop's first look (a node not Ready yet would make the job
+    # wait in the queue as gated pods).
+    kubectl("wait", "--for=condition=Ready", f"node/{renamed_node}", "--timeout=60s")
+    with run_operator():
+        jobs.apply(
+            "bound",
+            accelerator={"type": "cpu", "cpu": "100m"},
+            checkpoint={"enabled": False},
+            podTemplate={
+                **outcome("Succeeded", "2s"),
+                "spec": {"containers": [{"name": "trainer", "resources": slot}]},
+            },
+        )
+        jobs.wait_phase("bound", "Succeeded", timeout=90)
+
+    [pod] = jobs.pods("bound")
+    assert pod["spec"]["nodeName"] == renamed_node
+    assert not pod["spec"].get("schedulingGates")
+    # No pin for kube-scheduler: the pod never went through it.
+    assert "affinity" not in pod["spec"]
+    assert jobs.status("bound")["placement"]["nodes"] == [renamed_node]

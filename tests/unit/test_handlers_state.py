@@ -223,6 +223,35 @@ def test_admission_queues_whole_gated_gangs_and_finishes_recorded_ones_first() -
     assert request.created == datetime(2026, 1, 1, 11, 59, tzinfo=UTC).timestamp()
 
 
+def test_admission_places_a_gang_before_its_pods_exist_when_they_can_be_created_bound() -> None:
+    op = Operator()
+    op.cache.claims_synced = True
+    bare = make_job("bare", nodes=2, checkpoint={"enabled": False}).manifest()
+    bare["status"] = {"gangGeneration": 1}
+    claimed = make_job("claimed", nodes=2).manifest()  # its checkpoint claim is not bound yet
+    claimed["metadata"]["uid"] = "uid-2"
+    creating = make_job("creating", nodes=2, checkpoint={"enabled": False}).manifest()
+    creating["metadata"]["uid"] = "uid-3"
+    creating["status"] = {
+        "gangGeneration": 1,
+        "placement": {"nodes": ["n1", "n2"], "generation": 1},
+    }
+    for job in (bare, claimed, creating):
+        op.cache.trainjobs.put(job)
+    op.cache.put_pod(pod("creating", 0, gated=False, node="n1"))
+    queued, unfinished = admission.queued_gangs(op)
+    assert [g.key for g in queued] == [("ml", "bare")]
+    assert [(g.key, g.missing()) for g in unfinished] == [(("ml", "creating"), [1])]
+    # Its shape comes from rank 0's pod as it would be created.
+    request = admission.request_for(queued[0])
+    assert (request.pods, request.per_pod["nvidia.com/gpu"]) == (2, 8)
+    # Not placed: declined for this gang, its reconcile creates the pods gated.
+    admission._remember_verdict(op, queued[0], Unplaceable("InsufficientCapacity", "full", False))
+    assert op.declined == {("ml", "bare"): 1}
+    assert ("ml", "bare") in op.trainjobs._pending
+    assert admission.queued_gangs(op)[0] == []
+
+
 @pytest.mark.parametrize(
     ("wait", "holds"),
     [

@@ -57,6 +57,84 @@ def test_new_job_creates_gated_pods_and_queues() -> None:
     assert p.status["gangGeneration"] == 1
 
 
+def bound_world(
+    pods: list[dict[str, Any]] | None = None,
+    ready: frozenset[str] = NODES,
+    declined: bool = False,
+    claim_bound: bool = True,
+) -> World:
+    return World(pods or [], ready, claim_bound=claim_bound, declined=declined)
+
+
+def placed(nodes: list[str], generation: int = 1) -> dict[str, Any]:
+    return {
+        "gangGeneration": generation,
+        "placement": {"nodes": nodes, "generation": generation, "level": "rack", "domain": "r1"},
+        "admittedAt": stamp(-1),
+    }
+
+
+def test_a_gang_that_can_be_created_bound_waits_for_the_admission_loop_first() -> None:
+    job = make_job("j", nodes=2).build()
+    p = plan_trainjob(REF, job, 1, {}, bound_world(), NOW)
+    assert p.create == []
+    assert p.wants_placement
+    assert cond(p, "Admitted") == ("False", "Queued")
+    assert p.status["queuedAt"] == stamp()
+
+
+def test_a_placed_gang_is_created_bound_to_its_recorded_nodes_without_the_gate() -> None:
+    job = make_job("j", nodes=2).build()
+    p = plan_trainjob(REF, job, 1, placed(["n3", "n1"]), bound_world(), NOW)
+    assert [x["spec"]["nodeName"] for x in p.create] == ["n3", "n1"]
+    assert not any(x["spec"].get("schedulingGates") for x in p.create)
+    assert not p.wants_placement
+    # Created one by one, the gang is admitted once every rank exists.
+    half = [pod("j", 0, 1, "Pending", node="n3")]
+    p = plan_trainjob(REF, job, 1, placed(["n3", "n1"]), bound_world(half), NOW)
+    assert [x["metadata"]["name"] for x in p.create] == ["j-1"]
+    assert cond(p, "Restarting") is None
+
+
+@pytest.mark.parametrize(
+    ("world", "spec"),
+    [
+        pytest.param(bound_world(declined=True), {}, id="declined-waits-gated-in-the-queue"),
+        pytest.param(bound_world(claim_bound=False), {}, id="claim-not-bound-yet"),
+        pytest.param(
+            bound_world(), {"runPolicy": {"schedulerName": "mine"}}, id="users-own-scheduler"
+        ),
+        pytest.param(
+            bound_world(),
+            {"podTemplate": {"spec": {"topologySpreadConstraints": [{"maxSkew": 1}]}}},
+            id="topology-spread-is-kube-schedulers",
+        ),
+        pytest.param(
+            bound_world(),
+            {"podTemplate": {"spec": {"affinity": {"podAntiAffinity": {"x": 1}}}}},
+            id="pod-anti-affinity-is-kube-schedulers",
+        ),
+    ],
+)
+def test_otherwise_pods_are_created_gated(world: World, spec: dict[str, Any]) -> None:
+    job = make_job("j", nodes=2, **spec).build()
+    p = plan_trainjob(REF, job, 1, {}, world, NOW)
+    assert [x["metadata"]["name"] for x in p.create] == ["j-0", "j-1"]
+    assert all(x["spec"]["schedulingGates"] for x in p.create)
+    assert not any(x["spec"].get("nodeName") for x in p.create)
+
+
+def test_a_gang_placed_on_a_node_lost_before_its_pods_exist_is_placed_again() -> None:
+    job = make_job("j", nodes=2).build()
+    ready = frozenset({"n1", "n2"})
+    p = plan_trainjob(REF, job, 1, placed(["n3", "n1"]), bound_world(ready=ready), NOW)
+    assert p.create == []
+    assert cond(p, "Admitted") == ("False", "NodeLost")
+    assert p.status["avoidedNodes"] == ["n3"]
+    assert p.status["gangGeneration"] == 2
+    assert p.status["restarts"] == 0
+
+
 def test_admission_verdict_is_reported() -> None:
     p = plan(
         [pod("j", 0, gated=True), pod("j", 1, gated=True)],
@@ -543,7 +621,15 @@ def test_validation_loss_reaches_the_status() -> None:
 def test_lost_ranks_are_ranks_gone_from_an_admitted_gang(
     pods: list[dict[str, Any]], generation: int, lost: list[int]
 ) -> None:
-    assert lost_ranks(2, generation, pods) == lost
+    assert lost_ranks(2, generation, pods, admitted=True) == lost
+
+
+def test_a_rank_not_yet_created_before_admission_is_not_lost() -> None:
+    # Pods created bound appear one by one; until the gang was admitted whole, a missing rank
+    # is one still to be created, not one that vanished.
+    pods = [pod("j", 0, 1, "Running", node="n1")]
+    assert lost_ranks(2, 1, pods, admitted=False) == []
+    assert lost_ranks(2, 1, pods, admitted=True) == [1]
 
 
 def unbound_claim_pods(gen: int = 1) -> list[dict[str, Any]]:

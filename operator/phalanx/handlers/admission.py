@@ -2,9 +2,12 @@
 
 Woken by any change that can matter (a gang queued, a pod gone, a node changed), it builds a
 capacity snapshot from the cache, asks `placement.admit` for decisions, and for each placed gang
-first records the placement, then ungates every pod with a hostname selector. After a crash, a
-gang whose placement is recorded but whose pods are still partly gated is finished first, with
-its recorded nodes reserved, so a restart never double-books.
+first records the placement, then ungates every gated pod with a node pin. A train job that can
+be created bound (`plan.trainjob.binds_at_creation`) is looked at before its pods exist: placed,
+its reconcile creates them bound to the recorded nodes (one API write per pod); not placed, it
+is marked declined and its pods are created gated, to wait in the queue. A gang whose placement
+is recorded but whose pods are still partly gated or not all created is finished first, with
+its recorded nodes reserved, so neither a crash nor the creation in flight double-books.
 
 Gangs are LLMTrainJobs (placement recorded in the job's status) and multi-pod InferenceService
 groups (placement recorded as an annotation on the group's leader pod), in one queue.
@@ -59,8 +62,10 @@ from phalanx.placement import (
     untouched,
 )
 from phalanx.plan.groups import groups_of
+from phalanx.plan.trainjob import binds_at_creation, gang_pod, recorded_nodes
 from phalanx.render.inference import ANNOTATION_PLACEMENT
 from phalanx.render.pod import pin_patch
+from phalanx.render.trainjob import JobRef, checkpoint_claim_name
 from phalanx.status import is_true, timestamp
 
 from . import queue_wait
@@ -86,6 +91,8 @@ class Gang:
     generation: int
     pods: list[Obj]
     group: int | None = None
+    # Rank 0's pod as it would be created: the shape of a gang whose pods do not all exist.
+    template: Obj | None = None
 
     @property
     def request_key(self) -> str:
@@ -104,13 +111,22 @@ class Gang:
     def leader(self) -> Obj:
         return min(self.pods, key=self.index_of)
 
+    def sample(self) -> Obj:
+        """One pod of the gang (they share one shape), or the template while none exists."""
+        if self.pods:
+            return min(self.pods, key=lambda p: p["metadata"]["name"])
+        assert self.template is not None
+        return self.template
+
+    def missing(self) -> list[int]:
+        """Indexes of the gang with no pod yet."""
+        present = {self.index_of(p) for p in self.pods}
+        return [i for i in range(self.size) if i not in present]
+
     def recorded(self) -> list[str] | None:
-        """Nodes of a placement recorded before the pods were ungated, if any."""
+        """Nodes of a placement recorded before the pods were ungated or created, if any."""
         if self.group is None:
-            placement = (self.job.get("status") or {}).get("placement") or {}
-            nodes = placement.get("nodes") or []
-            fits = placement.get("generation") == self.generation and len(nodes) == self.size
-            return list(nodes) if fits else None
+            return recorded_nodes(self.job.get("status") or {}, self.generation, self.size)
         text = (self.leader()["metadata"].get("annotations") or {}).get(ANNOTATION_PLACEMENT)
         try:
             nodes = json.loads(text)["nodes"] if text else None
@@ -137,12 +153,11 @@ def queued_gangs(op: Operator) -> tuple[list[Gang], list[Gang]]:
     unfinished: list[Gang] = []
     for gang in [*_trainjob_gangs(op), *_service_gangs(op)]:
         gated = [p for p in gang.pods if observe.gated(p)]
-        if not gated:
-            continue
         if gang.recorded() is not None:
-            unfinished.append(gang)
-        elif len(gated) == len(gang.pods):
-            waiting.append(gang)
+            if gated or gang.missing():
+                unfinished.append(gang)
+        elif not gang.pods or len(gated) == len(gang.pods) == gang.size:
+            waiting.append(gang)  # no pod yet (one to be created bound), or every pod gated
     return waiting, unfinished
 
 
@@ -160,10 +175,25 @@ def _trainjob_gangs(op: Operator) -> list[Gang]:
             continue
         generation = int(status.get("gangGeneration") or 1)
         pods = [p for p in op.cache.pods_of_job(key) if observe.generation(p) == generation]
-        if len(pods) != spec.nodes or any(observe.terminating(p) for p in pods):
+        if any(observe.terminating(p) for p in pods):
             continue
-        gangs.append(Gang(key, job, spec, generation, pods))
+        if len(pods) == spec.nodes:
+            gangs.append(Gang(key, job, spec, generation, pods))
+        elif recorded_nodes(status, generation, spec.nodes) is not None or (
+            not pods and _binds_at_creation(op, key, spec, generation)
+        ):
+            # Placed with pods still to create, or a gang placed before its pods exist.
+            meta = job["metadata"]
+            ref = JobRef(meta["name"], key[0], meta["uid"], op.cache.pod_security(key[0]))
+            template = gang_pod(ref, spec, status, 0, generation)
+            gangs.append(Gang(key, job, spec, generation, pods, template=template))
     return gangs
+
+
+def _binds_at_creation(op: Operator, key: Key, spec: LLMTrainJobSpec, generation: int) -> bool:
+    """A job whose pods are created bound once placed, not yet looked at for this gang."""
+    claim = op.cache.claim_bound(key[0], checkpoint_claim_name(key[1], spec))
+    return binds_at_creation(spec, claim) and op.declined.get(key) != generation
 
 
 def _service_gangs(op: Operator) -> list[Gang]:
@@ -189,7 +219,7 @@ def _service_gangs(op: Operator) -> list[Gang]:
 def request_for(
     gang: Gang, spares: SparePolicy | None = None, op: Operator | None = None
 ) -> GangRequest:
-    first = min(gang.pods, key=lambda p: p["metadata"]["name"])
+    first = gang.sample()
     preemptible, recover, own = False, None, 0
     if gang.group is None:
         priority, created = gang.spec.run_policy.priority, _created(gang.job)
@@ -334,14 +364,12 @@ async def admission_pass(
         )
         metrics.SPARE_NODES.labels(state="filled").set(len(spare & filled))
         metrics.SPARE_NODES.labels(state="idle").set(len(spare - filled))
-    # Finish interrupted releases first: their recorded nodes are already promised.
+    # Finish interrupted releases first: their recorded nodes are already promised, to the
+    # gated pods and to the ranks whose pods are still to be created bound.
     for gang in unfinished:
         recorded = gang.recorded() or []
-        still_gated = [
-            recorded[gang.index_of(p)]
-            for p in gang.pods
-            if observe.gated(p) and recorded[gang.index_of(p)] in snapshot
-        ]
+        waiting_for = [gang.index_of(p) for p in gang.pods if observe.gated(p)] + gang.missing()
+        still_gated = [recorded[i] for i in waiting_for if recorded[i] in snapshot]
         per_pod = request_for(gang).per_pod
         snapshot = snapshot.with_reserved(still_gated, per_pod)
         if spares is not None:
@@ -349,6 +377,8 @@ async def admission_pass(
             held = [n for n in still_gated if n in reclaim]
             spares = Spares(spares.policy, spares.reserved, reclaim.with_reserved(held, per_pod))
         await _release(op, gang, recorded)
+        if gang.missing() and gang.key not in op.rejections:
+            op.trainjobs.add(gang.key)  # its reconcile creates them
     _clear_service_verdicts(op, waiting)
     if not waiting:
         return
@@ -408,6 +438,10 @@ def _remember_verdict(
     )
     previous = verdicts.get(gang.key)
     verdicts[gang.key] = text
+    if gang.group is None and not gang.pods and op.declined.get(gang.key) != gang.generation:
+        # Not placed before its pods exist: they are created gated and wait in the queue.
+        op.declined[gang.key] = gang.generation
+        queue.add(gang.key)
     # A new reason is news at once; a reworded message (free slots change on every pass) is
     # written at most every `refresh` seconds, or status writes (and the reconciles each one
     # sets off) would swamp the API and the operator.

@@ -155,6 +155,13 @@ class Cache:
             return None
         return frozenset(name for ns, name in self.claims.items if ns == namespace)
 
+    def claim_bound(self, namespace: str, name: str | None) -> bool:
+        """Whether claim `name` is bound (True without a claim; False while unseen)."""
+        if name is None:
+            return True
+        claim = self.claims.get((namespace, name))
+        return claim is not None and (claim.get("status") or {}).get("phase") == "Bound"
+
     def seconds_until_lost(
         self, names: Iterable[str], now: datetime, grace: float = NODE_LOST_GRACE_SECONDS
     ) -> float | None:
@@ -301,6 +308,9 @@ class Operator:
     services: WorkQueue = field(default_factory=WorkQueue)
     # Latest admission verdict per waiting gang: (reason, message).
     verdicts: dict[Key, tuple[str, str]] = field(default_factory=dict)
+    # The gang generation of each job the admission loop looked at before its pods existed
+    # and did not place: its pods are created gated and wait in the queue.
+    declined: dict[Key, int] = field(default_factory=dict)
     progress: dict[Key, dict[str, Any]] = field(default_factory=dict)
     # Every rank's /progress of each running gang, and when its step last moved.
     gangs: dict[Key, GangProgress] = field(default_factory=dict)
@@ -361,6 +371,7 @@ class Operator:
     def forget_trainjob(self, key: Key, uid: str) -> None:
         """Drop everything held for a job that is gone (by key and by uid)."""
         self.verdicts.pop(key, None)
+        self.declined.pop(key, None)
         self.progress.pop(key, None)
         self.gangs.pop(key, None)
         self.rejections.pop(key, None)

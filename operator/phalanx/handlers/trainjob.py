@@ -20,8 +20,8 @@ from phalanx.api.trainjob import LLMTrainJob
 from phalanx.api.validate import SpecError
 from phalanx.constants import LABEL_JOB, TRAINJOB_PLURAL, Reason
 from phalanx.plan.trainjob import Plan, World, lost_ranks, plan_trainjob
-from phalanx.render.trainjob import JobRef
-from phalanx.status import ADMITTED
+from phalanx.render.trainjob import JobRef, checkpoint_claim_name
+from phalanx.status import ADMITTED, is_true
 
 from .apply import (
     apply_children,
@@ -85,7 +85,9 @@ async def _reconcile(op: Operator, key: Key) -> None:
         return
     grace = float(job.spec.failure_policy.node_lost_grace_seconds)
     pods = op.cache.pods_of_job(key)
-    if lost_ranks(job.spec.nodes, int(status.get("gangGeneration") or 1), pods):
+    generation = int(status.get("gangGeneration") or 1)
+    admitted = is_true(status.get("conditions") or [], ADMITTED)
+    if lost_ranks(job.spec.nodes, generation, pods, admitted):
         # The cache says a rank of a running gang is gone; restarting costs the whole gang's
         # work, so the API server confirms it first (a late watch event, a create's 409).
         pods = await _confirm_pods(op, key)
@@ -100,6 +102,8 @@ async def _reconcile(op: Operator, key: Key) -> None:
         topology=op.topology,
         gang=op.gangs.get(key),
         wait=op.waits.get(f"{key[0]}/{key[1]}"),
+        claim_bound=op.cache.claim_bound(key[0], checkpoint_claim_name(key[1], job.spec)),
+        declined=op.declined.get(key) == generation,
     )
     plan = plan_trainjob(ref, job.spec, meta.get("generation"), status, world, now)
     log.debug(
@@ -148,7 +152,7 @@ async def _apply(
         status_from, events = plan.status, []
     await delete_pods(op, key[0], plan.delete, plan.force_delete, seen)
     created = await create_pods(op, plan.create)
-    if plan.create:
+    if plan.create or plan.wants_placement:
         op.wake_admission()
     if not record_rejection(op.rejections, key, created, obj, now):
         # Re-plan at once: the next pass reports the refusal and waits out its backoff.

@@ -25,6 +25,7 @@ from phalanx.constants import (
 )
 from phalanx.observe import CreateRejection
 from phalanx.placement import CLUSTER, Topology
+from phalanx.render.pod import bound_to
 from phalanx.render.trainjob import CONTAINER, JobRef, render_children, render_pod
 from phalanx.status import (
     ADMITTED,
@@ -69,6 +70,12 @@ class World:
     topology: Topology | None = None
     gang: GangProgress | None = None  # every rank's /progress, as last polled
     wait: Wait | None = None  # queue position and estimated start, while queued
+    # The checkpoint claim is bound (or there is none): pods may be created already bound.
+    # Not known means not bound: the gated path, which kube-scheduler's volume binding serves.
+    claim_bound: bool = False
+    # The admission loop looked at this generation before its pods existed and did not place
+    # it: the gang waits as gated pods instead (`binds_at_creation`).
+    declined: bool = False
 
 
 @dataclass
@@ -87,6 +94,8 @@ class Plan:
     # Seconds the gang's step had stalled when this pass restarted it for a hang: lost work
     # the goodput timeline books at least (plan/goodput.py).
     hang_seconds: float | None = None
+    # The gang waits for the admission loop's first look before any pod is created.
+    wants_placement: bool = False
 
     def later(self, seconds: float) -> None:
         seconds = max(seconds, 0.5)
@@ -193,7 +202,7 @@ def _decide(
         _fail_permanently(st, plan, pods, fatal[0], rules)
         return _finish(plan, st, pods)
     missing = [r for r in range(spec.nodes) if r not in current]
-    lost = lost_ranks(spec.nodes, generation, pods)
+    lost = lost_ranks(spec.nodes, generation, pods, st.is_true(ADMITTED))
     if lost:
         # A rank vanished from an admitted gang: its peers cannot finish without it.
         restart.append(
@@ -239,13 +248,10 @@ def _decide(
         plan.later((rejected.retry_at() - now).total_seconds())
         return _finish(plan, st, pods)
     if missing:
-        avoided = st.data.get("avoidedNodes") or []
-        plan.create += [
-            _mark_preemptible(spec, avoid_nodes(render_pod(ref, spec, rank, generation), avoided))
-            for rank in missing
-        ]
         st.data.setdefault("startTime", timestamp(now))
         st.data.setdefault("queuedAt", timestamp(now))
+        if _create_missing(ref, spec, st, plan, world, missing, generation):
+            return _finish(plan, st, pods)
 
     _admission(spec, st, plan, list(current.values()), world, now, missing, set(finished))
     if st.is_true(ADMITTED) and "activeSince" not in st.data:
@@ -267,12 +273,91 @@ def _decide(
     return _finish(plan, st, pods)
 
 
-def lost_ranks(nodes: int, generation: int, pods: Sequence[Mapping[str, Any]]) -> list[int]:
-    """Ranks missing from gang `generation` after it was admitted (some of its pods ungated)
+def binds_at_creation(spec: LLMTrainJobSpec, claim_bound: bool) -> bool:
+    """Whether this job's pods are created already bound to their placed nodes, once the
+    admission loop has placed the gang (docs/placement.md, "Who binds").
+
+    Only for the built-in gang scheduler without a scheduler of the user's own (that one is
+    meant to bind), once the checkpoint claim is bound (binding an unbound WaitForFirstConsumer
+    claim is kube-scheduler's work, which a pod created bound skips), and for templates with
+    nothing only kube-scheduler checks: pod (anti-)affinity, topology spread, host ports
+    (hostNetwork) and claims of the template's own."""
+    policy = spec.run_policy
+    if policy.gang_scheduler != "builtin" or policy.scheduler_name or not claim_bound:
+        return False
+    if spec.pod_template is None:
+        return True
+    template = spec.pod_template.spec
+    affinity = template.affinity or {}
+    return not (
+        affinity.get("podAffinity")
+        or affinity.get("podAntiAffinity")
+        or template.topology_spread_constraints
+        or template.host_network
+        or any(v.persistent_volume_claim is not None for v in template.volumes)
+    )
+
+
+def gang_pod(
+    ref: JobRef,
+    spec: LLMTrainJobSpec,
+    status: Mapping[str, Any],
+    rank: int,
+    generation: int,
+) -> dict[str, Any]:
+    """Rank `rank`'s pod of gang `generation` as it is created (gated, off avoided nodes); the
+    admission loop places a gang whose pods do not exist yet from rank 0's."""
+    avoided = status.get("avoidedNodes") or []
+    return _mark_preemptible(spec, avoid_nodes(render_pod(ref, spec, rank, generation), avoided))
+
+
+def recorded_nodes(status: Mapping[str, Any], generation: int, size: int) -> list[str] | None:
+    """The nodes the admission loop recorded for gang `generation`, one per rank, if any."""
+    placement = status.get("placement") or {}
+    nodes = [str(n) for n in placement.get("nodes") or []]
+    return nodes if placement.get("generation") == generation and len(nodes) == size else None
+
+
+def _create_missing(
+    ref: JobRef,
+    spec: LLMTrainJobSpec,
+    st: StatusDraft[LLMTrainJobStatusFields],
+    plan: Plan,
+    world: World,
+    missing: list[int],
+    generation: int,
+) -> bool:
+    """Plan the missing ranks' pods: bound to their recorded nodes once the gang is placed,
+    nothing yet while the admission loop has not looked at a gang that could be created
+    bound, gated otherwise. True when the pass ends here (placed on a node lost since)."""
+    placed = recorded_nodes(st.data, generation, spec.nodes)
+    direct = binds_at_creation(spec, world.claim_bound)
+    if placed is not None and direct:
+        lost = [placed[r] for r in missing if placed[r] not in world.ready_nodes]
+        if lost:
+            _replace(st, plan, lost)
+            return True
+        plan.create += [
+            bound_to(gang_pod(ref, spec, st.data, rank, generation), placed[rank])
+            for rank in missing
+        ]
+        return False
+    if direct and not world.declined:
+        plan.wants_placement = True
+        return False
+    plan.create += [gang_pod(ref, spec, st.data, rank, generation) for rank in missing]
+    return False
+
+
+def lost_ranks(
+    nodes: int, generation: int, pods: Sequence[Mapping[str, Any]], admitted: bool
+) -> list[int]:
+    """Ranks missing from gang `generation` once it was admitted (every rank existed, placed)
     while no older gang is left: each is a `PodMissing` failure that restarts the whole gang,
-    so the shell confirms the absence with the API server before planning on it."""
+    so the shell confirms the absence with the API server before planning on it. Before
+    admission a missing rank is one still to be created."""
     current = [p for p in pods if observe.generation(p) == generation]
-    if len(current) < len(pods) or all(observe.gated(p) for p in current):
+    if not admitted or len(current) < len(pods) or all(observe.gated(p) for p in current):
         return []
     present = {observe.rank(p) for p in current}
     return [rank for rank in range(nodes) if rank not in present]
@@ -637,6 +722,12 @@ def _placed_on_lost(
     ]
     if not lost:
         return False
+    _replace(st, plan, lost)
+    return True
+
+
+def _replace(st: StatusDraft[LLMTrainJobStatusFields], plan: Plan, lost: Sequence[str]) -> None:
+    """Place the gang again, off `lost`, without counting a restart."""
     _avoid(st, lost)
     names = ", ".join(dict.fromkeys(lost))
     st.set(
@@ -647,7 +738,6 @@ def _placed_on_lost(
     )  # fmt: skip
     _next_generation(st, int(st.data["gangGeneration"]))
     plan.later(1)
-    return True
 
 
 def preempted(status: Mapping[str, Any], generation: int) -> bool:

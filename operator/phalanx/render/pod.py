@@ -290,6 +290,19 @@ def node_pin(node: str) -> dict[str, Any]:
     return {"key": NODE_NAME_FIELD, "operator": "In", "values": [node]}
 
 
+def bound_to(pod: dict[str, Any], node: str) -> dict[str, Any]:
+    """`pod` created already bound to `node` (`spec.nodeName`), without the gang gate: one
+    API write instead of a gated create, the ungate patch and kube-scheduler's binding."""
+    spec = pod.setdefault("spec", {})
+    spec["nodeName"] = node
+    gates = [g for g in spec.get("schedulingGates") or [] if g.get("name") != GANG_GATE]
+    if gates:
+        spec["schedulingGates"] = gates
+    else:
+        spec.pop("schedulingGates", None)
+    return pod
+
+
 def pin_patch(pod: Mapping[str, Any], node: str) -> dict[str, Any]:
     """The merge patch that pins a gated pod to `node` and lifts the gang gate.
 
