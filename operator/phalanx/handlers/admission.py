@@ -65,7 +65,7 @@ from phalanx.plan.groups import groups_of
 from phalanx.plan.trainjob import binds_at_creation, gang_pod, recorded_nodes
 from phalanx.render.inference import ANNOTATION_PLACEMENT
 from phalanx.render.pod import pin_patch
-from phalanx.render.trainjob import JobRef, checkpoint_claim_name
+from phalanx.render.trainjob import JobRef
 from phalanx.status import is_true, timestamp
 
 from . import queue_wait
@@ -192,8 +192,10 @@ def _trainjob_gangs(op: Operator) -> list[Gang]:
 
 def _binds_at_creation(op: Operator, key: Key, spec: LLMTrainJobSpec, generation: int) -> bool:
     """A job whose pods are created bound once placed, not yet looked at for this gang."""
-    claim = op.cache.claim_bound(key[0], checkpoint_claim_name(key[1], spec))
-    return binds_at_creation(spec, claim) and op.declined.get(key) != generation
+    return (
+        binds_at_creation(spec, op.cache.checkpoint_bound(key, spec))
+        and op.declined.get(key) != generation
+    )
 
 
 def _service_gangs(op: Operator) -> list[Gang]:

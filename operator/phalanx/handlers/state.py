@@ -20,6 +20,7 @@ from pydantic import BaseModel
 
 from phalanx import metrics, observe
 from phalanx.api.pod_security import PodSecurityLevel, level_of
+from phalanx.api.trainjob import LLMTrainJobSpec
 from phalanx.api.validate import SpecError, parse
 from phalanx.constants import LABEL_JOB, LABEL_SERVICE
 from phalanx.observe import CreateRejection
@@ -28,6 +29,7 @@ from phalanx.placement.filters import Taint, Toleration
 from phalanx.plan.autoscale import Sample
 from phalanx.plan.gang_progress import GangProgress
 from phalanx.plan.queue_wait import Wait
+from phalanx.render.trainjob import checkpoint_claim_name
 
 log = logging.getLogger("phalanx")
 Key = tuple[str, str]  # (namespace, name)
@@ -155,11 +157,12 @@ class Cache:
             return None
         return frozenset(name for ns, name in self.claims.items if ns == namespace)
 
-    def claim_bound(self, namespace: str, name: str | None) -> bool:
-        """Whether claim `name` is bound (True without a claim; False while unseen)."""
+    def checkpoint_bound(self, key: Key, spec: LLMTrainJobSpec) -> bool:
+        """Whether job `key`'s checkpoint claim is bound (True without one; False unseen)."""
+        name = checkpoint_claim_name(key[1], spec)
         if name is None:
             return True
-        claim = self.claims.get((namespace, name))
+        claim = self.claims.get((key[0], name))
         return claim is not None and (claim.get("status") or {}).get("phase") == "Bound"
 
     def seconds_until_lost(

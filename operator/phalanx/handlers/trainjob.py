@@ -20,7 +20,7 @@ from phalanx.api.trainjob import LLMTrainJob
 from phalanx.api.validate import SpecError
 from phalanx.constants import LABEL_JOB, TRAINJOB_PLURAL, Reason
 from phalanx.plan.trainjob import Plan, World, lost_ranks, plan_trainjob
-from phalanx.render.trainjob import JobRef, checkpoint_claim_name
+from phalanx.render.trainjob import JobRef
 from phalanx.status import ADMITTED, is_true
 
 from .apply import (
@@ -102,7 +102,7 @@ async def _reconcile(op: Operator, key: Key) -> None:
         topology=op.topology,
         gang=op.gangs.get(key),
         wait=op.waits.get(f"{key[0]}/{key[1]}"),
-        claim_bound=op.cache.claim_bound(key[0], checkpoint_claim_name(key[1], job.spec)),
+        claim_bound=op.cache.checkpoint_bound(key, job.spec),
         declined=op.declined.get(key) == generation,
     )
     plan = plan_trainjob(ref, job.spec, meta.get("generation"), status, world, now)
