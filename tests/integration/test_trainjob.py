@@ -220,15 +220,17 @@ def test_export_is_what_rank_zero_reported_never_assumed(jobs: Jobs, operator: A
     assert not silent.get("exportSteps")
 
 
+def creates() -> float:
+    """Pod creates this process's operators have sent so far."""
+    from phalanx import metrics
+
+    labels = {"verb": "create", "resource": "pod"}
+    return metrics.REGISTRY.get_sample_value("phalanx_api_requests_total", labels) or 0.0
+
+
 def test_pod_template_the_api_server_rejects_is_reported_and_backed_off(
     jobs: Jobs, operator: Any
 ) -> None:
-    from phalanx import metrics
-
-    def creates() -> float:
-        labels = {"verb": "create", "resource": "pod"}
-        return metrics.REGISTRY.get_sample_value("phalanx_api_requests_total", labels) or 0.0
-
     jobs.apply(
         "invalid",
         nodes=2,
@@ -253,6 +255,19 @@ def test_pod_template_the_api_server_rejects_is_reported_and_backed_off(
         assert creates() - before == 2, "one attempt of two pods per backoff step"
         assert datetime.now(UTC) >= announced
     assert jobs.pods("invalid") == []
+
+
+def test_a_running_job_whose_namespace_is_deleted_is_not_created_again_and_again(
+    jobs: Jobs, kubectl: Kubectl, operator: Any
+) -> None:
+    # The namespace controller deletes the pods before (or while) it deletes the job: the
+    # operator may restart the gang once, but creates into a terminating namespace change
+    # nothing and must not be repeated in a loop until the job is gone.
+    jobs.apply("doomed", nodes=2, accelerator=GPU_NODE)
+    jobs.wait_phase("doomed", "Running", timeout=60)
+    before = creates()
+    kubectl("delete", "namespace", jobs.namespace, "--timeout=120s")
+    assert creates() - before <= 2, "at most one new gang of two pods"
 
 
 def _next_attempt(message: str) -> datetime:

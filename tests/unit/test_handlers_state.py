@@ -252,6 +252,34 @@ def test_admission_places_a_gang_before_its_pods_exist_when_they_can_be_created_
     assert admission.queued_gangs(op)[0] == []
 
 
+def test_nothing_is_placed_or_finished_in_a_namespace_being_deleted() -> None:
+    # Creates there change nothing: planning them would only repeat them until the
+    # namespace controller has deleted the job.
+    op = Operator()
+    op.cache.claims_synced = True
+    bare = make_job("bare", nodes=2, checkpoint={"enabled": False}).manifest()
+    bare["status"] = {"gangGeneration": 1}
+    creating = make_job("creating", nodes=2, checkpoint={"enabled": False}).manifest()
+    creating["metadata"]["uid"] = "uid-2"
+    creating["status"] = {
+        "gangGeneration": 1,
+        "placement": {"nodes": ["n1", "n2"], "generation": 1},
+    }
+    for job in (bare, creating):
+        op.cache.trainjobs.put(job)
+    op.cache.put_pod(pod("creating", 0, gated=False, node="n1"))
+    namespace = {"metadata": {"name": "ml", "resourceVersion": "1"}}
+    op.cache.namespaces.put(namespace)
+    assert [len(gangs) for gangs in admission.queued_gangs(op)] == [1, 1]
+    assert not op.cache.going(bare)
+    op.cache.namespaces.put(
+        {"metadata": {**namespace["metadata"], "resourceVersion": "2", "deletionTimestamp": "x"}}
+    )
+    assert admission.queued_gangs(op) == ([], [])
+    assert op.cache.going(bare)
+    assert op.cache.going(creating)
+
+
 @pytest.mark.parametrize(
     ("wait", "holds"),
     [

@@ -164,6 +164,8 @@ def queued_gangs(op: Operator) -> tuple[list[Gang], list[Gang]]:
 def _trainjob_gangs(op: Operator) -> list[Gang]:
     gangs: list[Gang] = []
     for key, job in list(op.cache.trainjobs.items.items()):
+        if op.cache.going(job):
+            continue
         status = job.get("status") or {}
         conditions = status.get("conditions") or []
         if any(is_true(conditions, c) for c in ("Succeeded", "Failed", "Suspended")):
@@ -202,7 +204,7 @@ def _service_gangs(op: Operator) -> list[Gang]:
     """Complete groups of services with more than one pod per replica."""
     gangs: list[Gang] = []
     for key, obj in list(op.cache.services.items.items()):
-        if observe.terminating(obj):
+        if op.cache.going(obj):
             continue
         parsed = op.parsed(obj, InferenceService)
         if isinstance(parsed, SpecError):
@@ -378,9 +380,10 @@ async def admission_pass(
             reclaim = spares.reclaimable
             held = [n for n in still_gated if n in reclaim]
             spares = Spares(spares.policy, spares.reserved, reclaim.with_reserved(held, per_pod))
+        # The ranks still to be created are the reconcile's to create (the placement's status
+        # write woke it); asking it again from every pass would ping-pong with its wake-up
+        # whenever a create changes nothing (a terminating namespace, a pod the cache lags on).
         await _release(op, gang, recorded)
-        if gang.missing() and gang.key not in op.rejections:
-            op.trainjobs.add(gang.key)  # its reconcile creates them
     _clear_service_verdicts(op, waiting)
     if not waiting:
         return

@@ -63,7 +63,7 @@ def forget(op: Operator, key: Key, uid: str) -> None:
 
 async def _reconcile(op: Operator, key: Key) -> None:
     obj = op.cache.services.get(key)
-    if obj is None or observe.terminating(obj):
+    if obj is None or op.cache.going(obj):
         forget(op, key, str((obj or {}).get("metadata", {}).get("uid") or ""))
         return
     now = op.clock()

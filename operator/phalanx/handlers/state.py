@@ -117,6 +117,14 @@ class Cache:
         found = self.namespaces.get(("", namespace)) or {}
         return level_of(found.get("metadata", {}).get("labels"))
 
+    def going(self, obj: Obj) -> bool:
+        """Being deleted, or in a namespace being deleted: the namespace controller removes
+        what is left, and a create there changes nothing, so nothing is planned for it."""
+        if observe.terminating(obj):
+            return True
+        found = self.namespaces.get(("", key_of(obj)[0]))
+        return found is not None and observe.terminating(found)
+
     def put_pod(self, pod: Obj) -> Key | None:
         """Store a pod; returns its owning job or service key, if it has one."""
         if not self.pods.put(pod):

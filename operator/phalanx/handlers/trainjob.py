@@ -46,7 +46,7 @@ async def reconcile(op: Operator, key: Key) -> None:
 
 async def _reconcile(op: Operator, key: Key) -> None:
     obj = op.cache.trainjobs.get(key)
-    if obj is None or observe.terminating(obj):
+    if obj is None or op.cache.going(obj):
         op.forget_trainjob(key, str((obj or {}).get("metadata", {}).get("uid") or ""))
         with contextlib.suppress(KeyError):
             metrics.RESTARTS.remove(*key)
@@ -152,8 +152,8 @@ async def _apply(
         status_from, events = plan.status, []
     await delete_pods(op, key[0], plan.delete, plan.force_delete, seen)
     created = await create_pods(op, plan.create)
-    if plan.create or plan.wants_placement:
-        op.wake_admission()
+    if plan.wants_placement or any(observe.gated(p) for p in plan.create):
+        op.wake_admission()  # a gang to place, or gated pods to release; bound ones are placed
     if not record_rejection(op.rejections, key, created, obj, now):
         # Re-plan at once: the next pass reports the refusal and waits out its backoff.
         op.trainjobs.add(key)
